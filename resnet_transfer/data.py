@@ -1,0 +1,379 @@
+"""Finding images (folder or CSV manifest), decoding them robustly, and the transforms.
+
+An :class:`ImageList` is the plain description of a dataset: a root, paths relative to it, integer labels
+(-1 for unlabelled) and class names. Decoding never raises anything but :class:`ImageDecodeError`, whose
+message is the reason a file was skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .backbones import TransformConfig
+from .errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx"})
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own error threshold (2x its warning threshold)
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used; ``str(exc)`` is the reason recorded in the cache."""
+
+
+@dataclass
+class ImageList:
+    """Images to process: ``paths`` are relative to ``root`` (POSIX separators); ``labels[i]`` indexes
+    ``classes`` or is -1 for an unlabelled image."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+    source: str = "folder"
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: Sequence[int]) -> ImageList:
+        return ImageList(
+            self.root,
+            [self.paths[i] for i in keep],
+            [self.labels[i] for i in keep],
+            list(self.classes),
+            self.source,
+            list(self.notes),
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Images per class (unlabelled ones under ``"(unlabelled)"``)."""
+        out = {c: 0 for c in self.classes}
+        for y in self.labels:
+            key = self.classes[y] if y >= 0 else "(unlabelled)"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_litter(name)
+
+
+def is_litter(name: str) -> bool:
+    """Hidden files and OS litter (``.DS_Store``, ``Thumbs.db``, ``__MACOSX``, AppleDouble ``._x``)."""
+    return name.startswith(".") or name.lower() in LITTER
+
+
+def list_images(
+    data: str | Path,
+    classes: Sequence[str] | None = None,
+    allow_outside: bool = False,
+) -> ImageList:
+    """Describe the images at ``data``: a folder (one sub-folder per class, nested folders allowed; a
+    folder of loose images is unlabelled), a CSV manifest (``path,label``), or a single image file.
+
+    ``classes`` fixes the class order (e.g. a head's); a folder or label not in it is an error."""
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise DataError(f"--data {data}: no such file or folder", "give an image folder or a .csv manifest")
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return _from_manifest(p, classes, allow_outside)
+    if p.is_file():
+        if not is_image_name(p.name):
+            raise DataError(f"{p}: not an image file or a .csv manifest", "give an image, a folder or a .csv")
+        return ImageList(p.parent, [p.name], [-1], list(classes or []), "file")
+    return _from_folder(p, classes)
+
+
+def _walk_images(folder: Path, root: Path) -> tuple[list[str], list[str]]:
+    """Image paths under ``folder`` relative to ``root`` (sorted), and notes on what was passed over."""
+    found: list[str] = []
+    notes: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not is_litter(d))
+        for name in filenames:
+            if is_litter(name):
+                continue
+            full = Path(dirpath) / name
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if full.is_symlink() and not full.exists():
+                notes.append(f"{full.relative_to(root).as_posix()}: broken symlink, skipped")
+                continue
+            found.append(full.relative_to(root).as_posix())
+    return sorted(found), notes
+
+
+def _from_folder(root: Path, classes: Sequence[str] | None) -> ImageList:
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_litter(d.name))
+    loose = sorted(f.name for f in root.iterdir() if f.is_file() and is_image_name(f.name))
+    notes: list[str] = []
+    if not subdirs:
+        if not loose:
+            raise DataError(f"{root}: no images found", "put images (.jpg .png .webp .bmp ...) in it")
+        return ImageList(root, loose, [-1] * len(loose), list(classes or []), "folder", notes)
+    per_class: dict[str, list[str]] = {}
+    for d in subdirs:
+        files, more = _walk_images(root / d, root)
+        notes += more
+        if not files:
+            notes.append(f"{d}/: empty class folder, ignored")
+            continue
+        per_class[d] = files
+    if loose:
+        notes.append(f"{len(loose)} images directly in {root} (not in a class folder) are unlabelled")
+    if classes is None:
+        class_names = sorted(per_class)
+    else:
+        class_names = list(classes)
+        unknown = sorted(set(per_class) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"{root}: class folder(s) {', '.join(unknown)} are not classes of the model ({', '.join(class_names)})",
+                "rename or remove those folders, or train a head on these classes",
+            )
+    if not per_class and not loose:
+        raise DataError(f"{root}: no images found in its class folders", "put images in the class folders")
+    index = {c: i for i, c in enumerate(class_names)}
+    paths, labels = [], []
+    for c in sorted(per_class, key=lambda c: index[c]):
+        paths += per_class[c]
+        labels += [index[c]] * len(per_class[c])
+    paths += loose
+    labels += [-1] * len(loose)
+    return ImageList(root, paths, labels, class_names, "folder", notes)
+
+
+def _from_manifest(path: Path, classes: Sequence[str] | None, allow_outside: bool) -> ImageList:
+    root = path.parent.resolve()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc})", "save it as UTF-8 CSV") from exc
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", "label"], ["path"]):
+        rows = rows[1:]
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no images", "one line per image: path,label")
+    paths: list[str] = []
+    names: list[str] = []
+    for lineno, row in enumerate(rows, start=1):
+        if len(row) > 2:
+            raise DataError(
+                f"{path}, row {lineno}: expected 'path,label', got {len(row)} columns",
+                "quote paths that contain commas",
+            )
+        rel = row[0].strip()
+        label = row[1].strip() if len(row) > 1 else ""
+        paths.append(_manifest_path(path, root, rel, lineno, allow_outside))
+        names.append(label)
+    found = sorted({n for n in names if n})
+    if classes is None:
+        class_names = found
+    else:
+        class_names = list(classes)
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"{path}: label(s) {', '.join(unknown[:10])} are not classes of the model ({', '.join(class_names)})",
+                "fix the labels or train a head on these classes",
+            )
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = [index[n] if n else -1 for n in names]
+    return ImageList(Path(root), paths, labels, class_names, "manifest")
+
+
+def _manifest_path(manifest: Path, root: Path, rel: str, lineno: int, allow_outside: bool) -> str:
+    if not rel:
+        raise DataError(f"{manifest}, row {lineno}: empty path", "every row needs an image path")
+    candidate = Path(rel).expanduser()
+    full = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    try:
+        return full.relative_to(root).as_posix()
+    except ValueError:
+        if not allow_outside:
+            raise DataError(
+                f"{manifest}, row {lineno}: {rel!r} is outside the manifest's folder {root}",
+                "move the manifest up, or pass --allow-outside to accept paths outside it",
+            ) from None
+        return full.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode ``path`` to an RGB image: EXIF orientation applied, first frame of animations, alpha
+    composited on white, 16-bit and float images scaled to 8 bits, CMYK/grayscale converted.
+
+    ``draft`` lets the JPEG decoder downscale by a power of two while staying >= ``draft`` pixels on the
+    short side (much faster for large photos). Raises :class:`ImageDecodeError` with the reason."""
+    p = Path(path)
+    try:
+        if p.is_symlink() and not p.exists():
+            raise ImageDecodeError("broken symlink")
+        if p.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with open(p, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(f)
+            if img.width * img.height > max_pixels:
+                raise ImageDecodeError(
+                    f"too large ({img.width}x{img.height} px > {max_pixels} px; raise --max-pixels to allow)"
+                )
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
+            img.seek(0)
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageDecodeError:
+        raise
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression-bomb limit: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else max(hi, 1.0) if img.mode == "F" else 255.0)
+        arr8 = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+_INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}
+
+
+def _interpolation(name: str) -> Any:
+    from torchvision.transforms import InterpolationMode
+
+    return {
+        "bilinear": InterpolationMode.BILINEAR,
+        "bicubic": InterpolationMode.BICUBIC,
+        "nearest": InterpolationMode.NEAREST,
+        "lanczos": InterpolationMode.LANCZOS,
+        "box": InterpolationMode.BOX,
+        "hamming": InterpolationMode.HAMMING,
+    }.get(name.lower(), InterpolationMode.BILINEAR)
+
+
+def eval_transform(cfg: TransformConfig) -> Any:
+    """Resize the short side to ``resize_size``, center-crop ``input_size``, tensor, normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation)),
+            T.CenterCrop(cfg.input_size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def train_transform(cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08) -> Any:
+    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter)."""
+    from torchvision import transforms as T
+
+    steps: list[Any] = [
+        T.RandomResizedCrop(cfg.input_size, scale=(scale_min, 1.0), interpolation=_interpolation(cfg.interpolation)),
+        T.RandomHorizontalFlip(),
+    ]
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+def tta_transform(cfg: TransformConfig, mode: str) -> Any:
+    """Test-time augmentation: ``flip`` -> (2, C, H, W) per image; ``tencrop`` -> (10, C, H, W)."""
+    import torch
+    from torchvision import transforms as T
+
+    norm = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    resize = T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation))
+    if mode == "flip":
+        center = T.Compose([resize, T.CenterCrop(cfg.input_size)])
+        return lambda img: torch.stack([norm(center(img)), norm(center(img).transpose(Image.FLIP_LEFT_RIGHT))])
+    if mode == "tencrop":
+        ten = T.Compose([resize, T.TenCrop(cfg.input_size)])
+        return lambda img: torch.stack([norm(c) for c in ten(img)])
+    raise DataError(f"--tta {mode!r} is not known", "use --tta flip or --tta tencrop")
+
+
+class ImageDataset:
+    """A map-style dataset over an :class:`ImageList`. Items are ``(tensor, index, error)``; a file that
+    cannot be decoded gives a zero tensor and the reason in ``error`` (so one bad file never stops a run)."""
+
+    def __init__(
+        self,
+        images: ImageList,
+        transform: Any,
+        draft: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.images = images
+        self.transform = transform
+        self.draft = draft
+        self.max_pixels = max_pixels
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def path(self, i: int) -> Path:
+        rel = self.images.paths[i]
+        return Path(rel) if os.path.isabs(rel) else self.images.root / rel
+
+    def __getitem__(self, i: int) -> tuple[Any, int, str]:
+        import torch
+
+        try:
+            img = load_image(self.path(i), self.max_pixels, self.draft)
+            x = self.transform(img)
+            self._shape = tuple(x.shape)
+            return x, i, ""
+        except ImageDecodeError as exc:
+            return torch.zeros(self._shape or (3, 1, 1)), i, str(exc)
+        except Exception as exc:
+            return torch.zeros(self._shape or (3, 1, 1)), i, f"transform failed ({type(exc).__name__}: {exc})"
+
+
+def collate(batch: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[str]]:
+    """Stack the good items; failed ones keep their index and reason, with no tensor."""
+    import torch
+
+    good = [b for b in batch if not b[2]]
+    xs = torch.stack([b[0] for b in good]) if good else None
+    return xs, [b[1] for b in batch], [b[2] for b in batch]
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels

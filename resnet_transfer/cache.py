@@ -69,41 +69,44 @@ class FeatureCache:
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"{self.path}: no such cache", "make it with `rt extract --data DIR --out FILE`")
+        self._h5: Any = None
         try:
-            with h5py.File(self.path, "r") as f:
-                attrs = dict(f.attrs)
-                fmt = str(attrs.get("format", ""))
-                if fmt != FORMAT:
-                    raise CacheError(
-                        f"{self.path}: not a resnet_transfer cache (format={fmt or 'missing'})",
-                        "make one with `rt extract`",
-                    )
-                version = int(attrs.get("format_version", 0))
-                if version != FORMAT_VERSION:
-                    raise CacheError(
-                        f"{self.path}: cache layout version {version}, this rt reads version {FORMAT_VERSION}",
-                        "rebuild it with `rt extract ... --overwrite`",
-                    )
-                self.identity = BackboneIdentity.from_dict(json.loads(attrs["identity"]))
-                self.classes: list[str] = json.loads(attrs["classes"])
-                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-                self.n = int(f["features"].shape[0])
-                self.dim = int(f["features"].shape[1])
-                self.labels = f["labels"][:].astype(np.int64)
-                self.paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
-                self.stages = {k: tuple(v.shape[1:]) for k, v in f["stages"].items()} if "stages" in f else {}
-                sk = f["skipped"][:] if "skipped" in f else np.zeros((0, 2), dtype=object)
-                self.skipped = [(_s(a), _s(b)) for a, b in sk]
-                self.feature_dtype = str(f["features"].dtype)
+            # kept open: a reader keeps seeing the file it opened even if a writer renames a new one over it
+            self._h5 = f = h5py.File(self.path, "r")
+            attrs = dict(f.attrs)
+            fmt = str(attrs.get("format", ""))
+            if fmt != FORMAT:
+                raise CacheError(
+                    f"{self.path}: not a resnet_transfer cache (format={fmt or 'missing'})",
+                    "make one with `rt extract`",
+                )
+            version = int(attrs.get("format_version", 0))
+            if version != FORMAT_VERSION:
+                raise CacheError(
+                    f"{self.path}: cache layout version {version}, this rt reads version {FORMAT_VERSION}",
+                    "rebuild it with `rt extract ... --overwrite`",
+                )
+            self.identity = BackboneIdentity.from_dict(json.loads(attrs["identity"]))
+            self.classes: list[str] = json.loads(attrs["classes"])
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+            self.n = int(f["features"].shape[0])
+            self.dim = int(f["features"].shape[1])
+            self.labels = f["labels"][:].astype(np.int64)
+            self.paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
+            self.stages = {k: tuple(v.shape[1:]) for k, v in f["stages"].items()} if "stages" in f else {}
+            sk = f["skipped"][:] if "skipped" in f else np.zeros((0, 2), dtype=object)
+            self.skipped = [(_s(a), _s(b)) for a, b in sk]
+            self.feature_dtype = str(f["features"].dtype)
         except CacheError:
+            self.close()
             raise
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            self.close()
             raise CacheError(
                 f"{self.path}: cannot read the cache ({type(exc).__name__}: {str(exc)[:150]}); it is truncated, "
                 "corrupt or not HDF5",
                 "delete it and run `rt extract` again (finished chunks in *.parts/ are reused)",
             ) from exc
-        self._h5: Any = None
 
     def __len__(self) -> int:
         return self.n

@@ -104,13 +104,10 @@ def _walk_images(folder: Path, root: Path) -> tuple[list[str], list[str]]:
         for name in filenames:
             if is_litter(name):
                 continue
-            full = Path(dirpath) / name
             if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if full.is_symlink() and not full.exists():
-                notes.append(f"{full.relative_to(root).as_posix()}: broken symlink, skipped")
-                continue
-            found.append(full.relative_to(root).as_posix())
+            # broken symlinks stay listed: decoding reports them as skipped, with the reason
+            found.append((Path(dirpath) / name).relative_to(root).as_posix())
     return sorted(found), notes
 
 

@@ -32,13 +32,17 @@ def draw_image(cls: str, rng: np.random.Generator, size: int | None = None) -> I
     x0 = int(rng.integers(0, w - s + 1))
     y0 = int(rng.integers(0, h - s + 1))
     jitter = rng.integers(-25, 25, size=3)
-    colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[cls], jitter))
+    base = COLOURS.get(cls, (200, 200, 60))
+    colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(base, jitter))
     if cls == "circle":
         d.ellipse([x0, y0, x0 + s, y0 + s], fill=colour)
     elif cls == "square":
         d.rectangle([x0, y0, x0 + s, y0 + s], fill=colour)
-    else:
+    elif cls == "triangle":
         d.polygon([(x0 + s // 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=colour)
+    else:  # any other class name: a cross
+        d.rectangle([x0, y0 + s // 3, x0 + s, y0 + 2 * s // 3], fill=colour)
+        d.rectangle([x0 + s // 3, y0, x0 + 2 * s // 3, y0 + s], fill=colour)
     return img
 
 

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from resnet_transfer.backbones import TransformConfig
+from resnet_transfer.data import ImageDecodeError, eval_transform, list_images, load_image, tta_transform
+from resnet_transfer.errors import DataError
+from tests.odd_images import write_odd_images
+
+
+def test_folder_layout(image_folder: Path) -> None:
+    images = list_images(image_folder)
+    assert images.classes == ["circle", "square", "triangle"]
+    assert len(images) == 24
+    assert images.counts() == {"circle": 8, "square": 8, "triangle": 8}
+    assert all(not Path(p).is_absolute() for p in images.paths)
+    # extensions in any case are found (.JPG is one of the fixture's formats)
+    assert any(p.endswith(".JPG") for p in images.paths)
+
+
+def test_nested_folders_unicode_and_litter(tmp_path: Path) -> None:
+    (tmp_path / "chat noir" / "2024" / "été").mkdir(parents=True)
+    (tmp_path / "chien").mkdir()
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "chat noir" / "2024" / "été" / "猫.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "chien" / "a.jpg")
+    (tmp_path / "chien" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "chien" / "Thumbs.db").write_bytes(b"x")
+    (tmp_path / "chien" / "notes.txt").write_text("x")
+    images = list_images(tmp_path)
+    assert images.classes == ["chat noir", "chien"]
+    assert images.paths == ["chat noir/2024/été/猫.png", "chien/a.jpg"]
+    assert any("empty" in n for n in images.notes)
+
+
+def test_loose_folder_is_unlabelled(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    images = list_images(tmp_path)
+    assert images.labels == [-1, -1, -1] and images.classes == []
+
+
+def test_manifest(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for n in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{n}.png")
+    (tmp_path / "m.csv").write_text("path,label\nimg/a.png,cat\nimg/b.png,dog\nimg/c.png,\n")
+    images = list_images(tmp_path / "m.csv")
+    assert images.classes == ["cat", "dog"]
+    assert images.labels == [0, 1, -1]
+    assert images.paths == ["img/a.png", "img/b.png", "img/c.png"]
+
+
+def test_manifest_cannot_escape_its_folder(tmp_path: Path) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (sub / "m.csv").write_text("../outside.png,cat\n")
+    with pytest.raises(DataError, match="outside the manifest"):
+        list_images(sub / "m.csv")
+    images = list_images(sub / "m.csv", allow_outside=True)
+    assert images.paths == [(tmp_path / "outside.png").resolve().as_posix()]
+
+
+def test_manifest_errors_name_the_row(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("a.png,cat,extra\n")
+    with pytest.raises(DataError, match="row 1"):
+        list_images(tmp_path / "m.csv")
+    (tmp_path / "e.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match="no images"):
+        list_images(tmp_path / "e.csv")
+
+
+def test_missing_path_and_unknown_class(tmp_path: Path, image_folder: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(DataError, match="not classes of the model"):
+        list_images(image_folder, classes=["circle", "square"])
+
+
+def test_odd_images_decode_or_skip_with_reason(tmp_path: Path) -> None:
+    expect = write_odd_images(tmp_path)
+    for name, kind in expect.items():
+        if kind == "ok":
+            img = load_image(tmp_path / name)
+            assert img.mode == "RGB", name
+        else:
+            with pytest.raises(ImageDecodeError) as info:
+                load_image(tmp_path / name)
+            assert str(info.value), name
+    # EXIF orientation applied: the 40x30 original is stored rotated
+    assert load_image(tmp_path / "exif_rotated.jpg").size == (30, 40)
+    # a transparent pixel is composited on white, not black
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+    # 16-bit PNG keeps its contrast after scaling to 8 bits
+    assert max(load_image(tmp_path / "deep16.png").getextrema()[0]) > 200
+
+
+def test_decompression_bomb_limit(tmp_path: Path) -> None:
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageDecodeError, match="too large"):
+        load_image(tmp_path / "big.png", max_pixels=10_000)
+
+
+def test_tiny_image_goes_through_eval_transform(tmp_path: Path) -> None:
+    Image.new("RGB", (3, 2), (10, 20, 30)).save(tmp_path / "t.png")
+    t = eval_transform(TransformConfig(input_size=32, resize_size=36))
+    assert tuple(t(load_image(tmp_path / "t.png")).shape) == (3, 32, 32)
+
+
+def test_tta_shapes() -> None:
+    cfg = TransformConfig(input_size=32, resize_size=36)
+    img = Image.new("RGB", (50, 40))
+    assert tuple(tta_transform(cfg, "flip")(img).shape) == (2, 3, 32, 32)
+    assert tuple(tta_transform(cfg, "tencrop")(img).shape) == (10, 3, 32, 32)
+
+
+_name = st.text(
+    alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="_- "), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.tuples(_name, st.one_of(st.just(""), _name)), min_size=1, max_size=15, unique_by=lambda r: r[0])
+)
+def test_manifest_parser_roundtrip(tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, str]]) -> None:
+    """Any list of (file, label) rows written as CSV parses back to the same paths and labels."""
+    import csv
+
+    root = tmp_path_factory.mktemp("m")
+    rows = [(f"{name.strip() or 'x'}_{i}.png", label.strip()) for i, (name, label) in enumerate(rows)]
+    with open(root / "m.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    images = list_images(root / "m.csv")
+    assert images.paths == [p for p, _ in rows]
+    names = [images.classes[y] if y >= 0 else "" for y in images.labels]
+    assert names == [label for _, label in rows]
+    assert images.classes == sorted({label for _, label in rows if label})

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.cli import app
+from resnet_transfer.extract import ExtractConfig, extract
+from tests.conftest import make_image_folder
+from tests.odd_images import write_odd_images
+
+runner = CliRunner()
+FAST = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]
+
+
+def rt(*args: str) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_extract_writes_a_complete_cache(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    r = rt("extract", "--data", image_folder, "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    c = FeatureCache(out)
+    assert c.n == 24 and c.dim == 512 and c.classes == ["circle", "square", "triangle"]
+    assert np.isfinite(c.features()).all() and c.features().std() > 0
+    assert c.identity.weights_id == "random:seed=0" and c.identity.transform.input_size == 32
+    assert c.attrs["root"] == ""  # no absolute paths of this machine unless asked
+    info = rt("info", out, "--json")
+    assert info.exit_code == 0 and '"rows": 24' in info.output
+
+
+def test_rerun_does_nothing_and_new_images_are_added(image_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", data, "--out", out, *FAST).exit_code == 0
+    first = FeatureCache(out).features()
+    mtime = out.stat().st_mtime_ns
+    r = rt("extract", "--data", data, "--out", out, *FAST)
+    assert r.exit_code == 0 and "nothing to compute" in r.output
+    assert out.stat().st_mtime_ns == mtime
+    make_image_folder(data, per_class=2, seed=9, classes=("square", "zebra"))  # 2 new rows + a new class
+    r = rt("extract", "--data", data, "--out", out, *FAST)
+    assert r.exit_code == 0 and "24 of 28 images already done" in r.output
+    c = FeatureCache(out)
+    assert c.n == 28 and c.classes == ["circle", "square", "triangle", "zebra"]
+    np.testing.assert_array_equal(c.features(range(24)), first)  # old rows untouched
+    assert c.labels[c.paths.index("zebra/zebra_9_000.jpg")] == 3
+
+
+def test_interrupt_then_resume_equals_uninterrupted(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = dict(data=image_folder, model="resnet18", weights="none", image_size=32, batch_size=4, chunk_rows=8)
+    extract(ExtractConfig(out=tmp_path / "ref.h5", **common))  # type: ignore[arg-type]
+    calls = {"n": 0}
+    real = CacheWriter.write_part
+
+    def flaky(self: CacheWriter, *a: object, **k: object) -> Path:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CacheWriter, "write_part", flaky)
+    with pytest.raises(Exception, match="interrupted"):
+        extract(ExtractConfig(out=tmp_path / "c.h5", **common))  # type: ignore[arg-type]
+    monkeypatch.undo()
+    assert not (tmp_path / "c.h5").exists()
+    res = extract(ExtractConfig(out=tmp_path / "c.h5", **common))  # type: ignore[arg-type]
+    assert res.new_rows == 24 and res.rows == 24
+    a, b = FeatureCache(tmp_path / "ref.h5"), FeatureCache(tmp_path / "c.h5")
+    assert a.paths == b.paths
+    np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_mismatch_is_refused_or_overwritten(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", image_folder, "--out", out, *FAST).exit_code == 0
+    r = rt(
+        "extract",
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "48",
+    )
+    assert r.exit_code == 2 and "transform" in r.output and "Traceback" not in r.output
+    r = rt(
+        "extract",
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--model",
+        "resnet34",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+    )
+    assert r.exit_code == 2 and "arch" in r.output
+    r = rt(
+        "extract",
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--overwrite",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "48",
+    )
+    assert r.exit_code == 0 and FeatureCache(out).identity.transform.input_size == 48
+
+
+@pytest.mark.parametrize(("model", "channels"), [("resnet18", 256), ("resnet50", 1024)])
+def test_cut_keeps_stage_maps(image_folder: Path, tmp_path: Path, model: str, channels: int) -> None:
+    out = tmp_path / "f.h5"
+    r = rt(
+        "extract",
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--cut",
+        "layer3",
+    )
+    assert r.exit_code == 0, r.output
+    c = FeatureCache(out)
+    assert c.stages == {"layer3": (channels, 4, 4)}
+    maps = c.stage("layer3", [0, 5])
+    assert maps.shape == (2, channels, 4, 4) and np.isfinite(maps).all()
+
+
+def test_manifest_input_with_unlabelled_rows(image_folder: Path, tmp_path: Path) -> None:
+    rows = [
+        "path,label",
+        "circle/circle_0_000.jpg,circle",
+        "square/square_0_001.png,square",
+        "triangle/triangle_0_002.webp,",
+    ]
+    (image_folder / "m.csv").write_text("\n".join(rows) + "\n")
+    try:
+        out = tmp_path / "m.h5"
+        assert rt("extract", "--data", image_folder / "m.csv", "--out", out, *FAST).exit_code == 0
+    finally:
+        (image_folder / "m.csv").unlink()
+    c = FeatureCache(out)
+    assert c.labels.tolist() == [0, 1, -1] and c.classes == ["circle", "square"]
+
+
+def test_odd_files_are_skipped_listed_and_set_exit_code(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    expect = write_odd_images(data / "mixed")
+    make_image_folder(data, per_class=2, seed=4, classes=("plain",))
+    out = tmp_path / "f.h5"
+    r = rt("extract", "--data", data, "--out", out, *FAST)
+    assert r.exit_code == 3, r.output
+    c = FeatureCache(out)
+    skipped = {Path(p).name for p, _ in c.skipped}
+    assert skipped == {n for n, k in expect.items() if k == "skip"}
+    assert {Path(p).name for p in c.paths} >= {n for n, k in expect.items() if k == "ok"}
+    assert not any(".DS_Store" in p or "Thumbs" in p or "._hidden" in p for p in c.paths + list(skipped))
+    assert "truncated.jpg" in rt("info", out, "--skipped").output
+    r = rt("extract", "--data", data, "--out", tmp_path / "strict.h5", "--strict", *FAST)
+    assert r.exit_code == 2 and "drop --strict" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "resnet5O"], "did you mean"),
+        (["--cut", "layer9"], "layer1, layer2, layer3, layer4"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--weights", "/nonexistent/w.pth"], "no such file"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_input_is_one_clear_line(image_folder: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    base = {"--model": "resnet18", "--weights": "none", "--image-size": "32"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    r = rt("extract", "--data", image_folder, "--out", tmp_path / "x.h5", *flat)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output and r.output.startswith("error:")
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
+    r = rt("extract", "--data", tmp_path / "nope", "--out", tmp_path / "x.h5", *FAST)
+    assert r.exit_code == 2 and "no such file or folder" in r.output

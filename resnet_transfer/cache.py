@@ -333,6 +333,9 @@ class CacheWriter:
         }
 
     def _open(self) -> None:
+        # a run killed while assembling leaves its temporary file; we hold the lock, so it is stale
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         if self.overwrite:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             self.out.unlink(missing_ok=True)

@@ -134,6 +134,10 @@ def extract(
     max_pixels: Annotated[
         int | None, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")
     ] = None,
+    chunk_rows: Annotated[
+        int,
+        typer.Option("--chunk-rows", help="Rows per committed chunk: at most this much work is redone after a kill."),
+    ] = 256,
 ) -> None:
     """Run the frozen backbone over the images once and cache pooled features (and --cut maps).
 
@@ -168,6 +172,7 @@ def extract(
         strict=strict,
         record_root=record_root,
         max_pixels=max_pixels,
+        chunk_rows=chunk_rows,
     )
     result = _call(run_extract, cfg)
     if result.skipped:

@@ -1,0 +1,89 @@
+"""kill -9 at any moment of `rt extract` never leaves an unreadable cache, and the next run completes it,
+equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_transfer.cache import FeatureCache
+from tests.conftest import make_image_folder
+
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--chunk-rows", "4"]
+
+
+def _cmd(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "resnet_transfer", "-q", "extract", "--data", str(data), "--out", str(out), *ARGS]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "RT_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _assert_consistent(out: Path) -> None:
+    """Whatever a kill left must be readable: a complete cache or none, and only whole part files."""
+    if out.exists():
+        FeatureCache(out).features()
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists():
+        for p in parts.glob("part-*.npz"):
+            with np.load(p, allow_pickle=False) as z:
+                assert len(z["paths"]) == len(z["features"])
+
+
+def _reference(data: Path, tmp: Path) -> FeatureCache:
+    ref = tmp / "ref.h5"
+    subprocess.run(_cmd(data, ref), check=True, env=_env(), timeout=600)
+    return FeatureCache(ref)
+
+
+def _finish_and_compare(data: Path, out: Path, ref: FeatureCache) -> None:
+    subprocess.run(_cmd(data, out), check=True, env=_env(), timeout=600)
+    got = FeatureCache(out)
+    assert got.paths == ref.paths
+    np.testing.assert_array_equal(got.features(), ref.features())
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_kill_after_first_chunk_then_resume(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8, seed=5)
+    ref = _reference(data, tmp_path)
+    out = tmp_path / "c.h5"
+    proc = subprocess.Popen(_cmd(data, out), env=_env())
+    first_part = out.with_name(out.name + ".parts") / "part-000000.npz"
+    deadline = time.monotonic() + 300
+    while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _assert_consistent(out)
+    _finish_and_compare(data, out, ref)
+
+
+@pytest.mark.slow
+def test_repeated_random_kills(tmp_path: Path) -> None:
+    """Kill the same run again and again at random moments; every intermediate state is readable and the
+    final cache equals an uninterrupted one."""
+    data = make_image_folder(tmp_path / "data", per_class=20, seed=6)
+    t0 = time.monotonic()
+    ref = _reference(data, tmp_path)
+    full = time.monotonic() - t0
+    out = tmp_path / "c.h5"
+    rng = random.Random(0)
+    trials = 12
+    for _ in range(trials):
+        proc = subprocess.Popen(_cmd(data, out), env=_env())
+        time.sleep(rng.uniform(0.5, max(1.0, full)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _assert_consistent(out)
+    _finish_and_compare(data, out, ref)

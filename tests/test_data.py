@@ -145,3 +145,15 @@ def test_manifest_parser_roundtrip(tmp_path_factory: pytest.TempPathFactory, row
     names = [images.classes[y] if y >= 0 else "" for y in images.labels]
     assert names == [label for _, label in rows]
     assert images.classes == sorted({label for _, label in rows if label})
+
+
+def test_unreadable_file_is_a_skip_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permission errors (simulated: the suite may run as root, which reads anything)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")
+
+    def denied(*_a: object, **_k: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("resnet_transfer.data.open", denied, raising=False)
+    with pytest.raises(ImageDecodeError, match="permission denied"):
+        load_image(tmp_path / "locked.png")

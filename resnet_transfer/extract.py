@@ -108,6 +108,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         done = writer.done_paths()
         todo = [i for i, p in enumerate(images.paths) if p not in done]
         if not todo and not writer.pending_parts and writer.existing is not None:
+            writer.finalize()  # removes the empty work folder; the cache file is not touched
             rep.info(f"{out}: up to date ({writer.existing.n} rows); nothing to compute")
             return ExtractResult(out, writer.existing.n, 0, writer.existing.skipped, 0.0, 0.0, images.notes)
         if len(todo) < len(images) and todo:

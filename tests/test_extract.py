@@ -44,6 +44,7 @@ def test_rerun_does_nothing_and_new_images_are_added(image_folder: Path, tmp_pat
     r = rt("extract", "--data", data, "--out", out, *FAST)
     assert r.exit_code == 0 and "nothing to compute" in r.output
     assert out.stat().st_mtime_ns == mtime
+    assert not (tmp_path / "f.h5.parts").exists()  # a no-op run leaves nothing behind
     make_image_folder(data, per_class=2, seed=9, classes=("square", "zebra"))  # 2 new rows + a new class
     r = rt("extract", "--data", data, "--out", out, *FAST)
     assert r.exit_code == 0 and "24 of 28 images already done" in r.output

@@ -61,7 +61,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     from .backbones import build_backbone
     from .cache import CacheWriter, FeatureCache
-    from .data import DEFAULT_MAX_PIXELS, ImageDataset, collate, eval_transform, list_images
+    from .data import DEFAULT_MAX_PIXELS, ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
     from .runtime import autocast, default_workers, resolve_device, resolve_precision
 
     rep = get_reporter()
@@ -120,7 +120,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         )
         dataset = ImageDataset(
             images.subset(todo),
-            eval_transform(backbone.transform),
+            eval_transform_uint8(backbone.transform),  # normalised per batch, on the device
             max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS,
         )
         loader = torch.utils.data.DataLoader(
@@ -150,7 +150,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                     "fix or remove the file, or drop --strict",
                                 )
                     if xs is not None:
-                        xs = xs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                        xs = xs.to(device, non_blocking=True)
+                        xs = normalize_batch(xs, backbone.transform, memory_format=torch.channels_last)
                         with autocast(device, precision):
                             feats = net(xs)
                         ok = [k for k, e in enumerate(errors) if not e]
@@ -212,6 +213,9 @@ class _Buffer:
     """Rows waiting to be committed as one chunk."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self.paths: list[str] = []
         self.labels: list[int] = []
         self.feats: list[np.ndarray] = []
@@ -241,4 +245,4 @@ class _Buffer:
         for k, shape in writer.stage_shapes.items():
             maps.setdefault(k, np.zeros((0, *shape), np.float32))
         writer.write_part(self.paths, self.labels, feats, maps, self.skipped)
-        self.__init__()  # type: ignore[misc]
+        self.clear()

@@ -296,6 +296,32 @@ def eval_transform(cfg: TransformConfig) -> Any:
     )
 
 
+def eval_transform_uint8(cfg: TransformConfig) -> Any:
+    """:func:`eval_transform` without the last two steps: a ``uint8`` (3, H, W) tensor. Batches of these
+    are normalised at once with :func:`normalize_batch` (on the device): a quarter of the bytes to move,
+    and one vectorised op per batch instead of two small float ops per image."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation)),
+            T.CenterCrop(cfg.input_size),
+            T.PILToTensor(),
+        ]
+    )
+
+
+def normalize_batch(x: Any, cfg: TransformConfig, memory_format: Any = None) -> Any:
+    """A ``uint8`` (N, 3, H, W) batch from :func:`eval_transform_uint8` -> the float32 batch
+    :func:`eval_transform` would give (``(x / 255 - mean) / std``, equal to within float32 rounding)."""
+    import torch
+
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255.0
+    out = x.to(dtype=torch.float32, memory_format=memory_format or torch.preserve_format)
+    return out.sub_(mean).div_(std)
+
+
 def train_transform(cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08) -> Any:
     """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter)."""
     from torchvision import transforms as T

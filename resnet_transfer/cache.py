@@ -97,6 +97,7 @@ class FeatureCache:
             sk = f["skipped"][:] if "skipped" in f else np.zeros((0, 2), dtype=object)
             self.skipped = [(_s(a), _s(b)) for a, b in sk]
             self.feature_dtype = str(f["features"].dtype)
+            _check_virtual_sources(f, self.path)
         except CacheError:
             self.close()
             raise
@@ -229,6 +230,23 @@ class FeatureCache:
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _check_virtual_sources(f: Any, path: Path) -> None:
+    """A cache written by a sharded `rt extract` is a virtual dataset over shard files; a missing shard would
+    read as NaN rows, so refuse it up front."""
+    names = ["features", *(f"stages/{k}" for k in f.get("stages", []))]
+    for name in names:
+        if not f[name].is_virtual:
+            continue
+        for src in f[name].virtual_sources():
+            shard = Path(src.file_name)
+            shard = shard if shard.is_absolute() else path.parent / shard
+            if not shard.exists():
+                raise CacheError(
+                    f"{path}: its shard file {shard} is missing (the cache is a virtual dataset over shards)",
+                    "keep the shard files next to the cache, or re-run the extract with --merge for one file",
+                )
 
 
 # ----------------------------------------------------------------------------------------------- write

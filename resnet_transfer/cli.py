@@ -138,6 +138,14 @@ def extract(
         int,
         typer.Option("--chunk-rows", help="Rows per committed chunk: at most this much work is redone after a kill."),
     ] = 256,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Under torchrun: write one real HDF5 file and delete the shards (default: a virtual dataset "
+            "over the per-rank shard files).",
+        ),
+    ] = False,
 ) -> None:
     """Run the frozen backbone over the images once and cache pooled features (and --cut maps).
 
@@ -173,9 +181,12 @@ def extract(
         record_root=record_root,
         max_pixels=max_pixels,
         chunk_rows=chunk_rows,
+        merge=merge,
     )
     result = _call(run_extract, cfg)
-    if result.skipped:
+    from .distributed import launched
+
+    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
         raise typer.Exit(3)
 
 

@@ -39,6 +39,8 @@ class ExtractConfig:
     chunk_rows: int = 256
     record_root: bool = False
     max_pixels: int | None = None
+    merge: bool = False  # under torchrun: write the final cache as a real file, not a virtual one over shards
+    images: Any = None  # a pre-listed ImageList (distributed.py hands each rank its block); None: list cfg.data
 
 
 @dataclass
@@ -62,8 +64,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     from .backbones import build_backbone
     from .cache import CacheWriter, FeatureCache
     from .data import DEFAULT_MAX_PIXELS, ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
+    from .distributed import extract_distributed, launched
     from .runtime import autocast, default_workers, resolve_device, resolve_precision
 
+    if cfg.images is None and launched():  # a torchrun worker: this rank's block into its shard
+        return extract_distributed(cfg)
     rep = get_reporter()
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} must be at least 1", "use e.g. --batch-size 32")
@@ -75,12 +80,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     # Class order: an existing cache's first (so incremental adds keep label ids), then new ones sorted.
     known: list[str] | None = None
-    if out.exists() and not cfg.overwrite:
+    if cfg.images is None and out.exists() and not cfg.overwrite:
         try:
             known = FeatureCache(out).classes
         except RtError:
             known = None  # the writer reports what is wrong with it
-    images = list_images(cfg.data, allow_outside=cfg.allow_outside)
+    images = cfg.images if cfg.images is not None else list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
         extra = [c for c in images.classes if c not in known]
         images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)

@@ -1,0 +1,223 @@
+"""torchrun (gloo, CPU, 2 processes) tests for sharded `rt extract`, plus the pure helpers.
+
+Every multi-process test launches ``python -m torch.distributed.run`` in a subprocess with a c10d rendezvous
+on 127.0.0.1 at a free port. Comparisons use ``--precision fp32``: with bf16 autocast a rank's different batch
+composition could change results in the last bits; in fp32 they agree to float16 storage precision.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from resnet_transfer.cache import FeatureCache
+from resnet_transfer.distributed import RankReporter, _runs, dist_env, shard_block, shard_files, shard_path
+from resnet_transfer.errors import CacheError
+from resnet_transfer.extract import ExtractConfig, extract
+from resnet_transfer.report import Reporter
+from tests.conftest import make_image_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+FAST = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--precision", "fp32"]
+SMALL = ["--batch-size", "2", "--chunk-rows", "2", "--workers", "0"]
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(
+    nproc: int, *args: object, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node nproc tests/dist_worker.py <args>`` on this machine only."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--max-restarts",
+        "0",
+        str(WORKER),
+        *[str(a) for a in args],
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RT_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if env is None or k not in env:
+            full_env.pop(k, None)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def reference(data: Path, out: Path, **kw: object) -> FeatureCache:
+    extract(
+        ExtractConfig(
+            data=data, out=out, model="resnet18", weights="none", image_size=32, precision="fp32", batch_size=4, **kw
+        )  # type: ignore[arg-type]
+    )
+    return FeatureCache(out)
+
+
+def assert_same_cache(a: FeatureCache, b: FeatureCache) -> None:
+    assert a.paths == b.paths
+    assert a.classes == b.classes
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert sorted(a.skipped) == sorted(b.skipped)
+    assert a.feature_dtype == b.feature_dtype and a.stages == b.stages
+    np.testing.assert_allclose(a.features(), b.features(), rtol=2e-3, atol=2e-3)  # fp32 compute, fp16 storage
+    for name in a.stages:
+        rows = np.arange(a.n)
+        np.testing.assert_allclose(a.stage(name, rows), b.stage(name, rows), rtol=2e-3, atol=2e-3)
+    same = {k for k in a.attrs if k != "created"}
+    assert same == {k for k in b.attrs if k != "created"}
+    assert {k: a.attrs[k] for k in same} == {k: b.attrs[k] for k in same}
+
+
+def is_virtual(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return bool(f["features"].is_virtual)
+
+
+# --------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(("n", "world"), [(0, 2), (1, 3), (12, 2), (13, 4), (5, 8)])
+def test_shard_blocks_are_contiguous_and_cover_everything(n: int, world: int) -> None:
+    blocks = [shard_block(n, r, world) for r in range(world)]
+    assert [i for b in blocks for i in b] == list(range(n))
+    assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+
+
+def test_shard_names_and_runs(tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    assert shard_path(out, 2, 4).name == "f.h5.shard-00002-of-00004.h5"
+    for r, w in [(1, 2), (0, 2), (0, 1)]:
+        shard_path(out, r, w).touch()
+    (tmp_path / "f.h5.shard-x-of-y.h5").touch()
+    assert [p.name for p in shard_files(out)] == [
+        "f.h5.shard-00000-of-00001.h5",
+        "f.h5.shard-00000-of-00002.h5",
+        "f.h5.shard-00001-of-00002.h5",
+    ]
+    assert _runs([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 4)]) == [
+        (0, 0, 0, 2),
+        (1, 0, 2, 2),
+        (0, 2, 4, 1),
+        (0, 4, 5, 1),
+    ]
+
+
+def test_env_detection_and_rank_reporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert not dist_env().active and dist_env().is_main
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = dist_env()
+    assert env.active and not env.is_main and env.local_rank == 1
+    inner = Reporter()
+    rep = RankReporter(inner, 1)
+    rep.info("progress")
+    rep.warn("bad file")
+    assert inner.messages == [] and inner.warnings == ["[rank 1] bad file"]
+
+
+def test_virtual_cache_with_a_missing_shard_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    """The VDS writer on two shards made in-process (no torchrun), then one shard removed."""
+    from resnet_transfer.distributed import _label_map, _Source, _write_final
+
+    a = reference(image_folder, tmp_path / "a.h5")
+    sources = [_Source(tmp_path / "a.h5", a, _label_map(a.classes, a.classes))]
+    rows = [(0, i) for i in range(a.n)][::-1]  # reversed: one run per row
+    _write_final(tmp_path / "v.h5", sources, rows, [], a.classes, [], merge=False)
+    v = FeatureCache(tmp_path / "v.h5")
+    assert v.paths == a.paths[::-1] and is_virtual(tmp_path / "v.h5")
+    np.testing.assert_array_equal(v.features(), a.features()[::-1])
+    v.close()
+    a.close()
+    shutil.move(tmp_path / "a.h5", tmp_path / "gone.h5")
+    with pytest.raises(CacheError, match=r"shard file .*a\.h5 is missing"):
+        FeatureCache(tmp_path / "v.h5")
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+
+
+def test_two_process_extract_equals_one_process(image_folder: Path, tmp_path: Path) -> None:
+    ref = reference(image_folder, tmp_path / "one.h5")
+    out = tmp_path / "two.h5"
+    r = torchrun(2, "extract", "--data", image_folder, "--out", out, *FAST, "--batch-size", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert is_virtual(out)
+    assert [p.name for p in shard_files(out)] == ["two.h5.shard-00000-of-00002.h5", "two.h5.shard-00001-of-00002.h5"]
+    assert_same_cache(ref, FeatureCache(out))
+
+
+@pytest.mark.slow
+def test_killed_shard_resumes_and_merge(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4, seed=3)  # 12 images, 6 per rank, 3 chunks each
+    ref = reference(data, tmp_path / "one.h5")
+    out = tmp_path / "two.h5"
+    log = tmp_path / "parts.log"
+    args = ["extract", "--data", data, "--out", out, *FAST, *SMALL]
+    r = torchrun(2, *args, env={"RT_TEST_KILL_RANK": "1", "RT_TEST_KILL_AT_PART": "2", "RT_TEST_PART_LOG": str(log)})
+    assert r.returncode != 0 and not out.exists()
+    done_by_1 = sum(int(b) for a, b in (line.split() for line in log.read_text().splitlines()) if a == "1")
+    assert done_by_1 == 2  # rank 1 committed one chunk, then died committing its second
+    log.unlink()
+    r = torchrun(2, *args, "--merge", env={"RT_TEST_PART_LOG": str(log)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    redone_by_1 = sum(int(b) for a, b in (line.split() for line in log.read_text().splitlines()) if a == "1")
+    assert redone_by_1 == 4  # only its 4 missing rows were computed again
+    assert not is_virtual(out) and shard_files(out) == []
+    assert_same_cache(ref, FeatureCache(out))
+
+
+@pytest.mark.slow
+def test_incremental_sharded_extract_keeps_single_process_order(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3, seed=5)
+    args = ["--data", data, *FAST, "--cut", "layer3"]
+    out = tmp_path / "two.h5"
+    r = torchrun(2, "extract", "--out", out, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.copy(out, tmp_path / "keep.h5")  # a virtual file: reads through the same shards
+    single = tmp_path / "one.h5"
+    reference(data, single, cut=["layer3"])
+    make_image_folder(data, per_class=2, seed=6, classes=("circle", "zebra"))  # new rows and a new class
+    reference(data, single, cut=["layer3"])  # one process appends them after the old rows
+    r = torchrun(2, "extract", "--out", out, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert is_virtual(out)
+    two = FeatureCache(out)
+    assert_same_cache(FeatureCache(single), two)
+    assert two.classes[-1] == "zebra" and two.n == 13
+    np.testing.assert_array_equal(FeatureCache(tmp_path / "keep.h5").features(), two.features(range(9)))
+    r = torchrun(2, "extract", "--out", out, *args)
+    assert r.returncode == 0 and "nothing to compute" in r.stderr + r.stdout

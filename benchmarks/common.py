@@ -11,7 +11,6 @@ The JSON line is printed first, on one line starting with ``{"bench":``, then a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -138,6 +137,16 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def _version(dist: str) -> str | None:
+    """A package's installed version from its metadata (no import: importing timm costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model, usable cores, flags that matter, library versions, and the GPU when one is used."""
     info: dict[str, Any] = {
@@ -147,19 +156,15 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
+    info["torch"] = _version("torch")
+    torch = sys.modules.get("torch")  # threads and GPU only when the benchmark already uses torch
+    if torch is not None:
         info["threads"] = torch.get_num_threads()
         if device.startswith("cuda") and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
-    for mod in ("timm", "torchvision", "h5py", "PIL"):
-        with contextlib.suppress(ImportError, AttributeError):
-            info[mod] = __import__(mod).__version__
+    for dist in ("timm", "torchvision", "h5py", "pillow"):
+        info[dist] = _version(dist)
     return info
 
 

@@ -60,9 +60,11 @@ def write_model_dir(
     head_config: dict[str, Any],
     tensors: dict[str, dict[str, Any]],
     extra_meta: dict[str, Any] | None = None,
+    extra_files: list[str] | None = None,
 ) -> Path:
     """Write weights files (``{filename: state_dict}``) and ``meta.json`` (last, atomically), so a
-    directory with a valid meta.json always has the files it names."""
+    directory with a valid meta.json always has the files it names. ``extra_files`` are files the caller
+    already wrote into ``out`` (e.g. ``backbone.safetensors`` with its own metadata) to checksum as well."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -73,6 +75,10 @@ def write_model_dir(
         tmp = out / (name + ".tmp")
         save_file(clean, str(tmp))
         os.replace(tmp, out / name)
+        hashes[name] = sha256_file(out / name)
+    for name in extra_files or []:
+        if not (out / name).is_file():
+            raise ModelDirError(f"{out / name}: missing (listed in extra_files)")
         hashes[name] = sha256_file(out / name)
     meta = {
         "format": FORMAT,

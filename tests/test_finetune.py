@@ -1,0 +1,341 @@
+"""rt finetune: the freeze policy, schedules, frozen parts staying bit-identical, resume, cached-stage
+training, `--unfreeze auto`, class checks, and the finetuned directory as `--weights` for extract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES
+from safetensors.torch import load_file
+
+from resnet_transfer.backbones import build_backbone, save_backbone
+from resnet_transfer.errors import DataError, RtError, UsageError
+from resnet_transfer.finetune import (
+    AUTO_RULE_TEXT,
+    Classifier,
+    FinetuneConfig,
+    FreezePolicy,
+    auto_unfreeze,
+    finetune,
+    load_checkpoint,
+    lr_factor,
+    stratified_split,
+)
+from resnet_transfer.head import HeadModule
+from resnet_transfer.modeldir import read_model_dir, write_model_dir
+from resnet_transfer.report import Reporter, set_reporter
+
+SIZE = 32
+FAST = {"image_size": None, "batch_size": 8, "precision": "fp32", "workers": 0}
+
+
+def _backbone():
+    return build_backbone("resnet18", "none", SIZE)
+
+
+def _head_dir(path: Path, classes=CLASSES, seed: int = 1) -> Path:
+    """A head directory as `rt fit-head` writes it: a HeadModule with non-trivial weights and scaling."""
+    bb = _backbone()
+    torch.manual_seed(seed)
+    head = HeadModule(bb.num_features, len(classes))
+    head.mean.normal_()
+    head.scale.uniform_(0.5, 2.0)
+    return write_model_dir(
+        path, "head", bb.identity, list(classes), head.config, {"head.safetensors": head.state_dict()}
+    )
+
+
+def _cfg(out: Path, **kw) -> FinetuneConfig:
+    return FinetuneConfig(out=out, **{**FAST, **kw})
+
+
+# -------------------------------------------------------------------------------------------- policy
+
+
+def test_policy_progressive_epochs_lrs_and_modes():
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer3", "progressive", epochs=9, lr=1e-3, lr_mult=0.5)
+    starts = {p.name: p.start for p in pol.plans}
+    assert starts == {"head": 0, "layer4": 3, "layer3": 6, "layer2": None, "layer1": None, "act1": None}
+    lrs = {p.name: p.lr for p in pol.trained}
+    assert lrs == pytest.approx({"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4})
+    assert pol.unfrozen_at(3) == ["layer4"] and pol.unfrozen_at(6) == ["layer3"] and pol.unfrozen_at(4) == []
+
+    for epoch, trainable in ((0, {"head"}), (3, {"head", "layer4"}), (8, {"head", "layer4", "layer3"})):
+        pol.apply(epoch)
+        assert set(pol.trainable_at(epoch)) == trainable
+        for name, p in bb.net.named_parameters():
+            assert p.requires_grad == (name.split(".")[0] in trainable), (epoch, name)
+        bb.net.train()  # what a careless loop would do; the policy puts frozen BN back to eval
+        pol.train_mode(epoch)
+        for name, m in bb.net.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.training == (name.split(".")[0] in trainable), (epoch, name)
+
+    # the optimiser: only parts that ever train, no weight decay on 1-d tensors, zero lr until unfrozen
+    groups = pol.param_groups(weight_decay=0.05)
+    assert {g["name"] for g in groups} == {
+        "head",
+        "head.no_decay",
+        "layer4",
+        "layer4.no_decay",
+        "layer3",
+        "layer3.no_decay",
+    }
+    for g in groups:
+        assert (g["weight_decay"] == 0.0) == g["name"].endswith(".no_decay")
+        assert all((p.ndim <= 1) == g["name"].endswith(".no_decay") for p in g["params"])
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, pol.lr_lambdas(groups, 4, "cosine", 1.0))
+    seen = []
+    for _ in range(9 * 4):
+        seen.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    l4 = [s["layer4"] for s in seen]
+    assert all(v == 0 for v in l4[:12]) and l4[12] > 0  # unfrozen at epoch 3 = step 12
+    assert max(l4) == pytest.approx(5e-4) and max(s["layer3"] for s in seen) == pytest.approx(2.5e-4)
+    assert all(s["layer3"] == 0 for s in seen[:24]) and seen[24]["layer3"] > 0
+    assert max(s["head"] for s in seen) == pytest.approx(1e-3)
+
+
+def test_policy_rejects_unknown_stage_listing_valid_ones():
+    bb = _backbone()
+    with pytest.raises(UsageError) as e:
+        FreezePolicy(bb.stage_groups(), HeadModule(512, 3), "layer5")
+    assert "layer4" in e.value.hint and "all" in e.value.hint and "auto" in e.value.hint
+    with pytest.raises(UsageError, match="needs 2 epoch"):
+        FreezePolicy(bb.stage_groups(), HeadModule(512, 3), "layer3", "progressive", 9, unfreeze_at=[3])
+    with pytest.raises(UsageError, match="non-decreasing"):
+        FreezePolicy(bb.stage_groups(), HeadModule(512, 3), "layer3", "progressive", 9, unfreeze_at=[5, 2])
+
+
+def test_lr_shapes():
+    cos = [lr_factor(s, 0, 100, 10, "cosine") for s in range(100)]
+    assert cos[0] < cos[5] < cos[9] <= 1.0 and max(cos) == pytest.approx(1.0) and cos[-1] < 0.01
+    one = [lr_factor(s, 0, 100, 0, "onecycle") for s in range(100)]
+    assert one[0] == pytest.approx(1 / 25) and max(one) == pytest.approx(1.0) and one.index(max(one)) == 30
+    assert lr_factor(5, 10, 100, 5, "cosine") == 0.0
+
+
+def test_auto_rule_documented_thresholds():
+    stages = ["act1", "layer1", "layer2", "layer3", "layer4"]
+    picks = {n: auto_unfreeze(n, stages, random_init=False)[0] for n in (5, 49, 50, 199, 200, 499, 500, 999, 1000)}
+    assert picks == {
+        5: "head", 49: "head", 50: "layer4", 199: "layer4", 200: "layer3",
+        499: "layer3", 500: "layer2", 999: "layer2", 1000: "all",
+    }  # fmt: skip
+    assert auto_unfreeze(5, stages, random_init=True)[0] == "all"
+    docs = (Path(__file__).parents[1] / "docs" / "finetune.md").read_text()
+    assert "< 50" in AUTO_RULE_TEXT and "--unfreeze auto" in docs and "1000" in docs
+
+
+def test_stratified_split_is_stratified_and_fixed():
+    labels = [0] * 10 + [1] * 5 + [2] * 1 + [-1] * 3
+    tr, va = stratified_split(labels, 0.2, seed=3)
+    assert sorted(np.bincount(np.asarray(labels)[va], minlength=3).tolist()) == [0, 1, 2]
+    assert set(tr) | set(va) == set(range(16)) and not set(tr) & set(va)
+    _, va2 = stratified_split(labels, 0.2, seed=3)
+    assert va.tolist() == va2.tolist()
+
+
+# ------------------------------------------------------------------------------------ training runs
+
+
+def test_frozen_stages_bit_identical_and_progressive_history(image_folder, tmp_path):
+    """Start from a fitted head, progressive layer4 (epoch 1) -> layer3 (epoch 2): layers below stay
+    bit-identical (parameters and BN running statistics), layer3/4 and the head move, the history shows
+    the unfreezing at the right epochs with the right learning rates."""
+    hd = _head_dir(tmp_path / "head")
+    before = {k: v.clone() for k, v in _backbone().net.state_dict().items()}
+    head_before = load_file(str(hd / "head.safetensors"))
+    res = finetune(
+        _cfg(
+            tmp_path / "ft",
+            head=hd,
+            data=image_folder,
+            unfreeze="layer3",
+            schedule="progressive",
+            unfreeze_at=[1, 2],
+            epochs=3,
+            lr=1e-3,
+            lr_mult=0.5,
+            val_fraction=0.0,
+        )
+    )  # fmt: skip  (no validation: the last epoch is kept, not an earlier best one)
+    after = load_file(str(tmp_path / "ft" / "backbone.safetensors"))
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        if k.startswith(("layer3", "layer4")):
+            continue
+        assert torch.equal(after[k], v), f"{k} changed although frozen"
+    for stage in ("layer3", "layer4"):
+        assert not torch.equal(after[f"{stage}.0.conv1.weight"], before[f"{stage}.0.conv1.weight"])
+        # trained stages' BN statistics do update (train mode), so the frozen ones above are a real check
+        assert not torch.equal(after[f"{stage}.0.bn1.running_mean"], before[f"{stage}.0.bn1.running_mean"])
+    head_after = load_file(str(tmp_path / "ft" / "head.safetensors"))
+    assert torch.equal(head_after["mean"], head_before["mean"])  # standardisation buffers kept
+    assert not torch.equal(head_after["net.weight"], head_before["net.weight"])
+
+    h = res.history
+    assert [r["trainable"] for r in h] == [["head"], ["head", "layer4"], ["head", "layer4", "layer3"]]
+    assert [r["unfrozen"] for r in h] == [[], ["layer4"], ["layer3"]]
+    assert h[0]["lr"]["layer4"] == 0 and h[1]["lr"]["layer4"] > 0 and h[1]["lr"]["layer3"] == 0
+    assert h[2]["lr"]["layer3"] > 0
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["start"]["head"].startswith("fitted head")
+    assert [e["epoch"] for e in report["unfreeze_events"]] == [1, 2]
+    assert {p["part"]: p["lr"] for p in report["plan"]}["layer3"] == pytest.approx(2.5e-4)
+    png = tmp_path / "ft" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = read_model_dir(tmp_path / "ft")
+    assert md.kind == "finetuned" and md.classes == list(CLASSES)
+    assert set(md.meta["files"]) == {"head.safetensors", "backbone.safetensors"}
+
+
+def test_resume_equals_uninterrupted(image_folder, tmp_path):
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer3",
+          "schedule": "progressive", "unfreeze_at": [1, 2], "epochs": 3, "patience": 0, "color_jitter": 0.2}  # fmt: skip
+    full = finetune(_cfg(tmp_path / "full", **kw))
+
+    def stop_after_first(epoch, row):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RtError, match="--resume"):
+        finetune(_cfg(tmp_path / "cut", **kw), on_epoch_end=stop_after_first)
+    ckpt = load_checkpoint(tmp_path / "cut")  # weights_only=True
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt)
+    assert not (tmp_path / "cut" / "meta.json").exists()
+    with pytest.raises(UsageError, match="--resume"):  # an unfinished run is not silently restarted
+        finetune(_cfg(tmp_path / "cut", **kw))
+    resumed = finetune(FinetuneConfig(out=tmp_path / "cut"), resume=tmp_path / "cut")
+
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert [r["unfrozen"] for r in resumed.history] == [[], ["layer4"], ["layer3"]]
+    for name in ("backbone.safetensors", "head.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_cached_stage_gradients_equal_full_model():
+    """The trainable part gets the same gradients from the cut's maps as from the images."""
+    bb = _backbone()
+    frozen, rest = bb.split("layer3")
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4")
+    pol.apply(0)
+    model = Classifier(bb.net, head, rest)
+    x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    trainable = [(n, p) for n, p in [*bb.net.named_parameters(), *head.named_parameters()] if p.requires_grad]
+    assert trainable and all(n.startswith(("layer4", "net.")) for n, _ in trainable)
+
+    def grads(forward, inp):
+        for _, p in trainable:
+            p.grad = None
+        pol.train_mode(0)
+        torch.nn.functional.cross_entropy(forward(inp), y).backward()
+        return [p.grad.clone() for _, p in trainable]
+
+    full = grads(model.images, x)
+    with torch.no_grad():
+        pol.train_mode(0)
+        maps = frozen(x)
+    cached = grads(model.maps, maps)
+    for (n, _), a, b in zip(trainable, full, cached):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
+    assert all(p.grad is None for p in bb.net.parameters() if not p.requires_grad)
+
+
+@pytest.fixture(scope="module")
+def layer3_cache(image_folder, tmp_path_factory):
+    from resnet_transfer.extract import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("l3") / "l3.h5"
+    extract(ExtractConfig(data=image_folder, out=out, model="resnet18", weights="none", image_size=SIZE,
+                          cut=["layer3"], precision="fp32", batch_size=8))  # fmt: skip
+    return out
+
+
+def test_cached_stage_training(layer3_cache, tmp_path):
+    hd = _head_dir(tmp_path / "head")
+    before = _backbone().net.state_dict()
+    res = finetune(_cfg(tmp_path / "fast", head=hd, cache=layer3_cache, unfreeze="layer4", epochs=2, patience=0))
+    after = load_file(str(tmp_path / "fast" / "backbone.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("layer4"))
+    assert not torch.equal(after["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    report = json.loads((tmp_path / "fast" / "report.json").read_text())
+    assert report["cached_stage"] == "layer3" and res.history[-1]["trainable"] == ["head", "layer4"]
+    assert report["n_train"] + report["n_val"] == 3 * 8
+
+    for bad in ("layer3", "layer2", "all"):
+        with pytest.raises(UsageError, match="holds maps at layer3") as e:
+            finetune(_cfg(tmp_path / f"x-{bad}", head=hd, cache=layer3_cache, unfreeze=bad, epochs=1))
+        assert "--unfreeze layer4" in e.value.hint
+
+
+def test_class_mismatch_refused(image_folder, tmp_path):
+    hd = _head_dir(tmp_path / "head", classes=("cat", "circle", "dog"))
+    with pytest.raises(DataError, match="other classes than the head") as e:
+        finetune(_cfg(tmp_path / "out", head=hd, data=image_folder, epochs=1))
+    assert "square" in str(e.value) and "dog" in str(e.value)
+    with pytest.raises(UsageError, match="--weights"):  # the backbone comes from the head dir
+        finetune(_cfg(tmp_path / "out", head=_head_dir(tmp_path / "h2"), data=image_folder, weights="none"))
+
+
+def test_auto_prints_rule_and_picks_head_for_few_images(image_folder, tmp_path):
+    ckpt = tmp_path / "pre.safetensors"  # a "pretrained" file: auto only looks at data size
+    bb = _backbone()
+    save_backbone(bb.net, ckpt, bb.identity)
+    rep = Reporter(verbose=False)
+    previous = set_reporter(rep)
+    try:
+        res = finetune(_cfg(tmp_path / "auto", data=image_folder, model="resnet18", weights=str(ckpt),
+                            image_size=SIZE, unfreeze="auto", epochs=1))  # fmt: skip
+    finally:
+        set_reporter(previous)
+    assert res.unfreeze == "head"
+    line = next(m for m in rep.messages if m.startswith("--unfreeze auto"))
+    assert "-> head" in line and "8 labelled images per class" in line and AUTO_RULE_TEXT in line
+    after = load_file(str(tmp_path / "auto" / "backbone.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in bb.net.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- the output as --weights
+
+
+@pytest.fixture(scope="module")
+def scratch_model(image_folder, tmp_path_factory) -> Path:
+    """`rt finetune --data ... --model resnet18 --weights none --unfreeze all`: a source model."""
+    out = tmp_path_factory.mktemp("src") / "src"
+    finetune(_cfg(out, data=image_folder, model="resnet18", weights="none", image_size=SIZE, unfreeze="all", epochs=1))
+    return out
+
+
+def test_finetuned_dir_is_weights_for_extract(scratch_model, image_folder, tmp_path):
+    from resnet_transfer.cache import FeatureCache
+    from resnet_transfer.data import eval_transform, load_image
+    from resnet_transfer.extract import ExtractConfig, extract
+
+    md = read_model_dir(scratch_model)
+    bb = build_backbone("resnet18", str(scratch_model))
+    assert bb.identity.weights_id == md.identity.weights_id  # sha256 of backbone.safetensors
+    assert bb.identity.transform == md.identity.transform and not bb.identity.differences(md.identity)
+    assert not torch.equal(bb.net.state_dict()["conv1.weight"], _backbone().net.state_dict()["conv1.weight"])
+
+    out = tmp_path / "new-task.h5"
+    extract(ExtractConfig(data=image_folder, out=out, model="resnet18", weights=str(scratch_model),
+                          precision="fp32", batch_size=8))  # fmt: skip
+    with FeatureCache(out) as c:
+        assert c.identity.weights_id == md.identity.weights_id and not c.identity.differences(md.identity)
+        x = eval_transform(bb.transform)(load_image(image_folder / c.paths[0]))
+        with torch.no_grad():
+            ref = bb.net.eval()(x[None]).numpy()[0]
+        assert np.allclose(c.features([0])[0], ref, rtol=2e-3, atol=2e-3)

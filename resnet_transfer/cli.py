@@ -219,6 +219,235 @@ def info(
             typer.echo(f"{key}: {value}")
 
 
+# ----------------------------------------------------------------------------- fit-head / predict / evaluate
+
+
+@app.command("fit-head")
+def fit_head_cmd(
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="The feature cache written by `rt extract`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The head directory to write.")] = Path("head"),
+    classes: Annotated[
+        int | None,
+        typer.Option("--classes", help="Expected number of classes; checked against the cache (default: the cache's)."),
+    ] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="A separate validation cache (same backbone) instead of a split of --cache."),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Stratified share of --cache held out for validation.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, subsample and minibatch order.")] = 0,
+    solver: Annotated[
+        str,
+        typer.Option(
+            "--solver",
+            help="`lbfgs` (full batch, L2 chosen on validation), `adamw` (minibatch, early stopping; streams "
+            "caches too large for memory) or `sklearn` (LogisticRegression, the reference).",
+        ),
+    ] = "lbfgs",
+    l2: Annotated[
+        float | None,
+        typer.Option("--l2", help="Fixed L2 strength (default: chosen on the validation rows from a grid)."),
+    ] = None,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden units of a one-layer MLP head (0: linear).")] = 0,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the MLP's hidden layer.")] = 0.0,
+    class_weight: Annotated[
+        str, typer.Option("--class-weight", help="`none` or `balanced` (weights n / (k * n_class) for imbalance).")
+    ] = "none",
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1).")] = 0.0,
+    max_iter: Annotated[
+        int | None, typer.Option("--max-iter", help="L-BFGS iterations of the final fit (default: by size).")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="AdamW: maximum epochs.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="AdamW: minibatch size.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW: learning rate.")] = 1e-3,
+    patience: Annotated[int, typer.Option("--patience", help="AdamW: epochs without improvement before stopping.")] = 5,
+    max_memory_gb: Annotated[
+        float | None,
+        typer.Option("--max-memory-gb", help="Stream from the cache (AdamW) above this much feature memory."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head in --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Train a softmax head on cached features (seconds; the images are not touched again).
+
+    Writes OUT/ with meta.json (backbone identity, classes), head.safetensors, report.json (accuracy,
+    per-class precision/recall/F1, confusion matrix, chosen L2, time) and confusion.png.
+
+    Examples:
+
+        rt fit-head --cache pets.h5 --out cat-head/
+
+        rt fit-head --cache pets.h5 --classes 3 --class-weight balanced --out cat-head/
+
+        rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
+    """
+    from .fit import FitHeadConfig
+    from .fit import fit_head as run_fit_head
+
+    cw = None if class_weight.lower() == "none" else class_weight.lower()
+    cfg = FitHeadConfig(
+        cache=cache,
+        out=out,
+        classes=classes,
+        val=val,
+        val_fraction=val_fraction,
+        seed=seed,
+        solver=solver,
+        l2=l2,
+        hidden=hidden,
+        dropout=dropout,
+        class_weight=cw,
+        label_smoothing=label_smoothing,
+        max_iter=max_iter,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        max_memory_gb=max_memory_gb,
+        overwrite=overwrite,
+    )
+    result = _call(run_fit_head, cfg)
+    if as_json:
+        _echo_json(result.report)
+
+
+TtaOpt = Annotated[
+    str | None,
+    typer.Option("--tta", help="Test-time augmentation: `flip` (2 views) or `tencrop` (10 crops, ResNet paper)."),
+]
+HeadWeightsOpt = Annotated[
+    str | None,
+    typer.Option("--weights", "-w", help="Backbone checkpoint, if it moved since the head was fitted."),
+]
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or CSV manifests.")],
+    top: Annotated[int, typer.Option("--top", "-k", help="Classes to show per image.")] = 3,
+    tta: TtaOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="CSV output: path,class,probability[,class,probability ...]")
+    ] = False,
+    weights: HeadWeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Classify new images with a fitted head (or finetuned model).
+
+    Unreadable images are skipped and listed (exit code 3), never fatal.
+
+    Examples:
+
+        rt predict cat-head/ photo1.jpg photo2.png --top 3
+
+        rt predict cat-head/ ./new-photos --tta flip --csv > predictions.csv
+    """
+    from .predict import predict as run_predict
+
+    if as_json and as_csv:
+        typer.echo("error: choose one of --json and --csv", err=True)
+        raise typer.Exit(2)
+    res = _call(
+        run_predict, model_dir, list(inputs), tta=tta, top=top, weights=weights, batch_size=batch_size, device=device
+    )
+    if as_json:
+        _echo_json(
+            {
+                "classes": res.classes,
+                "predictions": [{**r, "top": [{"class": c, "probability": p} for c, p in r["top"]]} for r in res.rows],
+                "skipped": [{"path": p, "reason": why} for p, why in res.skipped],
+            }
+        )
+    elif as_csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        k = max((len(r["top"]) for r in res.rows), default=0)
+        w.writerow(["path"] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        for r in res.rows:
+            w.writerow([r["path"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{len(res.rows)} image(s)", title_justify="left")
+        t.add_column("image")
+        for i in range(min(top, len(res.classes))):
+            t.add_column(f"#{i + 1}")
+        for r in res.rows:
+            t.add_row(r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]])
+        Console(highlight=False, soft_wrap=True).print(t)
+    if res.skipped:
+        raise typer.Exit(3)
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Labelled images: a folder of class folders, or a CSV.")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", "-c", help="Or a labelled feature cache of the same backbone.")
+    ] = None,
+    tta: TtaOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write report.json + confusion.png here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the machine-readable report.")] = False,
+    weights: HeadWeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Examples:
+
+        rt evaluate cat-head/ --data ./pets-test
+
+        rt evaluate cat-head/ --cache pets-test.h5 --json
+
+        rt evaluate cat-head/ --data ./pets-test --tta tencrop --out eval/
+    """
+    from .predict import evaluate as run_evaluate
+
+    res = _call(
+        run_evaluate,
+        model_dir,
+        data=data,
+        cache=cache,
+        tta=tta,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        out=out,
+    )
+    r = res.report
+    if as_json:
+        _echo_json(r)
+    else:
+        from .report import metrics_rows
+
+        typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
+        if r.get("balanced_accuracy") is not None:
+            typer.echo(f"balanced accuracy: {r['balanced_accuracy']:.4f}   macro F1: {r['macro_f1']:.4f}")
+        cols, rows = metrics_rows(r)
+        widths = [max(len(str(x)) for x in [c, *[row[i] for row in rows]]) for i, c in enumerate(cols)]
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        for row in rows:
+            typer.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        typer.echo("confusion matrix (rows: true, columns: predicted):")
+        for c, line in zip(r["classes"], r["confusion_matrix"]):
+            typer.echo(f"  {c[:20]:>20} " + " ".join(f"{v:5d}" for v in line))
+    if res.skipped:
+        raise typer.Exit(3)
+
+
 def main() -> None:
     """Console entry point (`rt`)."""
     tune_process()

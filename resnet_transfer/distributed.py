@@ -543,3 +543,182 @@ def _write_final(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------------ distributed finetune
+#
+# `rt finetune` under torchrun is DistributedDataParallel with these rules (docs/scaling.md):
+# * --batch-size is the *global* batch; each rank takes an equal slice of every global batch, drawn from the
+#   same permutation a single process would use (the run's checkpointed generator). So a W-process run takes
+#   the same optimiser steps as a 1-process one, and a checkpoint resumes with any number of processes.
+# * every rank holds the whole model; DDP averages gradients; the loss is weighted so that the average is the
+#   global batch mean even when ranks hold different numbers of rows (a short last batch, a skipped image).
+# * frozen stages stay plain BatchNorm in eval mode (nothing to sync); with --sync-bn (CUDA only: PyTorch's
+#   SyncBatchNorm has no CPU kernel) the BatchNorm layers of the stages that train become SyncBatchNorm.
+# * only rank 0 writes checkpoints, reports, plots and the model directory.
+
+
+def setup_training(device_option: str) -> DistEnv:
+    """Join the process group (torchrun only) and keep ranks other than 0 quiet but for warnings."""
+    from .runtime import resolve_device
+
+    env = dist_env()
+    if not env.active:
+        return env
+    init(resolve_device(device_option))
+    if not env.is_main and not isinstance(get_reporter(), RankReporter):
+        set_reporter(RankReporter(get_reporter(), env.rank))
+    return env
+
+
+class DistributedBatchSampler:
+    """This rank's slice of each global batch of ``sampler``'s order (``np.array_split`` of the batch into
+    ``world_size`` parts). ``sampler`` is the one a single process would use (``RandomSampler`` with the run's
+    generator, or ``SequentialSampler``), consumed whole, so the random draws match a 1-process run."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, rank: int, world_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [int(i) for i in np.array_split(np.asarray(batch, dtype=np.int64), self.world_size)[self.rank]]
+
+
+def loader_args(dataset: Any, batch_size: int, shuffle: bool, generator: Any, drop_last: bool) -> dict[str, Any]:
+    """DataLoader arguments: the plain ones for a single process; under torchrun a
+    :class:`DistributedBatchSampler` over what the plain ones would sample."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    env = dist_env()
+    if not env.active:
+        return {"batch_size": batch_size, "shuffle": shuffle, "generator": generator, "drop_last": drop_last}
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return {
+        "batch_sampler": DistributedBatchSampler(sampler, batch_size, drop_last, env.rank, env.world_size),
+        "generator": generator,
+    }
+
+
+def rank_part(index: Any) -> Any:
+    """This rank's slice of one global batch of row indices (a tensor); the whole batch for one process."""
+    import torch
+
+    env = dist_env()
+    if not env.active:
+        return index
+    return torch.tensor_split(index, env.world_size)[env.rank]
+
+
+def all_reduce_sums(*values: float) -> tuple[float, ...]:
+    """Sums of ``values`` over all ranks (float64); unchanged for a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tuple(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return tuple(float(v) for v in t.tolist())
+
+
+def _pair(trunk: Any, head: Any) -> Any:
+    from torch import nn
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = trunk
+            self.head = head
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.trunk(x))
+
+    return Pair()
+
+
+class TrainForward:
+    """The training forward pass: ``forward`` itself for one process; under torchrun the same computation
+    (``head(trunk(x))``) through ``DistributedDataParallel``, rebuilt whenever the set of trainable
+    parameters changes (a stage unfrozen), since DDP fixes that set when it is built."""
+
+    def __init__(self, forward: Callable[[Any], Any], trunk: Any, head: Any, device: Any, batch_size: int) -> None:
+        self.env = dist_env()
+        self.forward = forward
+        self.device = device
+        self._module = _pair(trunk, head) if self.env.active else None
+        self._ddp: Any = None
+        self._key: tuple[bool, ...] | None = None
+        if self.env.active and batch_size % self.env.world_size:
+            raise UsageError(
+                f"--batch-size {batch_size} is the global batch and must be a multiple of the "
+                f"{self.env.world_size} processes",
+                f"use e.g. --batch-size {batch_size - batch_size % self.env.world_size or self.env.world_size}",
+            )
+
+    def __call__(self, x: Any) -> Any:
+        if self._module is None:
+            return self.forward(x)
+        key = tuple(p.requires_grad for p in self._module.parameters())
+        if key != self._key:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = None  # the old wrapper's hooks go with it
+            ids = None
+            if self.device.type == "cuda":
+                import torch
+
+                ids = [torch.cuda.current_device()]  # init() made LOCAL_RANK's GPU the current one
+            self._ddp = DistributedDataParallel(self._module, device_ids=ids)
+            self._key = key
+        return self._ddp(x)
+
+    def loss_weight(self, n_local: int) -> float:
+        """Factor on this rank's mean loss so that DDP's gradient average is the global batch mean:
+        ``world_size * n_local / n_global`` (1.0 for one process)."""
+        if self._module is None:
+            return 1.0
+        (total,) = all_reduce_sums(float(n_local))
+        return self.env.world_size * n_local / max(total, 1.0)
+
+
+def convert_sync_batchnorm(policy: Any, net: Any, device: Any) -> int:
+    """Turn the BatchNorm layers of the parts ``policy`` trains into SyncBatchNorm (frozen parts keep plain
+    BatchNorm in eval mode). Returns how many were converted. CUDA under torchrun only."""
+    env = dist_env()
+    if not env.active:
+        get_reporter().warn("--sync-bn does nothing in a single process (it syncs BatchNorm across torchrun ranks)")
+        return 0
+    if device.type != "cuda":
+        raise UsageError(
+            "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation",
+            "drop --sync-bn on CPUs (each rank then normalises with its own slice of the batch)",
+        )
+    from torch import nn
+
+    try:
+        from timm.layers import convert_sync_batchnorm as convert  # keeps timm's BatchNormAct2d activation
+    except ImportError:  # pragma: no cover - older timm
+        convert = nn.SyncBatchNorm.convert_sync_batchnorm
+    parents = {id(m): (parent, name) for parent in net.modules() for name, m in parent.named_children()}
+    count = 0
+    for plan in policy.trained:
+        for i, m in enumerate(plan.modules):
+            before = sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+            new = convert(m)
+            count += before
+            if new is not m:  # a BatchNorm listed directly (e.g. the stem's bn1): swap it everywhere
+                plan.modules[i] = new
+                if id(m) in parents:
+                    parent, name = parents[id(m)]
+                    setattr(parent, name, new)
+    return count

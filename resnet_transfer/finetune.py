@@ -811,6 +811,10 @@ def finetune(
         cfg = FinetuneConfig.from_json(ckpt["config"])
         cfg.out = Path(resume)
         rep.info(f"resuming {cfg.out} after epoch {ckpt['epoch']} of {cfg.epochs}")
+    else:  # inputs are recorded absolute, so `--resume` works from any directory
+        for key in ("head", "data", "cache", "val"):
+            if getattr(cfg, key) is not None:
+                setattr(cfg, key, Path(getattr(cfg, key)).expanduser().resolve())
     out = Path(cfg.out)
     ck_dir = out / CHECKPOINT_DIR
     if ckpt is None:

@@ -3,7 +3,10 @@
 Runs the ``rt`` CLI like ``-m resnet_transfer`` does, with two test-only hooks set by environment variables:
 ``RT_TEST_PART_LOG`` (append ``"<rank> <rows>"`` for every chunk a rank commits, to see what was recomputed)
 and ``RT_TEST_KILL_RANK`` / ``RT_TEST_KILL_AT_PART`` (that rank SIGKILLs itself instead of committing its
-n-th chunk: a hard crash in the middle of a shard).
+n-th chunk: a hard crash in the middle of a shard). For finetune: ``RT_TEST_BN_EVAL=1`` keeps every BatchNorm
+in eval mode (per-rank batch statistics are the one thing that legitimately differs between a 2-process and a
+1-process run on CPUs, where SyncBatchNorm does not exist), and ``RT_TEST_KILL_AFTER_EPOCH=k`` SIGKILLs rank 0
+right after it saved the checkpoint of epoch ``k``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,33 @@ def _install_hooks() -> None:
         return real(self, paths, *args, **kwargs)
 
     CacheWriter.write_part = write_part  # type: ignore[method-assign]
+
+    from resnet_transfer import finetune
+
+    if os.environ.get("RT_TEST_BN_EVAL") == "1":
+        from torch import nn
+
+        real_mode = finetune.FreezePolicy.train_mode
+
+        def train_mode(self: Any, epoch: int) -> None:
+            real_mode(self, epoch)
+            for plan in self.plans:
+                for m in plan.modules:
+                    for bn in m.modules():
+                        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                            bn.eval()
+
+        finetune.FreezePolicy.train_mode = train_mode  # type: ignore[method-assign]
+    kill_epoch = int(os.environ.get("RT_TEST_KILL_AFTER_EPOCH", "0"))
+    if kill_epoch:
+        real_save = finetune._atomic_torch_save
+
+        def save(obj: Any, path: Path) -> None:
+            real_save(obj, path)
+            if path.name == finetune.LAST_CKPT and obj.get("epoch") == kill_epoch and rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        finetune._atomic_torch_save = save
 
 
 if __name__ == "__main__":

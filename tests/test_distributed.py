@@ -221,3 +221,86 @@ def test_incremental_sharded_extract_keeps_single_process_order(tmp_path: Path) 
     np.testing.assert_array_equal(FeatureCache(tmp_path / "keep.h5").features(), two.features(range(9)))
     r = torchrun(2, "extract", "--out", out, *args)
     assert r.returncode == 0 and "nothing to compute" in r.stderr + r.stdout
+
+
+# ------------------------------------------------------------------------------------------- finetune
+
+
+def test_batch_sampler_slices_the_single_process_batches() -> None:
+    import torch
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from resnet_transfer.distributed import DistributedBatchSampler
+
+    data = list(range(11))
+    for drop_last in (True, False):
+        g1 = torch.Generator().manual_seed(3)
+        single = list(BatchSampler(RandomSampler(data, generator=g1), 4, drop_last))
+        parts = []
+        for rank in range(2):
+            g = torch.Generator().manual_seed(3)
+            parts.append(list(DistributedBatchSampler(RandomSampler(data, generator=g), 4, drop_last, rank, 2)))
+            assert torch.equal(g.get_state(), g1.get_state())  # the same random draws: resumable at any size
+        assert [a + b for a, b in zip(*parts)] == single
+
+
+def test_sync_bn_is_refused_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from resnet_transfer.distributed import convert_sync_batchnorm
+    from resnet_transfer.errors import UsageError
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="needs CUDA"):
+        convert_sync_batchnorm(None, None, torch.device("cpu"))
+
+
+def run_single(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "RT_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        full_env.pop(k, None)
+    cmd = [sys.executable, str(WORKER), *[str(a) for a in args]]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+    import json
+
+    from safetensors.numpy import load_file
+
+    ha = json.loads((a / "report.json").read_text())["history"]
+    hb = json.loads((b / "report.json").read_text())["history"]
+    assert len(ha) == len(hb)
+    for ra, rb in zip(ha, hb):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert ra[key] == pytest.approx(rb[key], abs=tol), (key, ra["epoch"])
+        assert ra["lr"] == pytest.approx(rb["lr"]) and ra["trainable"] == rb["trainable"]
+    for name in ("head.safetensors", "backbone.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            np.testing.assert_allclose(wa[k], wb[k], rtol=tol, atol=tol, err_msg=f"{name}:{k}")
+
+
+@pytest.mark.slow
+def test_two_process_finetune_equals_one_process_and_resumes_with_one(image_folder: Path, tmp_path: Path) -> None:
+    """Cached layer3 maps (no augmentation), layer4 unfrozen at epoch 1 (so DDP is rebuilt), global batch 4.
+    BatchNorm is kept in eval mode in both runs: per-rank batch statistics are the one legitimate
+    difference on CPUs (no SyncBatchNorm there); everything else must agree."""
+    cache = tmp_path / "l3.h5"
+    reference(image_folder, cache, cut=["layer3"]).close()
+    args = ["finetune", "--cache", cache, "--unfreeze", "layer4", "--schedule", "progressive", "--unfreeze-at", "1"]
+    args += ["--epochs", "3", "--batch-size", "4", "--precision", "fp32", "--patience", "0", "--seed", "1"]
+    env = {"RT_TEST_BN_EVAL": "1", "OMP_NUM_THREADS": "1"}
+    r = run_single(*args, "--out", tmp_path / "one", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = torchrun(2, *args, "--out", tmp_path / "two", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    # killed after epoch 1 with 2 processes, resumed with 1: the same run
+    r = torchrun(2, *args, "--out", tmp_path / "cut", env={**env, "RT_TEST_KILL_AFTER_EPOCH": "1"})
+    assert r.returncode != 0 and not (tmp_path / "cut" / "meta.json").exists()
+    r = run_single("finetune", "--resume", tmp_path / "cut", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "cut")

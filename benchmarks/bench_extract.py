@@ -24,6 +24,7 @@ for bf16 to be the default) and of JPEG draft-mode decoding vs a full decode on 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     env = {"OMP_WAIT_POLICY": ""} if not kw.get("tune") else {}
                     res = run_child(code, {**common, **kw, "model": model, "out": out}, env=env)
                     samples[side].append(res["images"] / res["seconds"])
+                    print(f"  [{model} run {r + 1}/{repeats}] {side}: {samples[side][-1]:.1f} img/s", file=sys.stderr)
                     if side == "ours":
                         extra["ours_loop_img_s"].append(res["loop_images_per_s"])
                     if side == "ceiling":

@@ -176,20 +176,6 @@ def agree(fn: Callable[[], T]) -> list[T]:
     return [value for _, value in gathered]
 
 
-@contextlib.contextmanager
-def local_main_first() -> Iterator[None]:
-    """Local rank 0 of each node runs the block first (e.g. downloading weights into the hub cache), then
-    the other ranks of the job; a plain process just runs it."""
-    env = dist_env()
-    if env.local_rank != 0:
-        barrier()
-    try:
-        yield
-    finally:
-        if env.local_rank == 0:
-            barrier()
-
-
 class RankReporter(Reporter):
     """The reporter of ranks other than 0: silent, except warnings, which go to ``inner`` prefixed with
     the rank (so N ranks do not print N progress bars)."""

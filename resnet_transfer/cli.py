@@ -536,6 +536,10 @@ def finetune(
         Path | None, typer.Option("--resume", help="Continue an interrupted run in this --out directory.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds a run.")] = False,
+    sync_bn: Annotated[
+        bool,
+        typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
+    ] = False,
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 
@@ -597,6 +601,7 @@ def finetune(
         precision=precision,
         workers=workers,
         overwrite=overwrite,
+        sync_bn=sync_bn,
     )
     _call(run_finetune, cfg)
 

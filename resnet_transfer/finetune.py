@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .distributed import all_reduce_sums, is_main, loader_args, rank_part
 from .errors import DataError, IdentityMismatch, RtError, UsageError
 from .report import get_reporter
 
@@ -90,6 +91,7 @@ class FinetuneConfig:
     precision: str = "auto"
     workers: int | None = None
     overwrite: bool = False
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -416,12 +418,9 @@ class _ImageFeed:
 
         return torch.utils.data.DataLoader(
             ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            **loader_args(ds, self.batch_size, shuffle, generator, drop_last),  # torchrun: this rank's slices
             num_workers=self.workers,
             collate_fn=collate,
-            drop_last=drop_last,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -508,7 +507,7 @@ class _MapFeed:
 
         perm = torch.randperm(self.n_train, generator=generator)
         for b in range(self.steps_per_epoch()):
-            yield self.train.get(perm[b * self.batch_size : (b + 1) * self.batch_size])
+            yield self.train.get(rank_part(perm[b * self.batch_size : (b + 1) * self.batch_size]))
 
     def val_batches(self) -> Any:
         import torch
@@ -516,7 +515,7 @@ class _MapFeed:
         if self.val is None:
             return
         for lo in range(0, len(self.val), self.batch_size):
-            yield self.val.get(torch.arange(lo, min(lo + self.batch_size, len(self.val))))
+            yield self.val.get(rank_part(torch.arange(lo, min(lo + self.batch_size, len(self.val)))))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -525,6 +524,8 @@ class _MapFeed:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
+    if not is_main():  # under torchrun only rank 0 writes checkpoints
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -799,8 +800,10 @@ def finetune(
     checkpoint is written (a hook for callers; raising KeyboardInterrupt there stops the run resumably)."""
     import torch
 
+    from . import distributed
     from .runtime import autocast, resolve_device, resolve_precision
 
+    distributed.setup_training(cfg.device)  # torchrun: join the group; ranks > 0 report warnings only
     rep = get_reporter()
     ckpt = None
     if resume is not None:
@@ -815,7 +818,7 @@ def finetune(
     out = Path(cfg.out)
     ck_dir = out / CHECKPOINT_DIR
     if ckpt is None:
-        _check_out(out, cfg.overwrite)
+        distributed.on_main(lambda: _check_out(out, cfg.overwrite))
     for name, v, lo in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
         if v < lo:
             raise UsageError(f"{name} {v} must be at least {lo}")
@@ -848,6 +851,9 @@ def finetune(
         torch.backends.cudnn.benchmark = True
     model = Classifier(net, head, rest)
     forward = model.maps if s.cut else model.images
+    if cfg.sync_bn:
+        distributed.convert_sync_batchnorm(policy, net, device)
+    train_forward = distributed.TrainForward(forward, rest if s.cut else net, head, device, cfg.batch_size)
 
     policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
     groups = policy.param_groups(cfg.weight_decay)
@@ -899,10 +905,10 @@ def finetune(
                 y = y.to(device, non_blocking=True)
                 x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, precision):
-                    logits = forward(x)
+                    logits = train_forward(x)
                 loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss * train_forward.loss_weight(len(y))).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -910,6 +916,7 @@ def finetune(
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
                 bar.advance(1)
+        total_loss, correct, seen = distributed.all_reduce_sums(total_loss, correct, seen)
         train_seconds = time.perf_counter() - t0
         val_loss, val_acc = _validate(forward, policy, s.feed, device, precision)
         row: dict[str, Any] = {
@@ -961,10 +968,14 @@ def finetune(
                 f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {state['best_epoch'] + 1}"
             )
 
-    if s.feed.n_val and (ck_dir / BEST_CKPT).exists():
-        model.load(load_checkpoint_file(ck_dir / BEST_CKPT)["model"])
     seconds = seconds_before + time.perf_counter() - t_start
-    return _write_outputs(cfg, s, model, policy, target, auto_reason, state, seconds, precision, device)
+
+    def finish() -> FinetuneResult:  # rank 0 only under torchrun; the others get its result
+        if s.feed.n_val and (ck_dir / BEST_CKPT).exists():
+            model.load(load_checkpoint_file(ck_dir / BEST_CKPT)["model"])
+        return _write_outputs(cfg, s, model, policy, target, auto_reason, state, seconds, precision, device)
+
+    return distributed.on_main(finish)
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -1013,6 +1024,7 @@ def _validate(
             total += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
+    total, correct, n = all_reduce_sums(total, correct, n)  # torchrun: each rank validated a slice
     return total / max(1, n), correct / max(1, n)
 
 

@@ -79,7 +79,7 @@ SOLVERS = ("lbfgs", "adamw", "sklearn")
 # L2 strengths tried on the validation split (per-sample mean loss, standardised features), strong -> weak
 DEFAULT_L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 DEFAULT_L2 = 1e-3  # used when there is no validation data to choose with
-SELECT_ROWS = 2048  # L2 is selected on at most this many training rows, then fitted on all of them
+SELECT_ROWS = 4096  # L2 is selected on at most this many training rows, then fitted on all of them
 # L-BFGS iteration budgets: generous where an evaluation is cheap (rows x features below LARGE), short
 # (warm-started) above it, where each evaluation is two passes over a large matrix
 LARGE = 10_000_000
@@ -429,6 +429,7 @@ class SoftmaxHead:
         """Walk ``l2_grid`` strong -> weak with warm starts on (a stratified subsample of at most
         ``SELECT_ROWS`` of) the training ``rows``; keep the strength with the best validation accuracy
         (ties: lower validation loss). Stops after two grid points in a row worse than the best."""
+        rows_all = rows  # the budget follows the whole problem's size, not the subsample's
         if len(rows) > SELECT_ROWS:
             sub, _ = stratified_split(y[rows], 1.0 - SELECT_ROWS / len(rows), self.seed)
             rows = rows[sub]
@@ -438,7 +439,7 @@ class SoftmaxHead:
         best_l2, best_state, worse = float(self.l2_grid[0]), None, 0
         solver = self._make_solver(Xs, ys, ws)
         for l2 in sorted(self.l2_grid, reverse=True):
-            iters = solver.run(float(l2), self._iters(Xs, path=True))
+            iters = solver.run(float(l2), self._iters(len(rows_all) * X.shape[1], path=True))
             with torch.no_grad():
                 logits = torch.from_numpy(predict_logits(self.module_, Xv))
                 acc = float((logits.argmax(1).numpy() == yv).mean())
@@ -460,12 +461,13 @@ class SoftmaxHead:
         )
         return best_l2
 
-    def _iters(self, X: np.ndarray, path: bool) -> int:
-        """The L-BFGS iteration budget: ``path_iter`` / ``max_iter`` when set, else by problem size."""
+    def _iters(self, values: int, path: bool) -> int:
+        """The L-BFGS iteration budget: ``path_iter`` / ``max_iter`` when set, else by the size (rows x
+        features) of the training problem."""
         given = self.path_iter if path else self.max_iter
         if given is not None:
             return int(given)
-        large = X.size >= LARGE
+        large = values >= LARGE
         if path:
             return PATH_ITER_LARGE if large else PATH_ITER_SMALL
         return ITER_LARGE if large else ITER_SMALL
@@ -489,7 +491,7 @@ class SoftmaxHead:
         return X.size >= 4_000_000 and cpu_supports_bf16()
 
     def _fit_full(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float) -> None:
-        iters = self._make_solver(X, y, w).run(l2, self._iters(X, path=False))
+        iters = self._make_solver(X, y, w).run(l2, self._iters(X.size, path=False))
         self.n_iter_ = iters
         self.path_.append({"l2": l2, "final_fit_rows": len(X), "iterations": iters})
 

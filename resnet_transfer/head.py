@@ -352,12 +352,12 @@ class SoftmaxHead:
         all_rows = refit_all or len(train_rows) == len(X)
         Xt = X if all_rows else X[train_rows]  # the only copy of the training rows, and only without refit
         self.n_features_in_ = X.shape[1]
+        torch.manual_seed(self.seed)  # before the module: its init is part of the result
         self.module_ = HeadModule(X.shape[1], len(self.classes_), int(self.hidden), float(self.dropout))
         _set_standardisation(self.module_, Xt)
         val = (X_val, yv) if X_val is not None else None
         self.path_: list[dict[str, Any]] = []
         self.history_: list[dict[str, Any]] = []
-        torch.manual_seed(self.seed)
         if self.solver == "adamw":
             self._fit_adamw(_ArraySource(X, yi, w_all, self.batch_size, train_rows), val)
             self.l2_ = float(self.l2 if self.l2 is not None else 1e-4)
@@ -412,10 +412,10 @@ class SoftmaxHead:
             X_val = _check_features(X_val, "X_val", dim)
             val = (X_val, self._encode(_check_labels(y_val, "y_val", len(X_val)), "y_val"))
         self.n_features_in_ = dim
+        torch.manual_seed(self.seed)  # before the module: its init is part of the result
         self.module_ = HeadModule(dim, k, int(self.hidden), float(self.dropout))
         _set_standardisation(self.module_, None, mean, std)
         self.path_, self.history_ = [], []
-        torch.manual_seed(self.seed)
         self._fit_adamw(_ChunkSource(chunks, self, per_class, self.batch_size), val)
         self.l2_ = float(self.l2 if self.l2 is not None else 1e-4)
         self.val_score_ = float(self.score_indices(*val)) if val is not None else None

@@ -256,3 +256,16 @@ def test_head_module_contract_unchanged() -> None:
     assert list(dict(m.named_buffers())) == ["mean", "scale"]
     assert m.config == {"type": "mlp", "in_features": 8, "num_classes": 3, "hidden": 4, "dropout": 0.1}
     assert build_head_module(m.config).config == m.config
+
+
+def test_fit_is_deterministic_whatever_the_global_rng_state() -> None:
+    """Same data and seed -> bit-identical heads, even when other code consumed random numbers before."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 16)).astype(np.float32)
+    y = np.arange(60) % 3
+    for solver in ("lbfgs", "adamw"):
+        torch.manual_seed(123)
+        a = SoftmaxHead(solver=solver).fit(X, y).predict_proba(X)
+        torch.rand(1000)  # disturb the global generator
+        b = SoftmaxHead(solver=solver).fit(X, y).predict_proba(X)
+        np.testing.assert_array_equal(a, b)

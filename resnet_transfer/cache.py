@@ -144,9 +144,18 @@ class FeatureCache:
         """Pooled features as float32: all rows, or the given ones (in the given order)."""
         ds = self._file()["features"]
         if rows is None:
-            out = np.empty(ds.shape, dtype=ds.dtype)
-            ds.read_direct(out)
-            return out.astype(np.float32, copy=False)
+            out = np.empty(ds.shape, dtype=np.float32)
+            if ds.dtype == np.float32:
+                ds.read_direct(out)
+                return out
+            # whole chunks into one reused buffer, converted block by block: no second full-size copy
+            step = FEATURE_CHUNK_ROWS * 4
+            buf = np.empty((min(step, ds.shape[0]), ds.shape[1]), dtype=ds.dtype)
+            for lo in range(0, ds.shape[0], step):
+                hi = min(ds.shape[0], lo + step)
+                ds.read_direct(buf, np.s_[lo:hi], np.s_[0 : hi - lo])
+                out[lo:hi] = buf[: hi - lo]
+            return out
         return self._take(ds, rows).astype(np.float32, copy=False)
 
     def stage(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:

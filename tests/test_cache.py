@@ -195,3 +195,15 @@ def write_subset(
             stage = {"layer3": maps[sel]} if maps is not None else {}
             w.write_part([paths[i] for i in sel], [labels[i] for i in sel], feats[sel], stage)
         w.finalize()
+
+
+def test_full_read_of_float16_spanning_several_blocks(tmp_path: Path) -> None:
+    """features() converts float16 block by block; rows across block boundaries come back exactly."""
+    n = 9000  # > 2 read blocks of 4096 rows
+    paths, labels, feats, _ = rows(n)
+    with CacheWriter(tmp_path / "big.h5", identity(), ["a", "b", "c"]) as w:
+        w.write_part(paths, labels, feats)
+        w.finalize()
+    got = FeatureCache(tmp_path / "big.h5").features()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, feats.astype(np.float16).astype(np.float32))

@@ -595,14 +595,20 @@ def predict_logits(module: HeadModule, X: np.ndarray, batch: int = 65536) -> np.
 def _set_standardisation(
     module: HeadModule, X: np.ndarray | None, mean: np.ndarray | None = None, std: np.ndarray | None = None
 ) -> None:
-    """mean/scale buffers from the training rows; constant features get scale 0 (they carry nothing)."""
+    """mean/scale buffers from the training rows; constant features get scale 0 (they carry nothing).
+
+    Stds are floored at a tenth of the median std: a nearly dead channel (common in random or partly
+    trained backbones) would otherwise get a scale in the thousands, and once finetuning moves the features,
+    the logits explode. The floor only tempers those outliers; typical features are standardised as usual."""
     if X is not None:  # numpy's row-wise accumulation is ~50x faster here than torch's column reductions
         mean = X.sum(0).astype(np.float64) / len(X)
         sq = np.einsum("ij,ij->j", X, X).astype(np.float64) / len(X)
         std = np.sqrt(np.maximum(sq - mean**2, 0.0))
     assert mean is not None and std is not None
     tiny = 1e-6 * max(float(std.max()), 1e-12)
-    scale = np.where(std > tiny, 1.0 / np.maximum(std, tiny), 0.0)
+    live = std[std > tiny]
+    floor = 0.1 * float(np.median(live)) if live.size else tiny
+    scale = np.where(std > tiny, 1.0 / np.maximum(std, floor), 0.0)
     module.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
     module.scale.copy_(torch.from_numpy(scale.astype(np.float32)))
 

@@ -269,3 +269,16 @@ def test_fit_is_deterministic_whatever_the_global_rng_state() -> None:
         torch.rand(1000)  # disturb the global generator
         b = SoftmaxHead(solver=solver).fit(X, y).predict_proba(X)
         np.testing.assert_array_equal(a, b)
+
+
+def test_nearly_constant_features_are_not_blown_up() -> None:
+    """A nearly dead channel must not get a scale thousands of times the others' (finetuning would then
+    move the logits wildly); a truly constant one gets 0."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(1.0, 1.0, size=(200, 8)).astype(np.float32)
+    X[:, 0] = 0.5 + rng.normal(0, 1e-4, size=200)  # nearly dead
+    X[:, 1] = 2.0  # constant
+    y = np.arange(200) % 2
+    scale = SoftmaxHead().fit(X, y).module_.scale.numpy()
+    assert scale[1] == 0.0
+    assert scale[0] <= 10.5 * float(np.median(scale[2:]))

@@ -204,6 +204,25 @@ class FeatureCache:
                 data, labels = data[perm], labels[perm]
             yield data, labels
 
+    def labelled_as(self, classes: Sequence[str], option: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled rows and their labels as indices into ``classes`` (another model's class order).
+        A labelled row of a class not in ``classes``, or no labelled row at all, is a :class:`DataError`
+        naming ``option`` (e.g. ``--val x.h5``) with ``hint``."""
+        from .errors import DataError
+
+        index = {c: i for i, c in enumerate(classes)}
+        rows = self.labelled
+        names = [self.classes[j] for j in self.labels[rows]]
+        unknown = sorted({n for n in names if n not in index})
+        if unknown:
+            raise DataError(
+                f"{option}: class(es) {', '.join(unknown)} are not among {', '.join(classes)}",
+                hint,
+            )
+        if not len(rows):
+            raise DataError(f"{option}: no labelled rows", hint)
+        return rows, np.asarray([index[n] for n in names], dtype=np.int64)
+
     def check_identity(self, identity: BackboneIdentity, what: str = "the model") -> None:
         diffs = self.identity.differences(identity)
         if diffs:

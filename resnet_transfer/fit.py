@@ -128,18 +128,12 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             vcache = FeatureCache(cfg.val)
             with vcache:
                 vcache.check_identity(cache.identity, f"the training cache {cache.path}")
-                unknown = [c for c in vcache.classes if c not in classes]
-                vrows = vcache.labelled
-                vlab_names = [vcache.classes[j] for j in vcache.labels[vrows]]
-                if any(n in unknown for n in vlab_names):
-                    raise DataError(
-                        f"--val {cfg.val}: class(es) {', '.join(unknown)} are not in {cache.path} ({', '.join(classes)})",
-                        "use a validation cache extracted with the same class folders",
-                    )
-                if not len(vrows):
-                    raise DataError(f"--val {cfg.val}: no labelled rows", "extract it from a folder of class folders")
+                vrows, y_val = vcache.labelled_as(
+                    classes,
+                    f"--val {cfg.val} (classes of {cache.path})",
+                    "use a validation cache extracted from a folder with the same class folders",
+                )
                 X_val = vcache.features(vrows)
-                y_val = np.asarray([classes.index(n) for n in vlab_names], dtype=np.int64)
             train_rows = labelled
             val_desc = str(cfg.val)
         else:

@@ -259,19 +259,11 @@ def evaluate(
         classes = list(md.classes)
         with FeatureCache(cache) as fc:
             fc.check_identity(md.identity, f"the head in {md.path}")
-            unknown = [c for c in fc.classes if c not in classes]
-            rows = fc.labelled
-            names = [fc.classes[j] for j in fc.labels[rows]]
-            if any(n in unknown for n in names):
-                raise DataError(
-                    f"--cache {cache}: class(es) {', '.join(unknown)} are not classes of the head ({', '.join(classes)})",
-                    "evaluate on a cache with the head's classes",
-                )
-            if not len(rows):
-                raise DataError(f"--cache {cache}: no labelled rows", "evaluate needs labelled images")
+            rows, y = fc.labelled_as(
+                classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
+            )
             X = fc.features(rows)
             source = str(fc.path)
-        y = np.asarray([classes.index(n) for n in names], dtype=np.int64)
         head = build_head_module(md.head_config)
         head.load_state_dict(md.load_tensors(HEAD_FILE))
         pred = predict_logits(head, X).argmax(1)

@@ -207,3 +207,14 @@ def test_full_read_of_float16_spanning_several_blocks(tmp_path: Path) -> None:
     got = FeatureCache(tmp_path / "big.h5").features()
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, feats.astype(np.float16).astype(np.float32))
+
+
+def test_labelled_as_maps_into_another_class_order(tmp_path: Path) -> None:
+    from resnet_transfer.errors import DataError
+
+    write(tmp_path / "c.h5", 6, 6, stages=False)  # classes a, b, c; labels 0,1,2,0,1,2
+    c = FeatureCache(tmp_path / "c.h5")
+    rows, y = c.labelled_as(["c", "b", "a", "z"], "--val c.h5", "hint")
+    assert rows.tolist() == list(range(6)) and y.tolist() == [2, 1, 0, 2, 1, 0]
+    with pytest.raises(DataError, match=r"--val c\.h5: class\(es\) c are not among a, b"):
+        c.labelled_as(["a", "b"], "--val c.h5", "hint")

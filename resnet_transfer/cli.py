@@ -518,6 +518,9 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.1,
     color_jitter: Annotated[float, typer.Option("--color-jitter", help="Colour jitter strength (0: off).")] = 0.0,
     crop_scale: Annotated[float, typer.Option("--crop-scale", help="Random-resized-crop minimum area.")] = 0.35,
+    hflip: Annotated[
+        bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips (off for digits, text).")
+    ] = True,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Stratified validation share.")] = 0.2,
     monitor: Annotated[str, typer.Option("--monitor", help="val_loss | val_acc: picks the best epoch.")] = "val_loss",
     patience: Annotated[
@@ -591,6 +594,7 @@ def finetune(
         label_smoothing=label_smoothing,
         color_jitter=color_jitter,
         crop_scale=crop_scale,
+        hflip=hflip,
         val_fraction=val_fraction,
         monitor=monitor,
         patience=patience,

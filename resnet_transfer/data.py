@@ -322,14 +322,18 @@ def normalize_batch(x: Any, cfg: TransformConfig, memory_format: Any = None) -> 
     return out.sub_(mean).div_(std)
 
 
-def train_transform(cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08) -> Any:
-    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter)."""
+def train_transform(
+    cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08, hflip: bool = True
+) -> Any:
+    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter; ``hflip=False``
+    for images whose mirror image is another thing, e.g. text and digits)."""
     from torchvision import transforms as T
 
     steps: list[Any] = [
         T.RandomResizedCrop(cfg.input_size, scale=(scale_min, 1.0), interpolation=_interpolation(cfg.interpolation)),
-        T.RandomHorizontalFlip(),
     ]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]

@@ -81,6 +81,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     color_jitter: float = 0.0
     crop_scale: float = 0.35  # RandomResizedCrop minimum area fraction
+    hflip: bool = True  # random horizontal flips (off for digits, text: their mirror image is another thing)
     val_fraction: float = 0.2
     monitor: str = "val_loss"  # val_loss | val_acc
     patience: int = 3  # epochs without improvement before stopping (0: never stop early)
@@ -394,7 +395,9 @@ class _ImageFeed:
         self.workers = default_workers(device) if cfg.workers is None else cfg.workers
         self.batch_size = cfg.batch_size
         self.device = device
-        self.train_ds = ImageDataset(self.train_list, train_transform(tcfg, cfg.color_jitter, cfg.crop_scale))
+        self.train_ds = ImageDataset(
+            self.train_list, train_transform(tcfg, cfg.color_jitter, cfg.crop_scale, cfg.hflip)
+        )
         self.val_ds = ImageDataset(val_images, make_eval(tcfg)) if val_images is not None and len(val_images) else None
         self.drop_last = len(self.train_list) > cfg.batch_size
         self.skipped: set[str] = set()

@@ -92,3 +92,20 @@ def test_recipe_shows_transfer_at_k10(tmp_path: Path) -> None:
     assert src > rnd + 0.1, (src, rnd, scratch)
     assert src > scratch + 0.1, (src, rnd, scratch)
     assert (run / "results.md").exists() and (run / "accuracy_vs_k.png").exists()
+
+
+def test_finetune_no_hflip_drops_the_flip() -> None:
+    """Digits need `rt finetune --no-hflip`: a mirrored 2 looks like a 5."""
+    from torchvision import transforms as T
+
+    from resnet_transfer.backbones import TransformConfig
+    from resnet_transfer.data import train_transform
+    from resnet_transfer.finetune import FinetuneConfig
+
+    def has_flip(t: T.Compose) -> bool:
+        return any(isinstance(s, T.RandomHorizontalFlip) for s in t.transforms)
+
+    cfg = TransformConfig(input_size=32, resize_size=37)
+    assert has_flip(train_transform(cfg)) and not has_flip(train_transform(cfg, hflip=False))
+    assert FinetuneConfig(out=Path("x")).hflip is True
+    assert FinetuneConfig.from_json(FinetuneConfig(out=Path("x"), hflip=False).to_json()).hflip is False

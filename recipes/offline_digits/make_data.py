@@ -61,7 +61,7 @@ class DigitsConfig:
     """What make_data draws. Defaults are the recipe's settings (see the README for how they were chosen)."""
 
     out: Path = Path("runs/offline_digits/data")
-    size: int = 48
+    size: int = 32
     seed: int = 0
     source_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     target_classes: tuple[int, ...] = (7, 8, 9)

@@ -1,6 +1,6 @@
 """The offline_digits recipe: its data builder (fast) and, on a small version, the transfer claims (slow).
 
-The slow test runs the real recipe script (rt commands only) with fewer source images and epochs, and checks
+The slow test runs the real recipe script (rt commands only) for k = 10 and the probes + from scratch only, and checks
 what the recipe is for: at k = 10 images per class, a linear probe on source-pretrained features beats a
 linear probe on random-init features and training from scratch.
 """

@@ -102,7 +102,7 @@ if [[ " $METHODS " == *" scratch "* ]]; then
         e=$(epochs_for "$k")
         step "from scratch, $k ($e epochs)" \
             "$RT" finetune --data "$DATA/target/train_$k" --model resnet18 --weights none --unfreeze all \
-            --image-size "$SIZE" --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --out "$MODELS/scratch/$k" --overwrite
+            --image-size "$SIZE" --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --color-jitter 0.4 --out "$MODELS/scratch/$k" --overwrite
         step "from scratch, $k: evaluate" \
             "$RT" evaluate "$MODELS/scratch/$k" --data "$DATA/target/test" --out "$EVAL/scratch/$k"
         echo "        test accuracy $(acc_of "$EVAL/scratch/$k/report.json")"
@@ -116,7 +116,7 @@ if [[ " $METHODS " == *" finetune "* ]]; then
             # starts from the source-feature probe of the same k (rt fit-head's head directory)
             step "finetune $depth from the source model, $k ($e epochs)" \
                 "$RT" finetune "$MODELS/probe_source/$k" --data "$DATA/target/train_$k" --unfreeze "$depth" \
-                --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --out "$MODELS/finetune_$depth/$k" --overwrite
+                --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --color-jitter 0.4 --out "$MODELS/finetune_$depth/$k" --overwrite
             step "finetune $depth, $k: evaluate" \
                 "$RT" evaluate "$MODELS/finetune_$depth/$k" --data "$DATA/target/test" --out "$EVAL/finetune_$depth/$k"
             echo "        test accuracy $(acc_of "$EVAL/finetune_$depth/$k/report.json")"

@@ -87,3 +87,42 @@ def test_repeated_random_kills(tmp_path: Path) -> None:
         proc.wait()
         _assert_consistent(out)
     _finish_and_compare(data, out, ref)
+
+
+@pytest.mark.slow
+def test_finetune_repeated_random_kills(tmp_path: Path) -> None:
+    """kill -9 `rt finetune` at random moments: every checkpoint left behind loads (weights only), each
+    next run resumes from it, and the final model equals an uninterrupted run's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from resnet_transfer.finetune import load_checkpoint
+
+    data = make_image_folder(tmp_path / "data", per_class=10, seed=7)
+    args = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--unfreeze", "all"]
+    args += ["--epochs", "4", "--batch-size", "8", "--data", str(data)]
+    ft = [sys.executable, "-m", "resnet_transfer", "-q", "finetune"]
+    t0 = time.monotonic()
+    subprocess.run([*ft, *args, "--out", str(tmp_path / "ref")], check=True, env=_env(), timeout=900)
+    full = time.monotonic() - t0
+    out = tmp_path / "cut"
+    rng = random.Random(1)
+    kills = 0
+    for _ in range(10):
+        if (out / "meta.json").exists():
+            break  # finished between two kills
+        resume = (out / "checkpoints" / "last.pt").exists()
+        cmd = [*ft, "--resume", str(out)] if resume else [*ft, *args, "--out", str(out)]
+        proc = subprocess.Popen(cmd, env=_env())
+        time.sleep(rng.uniform(0.3 * full, 0.6 * full))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (out / "checkpoints" / "last.pt").exists():
+            assert load_checkpoint(out)["epoch"] >= 1
+    assert kills >= 2
+    if not (out / "meta.json").exists():
+        subprocess.run([*ft, "--resume", str(out)], check=True, env=_env(), timeout=900)
+    for name in ("backbone.safetensors", "head.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(out / name))
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), name

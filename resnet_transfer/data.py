@@ -129,16 +129,12 @@ def _from_folder(root: Path, classes: Sequence[str] | None) -> ImageList:
         per_class[d] = files
     if loose:
         notes.append(f"{len(loose)} images directly in {root} (not in a class folder) are unlabelled")
-    if classes is None:
-        class_names = sorted(per_class)
-    else:
-        class_names = list(classes)
-        unknown = sorted(set(per_class) - set(class_names))
-        if unknown:
-            raise DataError(
-                f"{root}: class folder(s) {', '.join(unknown)} are not classes of the model ({', '.join(class_names)})",
-                "rename or remove those folders, or train a head on these classes",
-            )
+    class_names = _class_order(
+        per_class,
+        classes,
+        f"{root}: class folder(s)",
+        "rename or remove those folders, or train a head on these classes",
+    )
     if not per_class and not loose:
         raise DataError(f"{root}: no images found in its class folders", "put images in the class folders")
     index = {c: i for i, c in enumerate(class_names)}
@@ -175,20 +171,22 @@ def _from_manifest(path: Path, classes: Sequence[str] | None, allow_outside: boo
         label = row[1].strip() if len(row) > 1 else ""
         paths.append(_manifest_path(path, root, rel, lineno, allow_outside))
         names.append(label)
-    found = sorted({n for n in names if n})
-    if classes is None:
-        class_names = found
-    else:
-        class_names = list(classes)
-        unknown = sorted(set(found) - set(class_names))
-        if unknown:
-            raise DataError(
-                f"{path}: label(s) {', '.join(unknown[:10])} are not classes of the model ({', '.join(class_names)})",
-                "fix the labels or train a head on these classes",
-            )
+    class_names = _class_order(
+        {n for n in names if n}, classes, f"{path}: label(s)", "fix the labels or train a head on these classes"
+    )
     index = {c: i for i, c in enumerate(class_names)}
     labels = [index[n] if n else -1 for n in names]
     return ImageList(Path(root), paths, labels, class_names, "manifest")
+
+
+def _class_order(found: Any, classes: Sequence[str] | None, what: str, hint: str) -> list[str]:
+    """``classes`` when given (a model's order; anything found outside it is an error), else sorted."""
+    if classes is None:
+        return sorted(found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{what} {', '.join(unknown[:10])} are not classes of the model ({', '.join(classes)})", hint)
+    return list(classes)
 
 
 def _manifest_path(manifest: Path, root: Path, rel: str, lineno: int, allow_outside: bool) -> str:

@@ -82,49 +82,13 @@ def test_interrupt_then_resume_equals_uninterrupted(
 
 def test_mismatch_is_refused_or_overwritten(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.h5"
-    assert rt("extract", "--data", image_folder, "--out", out, *FAST).exit_code == 0
-    r = rt(
-        "extract",
-        "--data",
-        image_folder,
-        "--out",
-        out,
-        "--model",
-        "resnet18",
-        "--weights",
-        "none",
-        "--image-size",
-        "48",
-    )
+    base = ["extract", "--data", image_folder, "--out", out, "--weights", "none"]
+    assert rt(*base, "--model", "resnet18", "--image-size", "32").exit_code == 0
+    r = rt(*base, "--model", "resnet18", "--image-size", "48")
     assert r.exit_code == 2 and "transform" in r.output and "Traceback" not in r.output
-    r = rt(
-        "extract",
-        "--data",
-        image_folder,
-        "--out",
-        out,
-        "--model",
-        "resnet34",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-    )
+    r = rt(*base, "--model", "resnet34", "--image-size", "32")
     assert r.exit_code == 2 and "arch" in r.output
-    r = rt(
-        "extract",
-        "--data",
-        image_folder,
-        "--out",
-        out,
-        "--overwrite",
-        "--model",
-        "resnet18",
-        "--weights",
-        "none",
-        "--image-size",
-        "48",
-    )
+    r = rt(*base, "--model", "resnet18", "--image-size", "48", "--overwrite")
     assert r.exit_code == 0 and FeatureCache(out).identity.transform.input_size == 48
 
 

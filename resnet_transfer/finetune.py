@@ -379,7 +379,23 @@ class Classifier:
 # --------------------------------------------------------------------------------------------- data feeds
 
 
-class _ImageFeed:
+class _Feed:
+    """What both feeds share: the number of optimiser steps in an epoch (a final partial batch is dropped
+    when there is more than one batch)."""
+
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def n_train(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> int:
+        n = self.n_train
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class _ImageFeed(_Feed):
     """Batches from image files: augmented for training, eval transform for validation."""
 
     def __init__(
@@ -409,10 +425,6 @@ class _ImageFeed:
     @property
     def n_val(self) -> int:
         return len(self.val_list) if self.val_ds is not None else 0
-
-    def steps_per_epoch(self) -> int:
-        n = self.n_train
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _loader(self, ds: Any, shuffle: bool, generator: Any = None, drop_last: bool = False) -> Any:
         import torch
@@ -449,7 +461,7 @@ class _ImageFeed:
         return self._batches(self.val_ds, self._loader(self.val_ds, False))
 
 
-class _MapFeed:
+class _MapFeed(_Feed):
     """Batches of cached stage maps (no pixel augmentation: the maps were computed once, centre-cropped)."""
 
     MAX_PRELOAD_BYTES = 4 << 30
@@ -500,10 +512,6 @@ class _MapFeed:
     @property
     def n_val(self) -> int:
         return len(self.val) if self.val is not None else 0
-
-    def steps_per_epoch(self) -> int:
-        n = self.n_train
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def train_batches(self, generator: Any) -> Any:
         import torch

@@ -63,9 +63,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     from .backbones import build_backbone
     from .cache import CacheWriter, FeatureCache
-    from .data import DEFAULT_MAX_PIXELS, ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
+    from .data import DEFAULT_MAX_PIXELS, ImageDataset, eval_transform_uint8, list_images, normalize_batch
     from .distributed import extract_distributed, launched
-    from .runtime import autocast, default_workers, resolve_device, resolve_precision
+    from .runtime import autocast, decode_threads, default_workers, resolve_device, resolve_precision
 
     if cfg.images is None and launched():  # a torchrun worker: this rank's block into its shard
         return extract_distributed(cfg)
@@ -120,7 +120,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             rep.info(f"resuming: {len(images) - len(todo)} of {len(images)} images already done")
         rep.info(
             f"extracting {len(todo)} images with {backbone.identity.model} ({backbone.identity.weights_id}) "
-            f"on {device.type}, {precision}, batch {cfg.batch_size}, {workers} workers"
+            f"on {device.type}, {precision}, batch {cfg.batch_size}, "
+            + (f"{workers} decode workers" if workers else f"{decode_threads()} decode threads")
             + (f", keeping {', '.join(cfg.cut)} maps" if cfg.cut else "")
         )
         dataset = ImageDataset(
@@ -128,15 +129,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             eval_transform_uint8(backbone.transform),  # normalised per batch, on the device
             max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS,
         )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
+        loader = _loader(dataset, cfg.batch_size, workers, device)
         captured: dict[str, Any] = {}
         hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in cfg.cut]
         buf = _Buffer()
@@ -190,6 +183,27 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         for p, reason in skipped[:20]:
             rep.warn(f"  {p}: {reason}")
     return ExtractResult(out, rows, new, list(skipped), total, rate, images.notes)
+
+
+def _loader(dataset: Any, batch_size: int, workers: int, device: Any) -> Any:
+    """Batches of ``(uint8 images, indices, errors)``: decoded by worker processes when ``workers`` > 0,
+    else by threads of this process, one batch ahead of the forward pass."""
+    import torch
+
+    from .data import collate, iter_batches
+    from .runtime import decode_threads
+
+    if workers == 0:
+        return iter_batches(dataset, batch_size, decode_threads())
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 def _capture(store: dict[str, Any], name: str) -> Any:

@@ -114,8 +114,15 @@ def _probabilities(
     """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``."""
     import torch
 
-    from .data import DEFAULT_MAX_PIXELS, ImageDataset, collate, eval_transform, tta_transform
-    from .runtime import autocast, resolve_device, resolve_precision
+    from .data import (
+        DEFAULT_MAX_PIXELS,
+        ImageDataset,
+        eval_transform_uint8,
+        iter_batches,
+        normalize_batch,
+        tta_transform,
+    )
+    from .runtime import autocast, decode_threads, resolve_device, resolve_precision
 
     mode = None if tta in (None, "none") else tta
     if mode not in TTA_MODES:
@@ -125,13 +132,13 @@ def _probabilities(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     tcfg = model.backbone.transform
-    transform = tta_transform(tcfg, mode) if mode else eval_transform(tcfg)
+    # plain prediction: uint8 crops decoded by threads, normalised per batch on the device (as extract);
+    # TTA views are float tensors made by torch ops, which stay in this thread
+    transform = tta_transform(tcfg, mode) if mode else eval_transform_uint8(tcfg)
     views = {None: 1, "flip": 2, "tencrop": 10}[mode]
     per_batch = max(1, batch_size // views)
     dataset = ImageDataset(images, transform, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_batch, shuffle=False, num_workers=0, collate_fn=collate
-    )
+    loader = iter_batches(dataset, per_batch, 0 if mode else decode_threads())
     net = model.backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     head = model.head.to(dev).eval()
     probs: list[np.ndarray] = []
@@ -147,7 +154,12 @@ def _probabilities(
                 n = xs.shape[0]
                 if mode:  # (n, views, C, H, W) -> (n * views, C, H, W)
                     xs = xs.reshape(-1, *xs.shape[2:])
-                xs = xs.to(dev).contiguous(memory_format=torch.channels_last)
+                xs = xs.to(dev)
+                xs = (
+                    xs.contiguous(memory_format=torch.channels_last)
+                    if mode
+                    else normalize_batch(xs, tcfg, memory_format=torch.channels_last)
+                )
                 with autocast(dev, prec):
                     feats = net(xs)
                 p = torch.softmax(head(feats.float()).float(), 1)

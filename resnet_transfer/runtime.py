@@ -84,10 +84,19 @@ def autocast(device: Any, precision: str) -> AbstractContextManager[Any]:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: Any) -> int:
-    """DataLoader workers: on a CUDA box, decode in parallel; on a small CPU box the forward pass needs
-    every core and decode is a few percent of the time, so workers only steal from it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """DataLoader worker processes: on a CUDA box, decode in parallel processes; on the CPU, none: the
+    images are decoded by threads of the main process (:func:`decode_threads`) while the forward pass
+    runs, which measured faster than worker processes on 2 cores (docs/performance.md)."""
     if device.type == "cuda":
-        return max(1, min(8, cores - 1))
-    return 0 if cores <= 2 else min(4, cores // 4)
+        return max(1, min(8, cpu_cores() - 1))
+    return 0
+
+
+def decode_threads() -> int:
+    """Threads that decode the next batch while the current one runs (when there are no workers)."""
+    return max(1, min(4, cpu_cores()))

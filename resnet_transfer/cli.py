@@ -113,7 +113,11 @@ def extract(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", help="DataLoader decode workers (default: chosen for the device)."),
+        typer.Option(
+            "--workers",
+            help="Decode in this many worker processes. Default: on the CPU 0, which decodes the next batch in "
+            "threads of this process while the current one runs (fastest on small machines); on CUDA, cores - 1.",
+        ),
     ] = None,
     device: DeviceOpt = "auto",
     precision: Annotated[
@@ -534,7 +538,12 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16")] = "auto",
-    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader decode workers.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="DataLoader worker processes for decoding and augmentation (default: by device)."
+        ),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue an interrupted run in this --out directory.")
     ] = None,

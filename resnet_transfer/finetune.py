@@ -403,12 +403,12 @@ class _ImageFeed(_Feed):
     ):
         from .data import ImageDataset, train_transform
         from .data import eval_transform as make_eval
-        from .runtime import default_workers
+        from .runtime import train_workers
 
         self.kind = "images"
         self.train_list = images.subset(train_idx.tolist())
         self.val_list = val_images
-        self.workers = default_workers(device) if cfg.workers is None else cfg.workers
+        self.workers = train_workers(device) if cfg.workers is None else cfg.workers
         self.batch_size = cfg.batch_size
         self.device = device
         self.train_ds = ImageDataset(

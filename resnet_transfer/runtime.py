@@ -97,6 +97,15 @@ def default_workers(device: Any) -> int:
     return 0
 
 
+def train_workers(device: Any) -> int:
+    """DataLoader worker processes for finetuning, whose augmentations run torch ops (kept out of
+    threads): on a small CPU box none (the forward and backward passes need every core)."""
+    cores = cpu_cores()
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 2 else min(4, cores // 4)
+
+
 def decode_threads() -> int:
     """Threads that decode the next batch while the current one runs (when there are no workers)."""
     return max(1, min(4, cpu_cores()))

@@ -243,3 +243,30 @@ def test_iter_batches_in_order_with_errors(tmp_path: Path, threads: int) -> None
     gen = iter_batches(ds, 2, threads)
     next(gen)
     gen.close()
+
+
+def test_decode_threads_yield_to_the_forward_pass() -> None:
+    import os
+    import threading
+
+    import torch
+
+    from resnet_transfer.data import iter_batches
+
+    seen: list[tuple[int, int]] = []
+
+    class Probe:  # records the priority of the thread that decodes each item
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+            tid = threading.get_native_id()
+            seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
+            return torch.zeros(3, 2, 2, dtype=torch.uint8), i, ""
+
+    main_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert [idx for _, idx, _ in iter_batches(Probe(), 4, threads=2)] == [[0, 1, 2, 3], [4, 5]]  # type: ignore[arg-type]
+    assert all(tid != threading.get_native_id() for tid, _ in seen)
+    if hasattr(os, "sched_getaffinity"):  # Linux: per-thread nice
+        assert {p for _, p in seen} == {19}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_priority  # the caller is untouched

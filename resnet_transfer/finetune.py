@@ -376,6 +376,19 @@ class Classifier:
         self.head.load_state_dict(state["head"])
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float, device: Any) -> Any:
+    """AdamW with the fused kernel where torch has one for the device (one kernel for all parameters:
+    measured 2x faster steps for ResNet-50's layer4 on the CPU, docs/performance.md), else the default."""
+    import torch
+
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 # --------------------------------------------------------------------------------------------- data feeds
 
 
@@ -868,7 +881,7 @@ def finetune(
 
     policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
     groups = policy.param_groups(cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = _adamw(groups, cfg.lr, device)
     steps = s.feed.steps_per_epoch()
     if steps < 1:
         raise DataError("no training batches", "add images or lower --batch-size")

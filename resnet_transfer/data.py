@@ -474,8 +474,10 @@ def iter_batches(
     and start-up of worker processes. ``threads=0`` decodes in the calling thread.
 
     The decode threads run at the lowest priority, so they fill the gaps the forward pass leaves instead
-    of pre-empting one of its OpenMP threads mid-operation (which stalls all of them at the next barrier);
-    if the forward pass leaves no gap, the caller waits for the batch and the decoders get the cores then.
+    of pre-empting one of its OpenMP threads mid-operation (which stalls all of them at the next barrier).
+    When the caller needs a batch, it decodes the items no thread has started yet itself (from the tail,
+    while the threads work from the head), so a busy machine, where low-priority threads may get no core,
+    never leaves it waiting on them.
     Measured on 2 cores: ResNet-18 extraction 81 vs 76 img/s (docs/performance.md)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -486,15 +488,23 @@ def iter_batches(
             yield collate([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rt-decode", initializer=_lower_priority)
-    pending: deque[list[Any]] = deque()
-    todo = iter(starts)
+    pending: deque[list[tuple[int, Any]]] = deque()
+
+    def take(batch: list[tuple[int, Any]]) -> tuple[Any, list[int], list[str]]:
+        # The caller decodes the items no thread has started, from the batch's tail while the threads
+        # work from its head, at the caller's priority: on a busy machine the low-priority threads may
+        # get no core, and the caller must not sit waiting on them.
+        stolen = {i: dataset[i] for i, f in reversed(batch) if f.cancel()}
+        return collate([stolen[i] if i in stolen else f.result() for i, f in batch])
+
     try:
-        for lo in todo:
-            pending.append([pool.submit(dataset.__getitem__, i) for i in range(lo, min(lo + batch_size, len(dataset)))])
+        for lo in starts:
+            idx = range(lo, min(lo + batch_size, len(dataset)))
+            pending.append([(i, pool.submit(dataset.__getitem__, i)) for i in idx])
             if len(pending) > prefetch:
-                yield collate([f.result() for f in pending.popleft()])
+                yield take(pending.popleft())
         while pending:
-            yield collate([f.result() for f in pending.popleft()])
+            yield take(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

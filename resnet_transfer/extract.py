@@ -172,6 +172,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         finally:
             for h in hooks:
                 h.remove()
+            if hasattr(loader, "close"):  # stop the decode threads now, not when the generator is collected
+                loader.close()
         seconds = time.perf_counter() - t_run
         rows, new = writer.finalize()
         skipped = writer.existing.skipped if writer.existing is not None else []

@@ -248,25 +248,34 @@ def test_iter_batches_in_order_with_errors(tmp_path: Path, threads: int) -> None
 def test_decode_threads_yield_to_the_forward_pass() -> None:
     import os
     import threading
+    import time
 
     import torch
 
     from resnet_transfer.data import iter_batches
 
-    seen: list[tuple[int, int]] = []
+    main = threading.get_native_id()
+    main_priority = os.getpriority(os.PRIO_PROCESS, main)
+    seen: dict[int, tuple[int, int]] = {}
 
-    class Probe:  # records the priority of the thread that decodes each item
+    class Probe:  # records which thread decoded each item, at what priority; the pool's threads are slow
         def __len__(self) -> int:
-            return 6
+            return 12
 
         def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
             tid = threading.get_native_id()
-            seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
-            return torch.zeros(3, 2, 2, dtype=torch.uint8), i, ""
+            seen[i] = (tid, os.getpriority(os.PRIO_PROCESS, tid))
+            if tid != main:
+                time.sleep(0.05)
+            return torch.full((3, 2, 2), i, dtype=torch.uint8), i, ""
 
-    main_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert [idx for _, idx, _ in iter_batches(Probe(), 4, threads=2)] == [[0, 1, 2, 3], [4, 5]]  # type: ignore[arg-type]
-    assert all(tid != threading.get_native_id() for tid, _ in seen)
+    batches = list(iter_batches(Probe(), 6, threads=1))  # type: ignore[arg-type]
+    assert [idx for _, idx, _ in batches] == [list(range(6)), list(range(6, 12))]
+    assert [int(x[k, 0, 0, 0]) for x, _, _ in batches for k in range(6)] == list(range(12))
+    by_pool = [p for tid, p in seen.values() if tid != main]
+    by_caller = [p for tid, p in seen.values() if tid == main]
+    assert by_pool and by_caller  # the thread decodes from the head, the waiting caller steals from the tail
     if hasattr(os, "sched_getaffinity"):  # Linux: per-thread nice
-        assert {p for _, p in seen} == {19}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_priority  # the caller is untouched
+        assert set(by_pool) == {19}
+    assert set(by_caller) == {main_priority}  # the caller keeps its priority
+    assert os.getpriority(os.PRIO_PROCESS, main) == main_priority

@@ -290,8 +290,8 @@ class ResizeCenterCrop:
     Not bit-identical: PIL rounds to 8 bits between its horizontal and vertical passes and, for a whole
     image, picks the pass order by a cost heuristic (which has changed between Pillow versions); this
     always runs horizontal first. On photos that is at most 2 grey levels, on a few percent of the pixels
-    (about a fifth, by 1, for tall images where PIL runs the vertical pass first; tests/test_data.py). Inputs that would need padding, and the nearest/box
-    filters, take torchvision's two steps."""
+    (about a fifth, by 1, for tall images where PIL runs the vertical pass first; tests/test_data.py).
+    Inputs that would need padding, and the nearest/box filters, take torchvision's two steps."""
 
     def __init__(self, resize_size: int, input_size: int, interpolation: str = "bilinear"):
         self.resize_size = int(resize_size)
@@ -318,7 +318,7 @@ class ResizeCenterCrop:
         # One pass per call, horizontal first (PIL's usual order for a whole image; given a box it may
         # choose the other): the source rows the vertical filter reaches (plus a margin), resized
         # horizontally to the crop's columns, then vertically to the crop's rows.
-        reach = _SUPPORT.get(self.resample, 3.0) * max(sy, 1.0) + 2.0
+        reach = _SUPPORT[self.resample] * max(sy, 1.0) + 2.0
         y0 = max(0, int(top * sy - reach))
         y1 = min(h, int((top + c) * sy + reach) + 1)
         band = img if (y0, y1) == (0, h) else img.crop((0, y0, w, y1))
@@ -399,11 +399,16 @@ def tta_transform(cfg: TransformConfig, mode: str) -> Any:
     from torchvision import transforms as T
 
     norm = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-    resize = T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation))
-    if mode == "flip":
-        center = T.Compose([resize, T.CenterCrop(cfg.input_size)])
-        return lambda img: torch.stack([norm(center(img)), norm(center(img).transpose(Image.FLIP_LEFT_RIGHT))])
+    if mode == "flip":  # the plain eval view (the same crop extract caches) and its mirror image
+        center = ResizeCenterCrop(cfg.resize_size, cfg.input_size, cfg.interpolation)
+
+        def flip(img: Image.Image) -> Any:
+            c = center(img)
+            return torch.stack([norm(c), norm(c.transpose(Image.FLIP_LEFT_RIGHT))])
+
+        return flip
     if mode == "tencrop":
+        resize = T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation))
         ten = T.Compose([resize, T.TenCrop(cfg.input_size)])
         return lambda img: torch.stack([norm(c) for c in ten(img)])
     raise DataError(f"--tta {mode!r} is not known", "use --tta flip or --tta tencrop")

@@ -100,9 +100,9 @@ def default_workers(device: Any) -> int:
 def train_workers(device: Any) -> int:
     """DataLoader worker processes for finetuning, whose augmentations run torch ops (kept out of
     threads): on a small CPU box none (the forward and backward passes need every core)."""
-    cores = cpu_cores()
     if device.type == "cuda":
-        return max(1, min(8, cores - 1))
+        return default_workers(device)
+    cores = cpu_cores()
     return 0 if cores <= 2 else min(4, cores // 4)
 
 

@@ -279,3 +279,14 @@ def test_decode_threads_yield_to_the_forward_pass() -> None:
         assert set(by_pool) == {19}
     assert set(by_caller) == {main_priority}  # the caller keeps its priority
     assert os.getpriority(os.PRIO_PROCESS, main) == main_priority
+
+
+def test_flip_tta_views_are_the_eval_view_and_its_mirror() -> None:
+    import torch
+
+    cfg = TransformConfig(input_size=64, resize_size=73, interpolation="bicubic")
+    img = _photo(120, 90, 3)
+    views = tta_transform(cfg, "flip")(img)
+    plain = eval_transform(cfg)(img)
+    assert torch.equal(views[0], plain)
+    assert torch.equal(views[1], plain.flip(-1))

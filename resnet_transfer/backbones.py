@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError, WeightsError
+from .fsutil import atomic_path
 
 TV_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # torchvision's best ImageNet weights per ResNet (what `--model tv:resnetNN` loads with --weights imagenet)
@@ -542,6 +543,5 @@ def save_backbone(net: Any, path: Path, identity: BackboneIdentity) -> None:
         "model": identity.model,
         "transform": json.dumps(identity.transform.to_dict()),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)

@@ -30,6 +30,7 @@ import numpy as np
 
 from .backbones import BackboneIdentity
 from .errors import CacheError, IdentityMismatch
+from .fsutil import atomic_write_json
 
 FORMAT = "resnet_transfer.cache"
 FORMAT_VERSION = 1
@@ -407,7 +408,7 @@ class CacheWriter:
                 )
         else:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(spec_file, json.dumps(self._spec()).encode())
+            atomic_write_json(spec_file, self._spec(), indent=None)
         self._next_part = 1 + max([-1, *(int(p.stem.split("-")[1]) for p in self._part_files())])
 
     def _part_files(self) -> list[Path]:
@@ -577,12 +578,3 @@ class CacheWriter:
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.existing = FeatureCache(self.out)
         return n, new
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

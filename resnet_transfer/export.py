@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RtError, UsageError
+from .fsutil import atomic_path, atomic_write_json
 from .report import get_reporter
 
 FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -80,15 +79,13 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
         raise UsageError(f"--out {path} is a directory", f"give a file name, e.g. {path / ('model' + FORMATS[fmt])}")
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the exporters' chatter
         if fmt == "torchscript":
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, str(tmp))
         else:
             _export_onnx(model, example, tmp)
-    os.replace(tmp, path)
     diff, checked_with = _check(model, path, fmt, size)
     sidecar = path.with_name(path.name + ".json")
     t = md.identity.transform
@@ -121,9 +118,7 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
         "source": str(md.path),
         "check": {"max_abs_diff_vs_eager": diff, "runtime": checked_with},
     }
-    tmp_side = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_side.write_text(json.dumps(info, indent=2))
-    os.replace(tmp_side, sidecar)
+    atomic_write_json(sidecar, info)
     get_reporter().info(
         f"wrote {path} ({fmt}) and {sidecar.name}; reloaded with {checked_with}: max |logit diff| {diff:.2e}"
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 
 from .distributed import all_reduce_sums, is_main, loader_args, rank_part
 from .errors import DataError, IdentityMismatch, RtError, UsageError
+from .fsutil import atomic_path, atomic_write_json
 from .report import get_reporter
 
 CHECKPOINT_DIR = "checkpoints"
@@ -550,12 +550,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
     if not is_main():  # under torchrun only rank 0 writes checkpoints
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state(generator: Any) -> dict[str, Any]:
@@ -1136,9 +1132,7 @@ def _write_outputs(
     png = plot_training_curves(
         history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {target}", state["best_epoch"]
     )
-    tmp = out / (REPORT_JSON + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out / REPORT_JSON)
+    atomic_write_json(out / REPORT_JSON, report)
     write_model_dir(
         out,
         "finetuned",

@@ -8,7 +8,6 @@ head.safetensors) + report.json + confusion.png.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, UsageError
+from .fsutil import atomic_write_json
 from .report import get_reporter
 
 VAL_NOTE = (
@@ -243,7 +243,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{out.name}: validation")
     report["warnings"] = rep.warnings[warn_start:]
     report["total_seconds"] = round(time.perf_counter() - t0, 4)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "report.json", report)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
     rep.info(f"wrote {out}: {acc}; l2={head.l2_:g}; trained in {train_seconds:.2f}s")
     return FitHeadResult(out, report, list(report["warnings"]))

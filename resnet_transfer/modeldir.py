@@ -14,13 +14,13 @@ Weights are safetensors only, so loading a directory never runs code.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .backbones import BackboneIdentity, sha256_file
 from .errors import ModelDirError
+from .fsutil import atomic_path, atomic_write_json
 
 FORMAT = "resnet_transfer.model"
 FORMAT_VERSION = 1
@@ -72,9 +72,8 @@ def write_model_dir(
     hashes = {}
     for name, state in tensors.items():
         clean = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        tmp = out / (name + ".tmp")
-        save_file(clean, str(tmp))
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            save_file(clean, str(tmp))
         hashes[name] = sha256_file(out / name)
     for name in extra_files or []:
         if not (out / name).is_file():
@@ -90,9 +89,7 @@ def write_model_dir(
         "files": hashes,
         **(extra_meta or {}),
     }
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META)
+    atomic_write_json(out / META, meta)
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, UsageError
+from .fsutil import atomic_write_json
 from .report import get_reporter
 
 TTA_MODES = (None, "none", "flip", "tencrop")
@@ -317,10 +318,8 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if out is not None:
-        import json
-
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)
-        (od / "report.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(od / "report.json", report)
         plot_confusion(metrics["confusion_matrix"], classes, od / "confusion.png", title=f"{md.path.name} on {source}")
     return EvaluateResult(report, skipped)

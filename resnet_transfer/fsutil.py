@@ -1,0 +1,91 @@
+"""Files that are either whole or absent: write to a temporary name, fsync, rename over the target.
+
+Every file the package writes (caches, chunks, checkpoints, model directories, reports, exports) goes
+through :func:`atomic_path` or one of the ``atomic_write_*`` helpers, so a kill at any moment leaves the
+previous file or the new one, never a torn one. A full disk is reported as such (:class:`DiskFullError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import RtError
+
+
+class DiskFullError(RtError):
+    """The disk (or quota) filled up while writing; the previous file, if any, is untouched."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc))
+
+
+def disk_full(path: Path, exc: BaseException) -> DiskFullError:
+    """The error to raise when writing ``path`` failed with ENOSPC/EDQUOT."""
+    return DiskFullError(
+        f"disk full while writing {path} ({getattr(exc, 'strerror', None) or exc})",
+        "free some space (or write to another disk with --out) and run the same command again; finished work was kept",
+    )
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to disk (for files written by libraries that do not fsync: h5py, torch)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: not every file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary sibling a write of ``path`` goes to (hidden, per process, so two writers never share)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block finishes, fsync it and rename it over
+    ``path``. On any exception the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _is_disk_full(exc):
+            raise disk_full(path, exc) from exc
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (non-JSON values via ``str``)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")

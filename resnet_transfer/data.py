@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .backbones import TransformConfig
-from .errors import DataError
+from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx"})
@@ -528,3 +528,26 @@ def iter_batches(
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices ``(train, val)``, sorted: about ``fraction`` of every class goes to ``val`` (fixed ``seed``).
+
+    The one split of the package (fit-head, finetune and the head estimator use it). A class with two or more
+    rows puts at least one in ``val`` and keeps at least one in ``train``; a class with one row stays in
+    ``train``. ``fraction == 0`` means no validation rows. Rows with label < 0 (unlabelled) are in neither."""
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"validation fraction {fraction} must be in [0, 1)", "use e.g. --val-fraction 0.2")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    if fraction > 0:
+        for c in np.unique(y[y >= 0]):
+            rows = np.flatnonzero(y == c)
+            if len(rows) < 2:
+                continue
+            k = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+            val.append(rng.permutation(rows)[:k])
+    va = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+    tr = np.setdiff1d(np.flatnonzero(y >= 0), va).astype(np.int64)
+    return tr, va

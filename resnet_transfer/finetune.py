@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import stratified_split
 from .distributed import all_reduce_sums, is_main, loader_args, rank_part
 from .errors import DataError, IdentityMismatch, RtError, UsageError
 from .fsutil import atomic_path, atomic_write_json
@@ -327,26 +328,6 @@ def auto_unfreeze(per_class: float, stages: Sequence[str], random_init: bool) ->
     if depth == 0:
         return "head", f"{per_class:g} labelled images per class (< {AUTO_RULE[0][0]}): too few to move the backbone"
     return stages[-depth], f"{per_class:g} labelled images per class"
-
-
-def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, val)``: ``fraction`` of every class (at least one image of each class with two or
-    more) goes to validation, chosen with a fixed ``seed``."""
-    if not 0 <= fraction < 1:
-        raise UsageError(f"--val-fraction {fraction} must be in [0, 1)", "e.g. --val-fraction 0.2")
-    y = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val: list[int] = []
-    if fraction > 0:
-        for c in np.unique(y[y >= 0]):
-            idx = np.flatnonzero(y == c)
-            if len(idx) < 2:
-                continue
-            k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-            val += rng.permutation(idx)[:k].tolist()
-    val_arr = np.sort(np.asarray(val, dtype=np.int64))
-    train = np.setdiff1d(np.flatnonzero(y >= 0), val_arr)
-    return train, val_arr
 
 
 # --------------------------------------------------------------------------------------------- the model

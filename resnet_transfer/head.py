@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import stratified_split
 from .errors import UsageError
 from .report import get_reporter
 
@@ -84,29 +85,6 @@ SELECT_ROWS = 4096  # L2 is selected on at most this many training rows, then fi
 # (warm-started) above it, where each evaluation is two passes over a large matrix
 LARGE = 10_000_000
 ITER_SMALL, ITER_LARGE, PATH_ITER_SMALL, PATH_ITER_LARGE = 100, 8, 30, 5
-
-
-def stratified_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices ``(train, val)`` with about ``fraction`` of every class in ``val`` (fixed ``seed``).
-
-    Classes with fewer than 2 rows stay entirely in ``train`` (a class needs one row on each side); every
-    class keeps at least one training row. Rows with label < 0 (unlabelled) are left out of both."""
-    y = np.asarray(y)
-    if not 0.0 < fraction < 1.0:
-        raise UsageError(f"validation fraction {fraction} must be between 0 and 1", "use e.g. 0.2")
-    rng = np.random.default_rng(seed)
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    for c in np.unique(y[y >= 0]):
-        rows = np.flatnonzero(y == c)
-        rng.shuffle(rows)
-        k = round(len(rows) * fraction) if len(rows) >= 2 else 0
-        k = min(max(k, 1 if len(rows) >= 2 else 0), len(rows) - 1)
-        val.append(rows[:k])
-        train.append(rows[k:])
-    tr = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
-    va = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    return tr.astype(np.int64), va.astype(np.int64)
 
 
 def _check_features(X: Any, name: str, dim: int | None = None) -> np.ndarray:

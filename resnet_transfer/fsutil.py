@@ -89,3 +89,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (non-JSON values via ``str``)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+DIGEST_BYTES = 16  # blake2b-128: collision odds of ~2^-64 for a billion images
+_READ = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """The content key of a file: blake2b-128 of its bytes, as 32 hex characters.
+
+    Two files with the same bytes have the same key wherever they live, so a cache row, a head's recorded
+    split or a label suggestion follows the image's content, not its path."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ):
+            h.update(chunk)
+    return h.hexdigest()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from resnet_transfer.fsutil import DiskFullError, atomic_path, atomic_write_json, atomic_write_text
+from resnet_transfer.fsutil import DiskFullError, atomic_path, atomic_write_json, atomic_write_text, file_digest
 
 
 def test_atomic_write_replaces_whole(tmp_path):
@@ -35,3 +35,14 @@ def test_disk_full_is_reported_as_such(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert not p.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_digest_follows_content_not_path(tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "sub" / "b.png", tmp_path / "c.png"
+    b.parent.mkdir()
+    a.write_bytes(b"\x89PNG same bytes" * 1000)
+    b.write_bytes(a.read_bytes())
+    c.write_bytes(a.read_bytes()[:-1] + b"!")
+    assert file_digest(a) == file_digest(b)
+    assert file_digest(a) != file_digest(c)
+    assert len(file_digest(a)) == 32

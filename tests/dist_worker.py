@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from resnet_transfer.cache import CacheWriter
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.cli import main
 
 

@@ -146,15 +146,29 @@ def extract(
         bool,
         typer.Option(
             "--merge",
-            help="Under torchrun: write one real HDF5 file and delete the shards (default: a virtual dataset "
-            "over the per-rank shard files).",
+            help="Write one self-contained HDF5 file (real datasets, no <out>.chunks/ folder). Default: a small "
+            "index whose datasets are virtual over immutable chunk files, so an update writes only what changed.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what would change (added, changed, removed, ...) and compute nothing."),
+    ] = False,
+    pool_stages: Annotated[
+        str | None,
+        typer.Option(
+            "--pool-stages",
+            help="Also store the globally average-pooled features of these stages (e.g. layer3,layer4), "
+            "from the same forward pass, as /pooled/<stage>.",
+        ),
+    ] = None,
 ) -> None:
     """Run the frozen backbone over the images once and cache pooled features (and --cut maps).
 
-    Interrupted runs resume; running again adds only new images. Images that cannot be read are
-    skipped, listed, and make the exit code 3 (--strict: fail instead).
+    Rows are keyed by the images' content: running again computes only new content (edited or added
+    images) and updates moved, relabelled and deleted ones without a forward pass; interrupted runs
+    resume. Images that cannot be read are skipped, listed, and make the exit code 3 (--strict: fail
+    instead; a repaired file is retried).
 
     Examples:
 
@@ -186,11 +200,13 @@ def extract(
         max_pixels=max_pixels,
         chunk_rows=chunk_rows,
         merge=merge,
+        dry_run=dry_run,
+        pool_stages=[x.strip() for x in (pool_stages or "").split(",") if x.strip()],
     )
     result = _call(run_extract, cfg)
     from .distributed import launched
 
-    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+    if result.skipped and not launched() and not dry_run:  # torchrun reports any non-zero exit as a crash
         raise typer.Exit(3)
 
 

@@ -285,31 +285,16 @@ def all_reduce_sums(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in t.tolist())
 
 
-def _pair(trunk: Any, head: Any) -> Any:
-    from torch import nn
-
-    class Pair(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = trunk
-            self.head = head
-
-        def forward(self, x: Any) -> Any:
-            return self.head(self.trunk(x))
-
-    return Pair()
-
-
 class TrainForward:
-    """The training forward pass: ``forward`` itself for one process; under torchrun the same computation
-    (``head(trunk(x))``) through ``DistributedDataParallel``, rebuilt whenever the set of trainable
-    parameters changes (a stage unfrozen), since DDP fixes that set when it is built."""
+    """The training forward pass of ``module`` (the finetune ``Classifier``): the module itself for one
+    process; under torchrun the module through ``DistributedDataParallel``, rebuilt whenever the set of
+    trainable parameters changes (a stage unfrozen), since DDP fixes that set when it is built."""
 
-    def __init__(self, forward: Callable[[Any], Any], trunk: Any, head: Any, device: Any, batch_size: int) -> None:
+    def __init__(self, module: Any, device: Any, batch_size: int) -> None:
         self.env = dist_env()
-        self.forward = forward
+        self.module = module
         self.device = device
-        self._module = _pair(trunk, head) if self.env.active else None
+        self._module = module if self.env.active else None
         self._ddp: Any = None
         self._key: tuple[bool, ...] | None = None
         if self.env.active and batch_size % self.env.world_size:
@@ -321,7 +306,7 @@ class TrainForward:
 
     def __call__(self, x: Any) -> Any:
         if self._module is None:
-            return self.forward(x)
+            return self.module(x)
         key = tuple(p.requires_grad for p in self._module.parameters())
         if key != self._key:
             from torch.nn.parallel import DistributedDataParallel

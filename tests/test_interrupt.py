@@ -62,10 +62,10 @@ def test_kill_after_first_chunk_then_resume(tmp_path: Path) -> None:
     ref = _reference(data, tmp_path)
     out = tmp_path / "c.h5"
     proc = subprocess.Popen(_cmd(data, out), env=_env())
-    first_part = out.with_name(out.name + ".parts") / "part-000000.npz"
     deadline = time.monotonic() + 300
-    while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not any(chunk_dir(out).glob("chunk-*.h5")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None  # killed in the middle: after its first chunk file, before the index
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _assert_consistent(out)

@@ -1,8 +1,8 @@
 """`rt fit-head`: train a softmax head on a feature cache and write a head directory.
 
 cache -> class checks -> stratified split (or a separate --val cache) -> :class:`SoftmaxHead` (in memory,
-or AdamW streamed from the cache when the rows do not fit) -> model directory (meta.json +
-head.safetensors) + report.json + confusion.png.
+or AdamW streamed from the cache when the rows do not fit) -> temperature fitted on the validation rows
+(temperature.py) -> model directory (meta.json + head.safetensors) + report.json + confusion.png.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from .errors import DataError, UsageError
 from .fsutil import atomic_write_json
 from .report import get_reporter
 
+CALIBRATION_NOTE = (
+    "temperature fitted on the same validation rows it is measured on: the 'after' figures are optimistic"
+)
 VAL_NOTE = (
     "accuracy is on the validation rows, which also chose l2 / the early-stopping epoch: slightly "
     "optimistic; `rt evaluate` on images the head never saw gives an unbiased figure"
@@ -256,6 +259,26 @@ def _report(
     return report, metrics
 
 
+def _calibrate(head: Any, split: ValidationRows, num_classes: int) -> dict[str, Any] | None:
+    """Fit the head's temperature on the validation rows (minimum NLL of logits / T) and set it on the
+    module; the validation log-loss and ECE before and after, or None without validation rows."""
+    from .temperature import calibration_summary, fit_temperature
+
+    if split.X_val is None or split.y_val is None:
+        return None
+    logits = head.logits(split.X_val)
+    t = fit_temperature(logits, split.y_val)
+    head.module_.temperature = t
+    summary = calibration_summary(logits, split.y_val, t, num_classes)
+    if summary["on_bound"]:
+        get_reporter().warn(
+            f"the temperature hit its search bound (T={t:.3g}) on {len(split.y_val)} validation rows: "
+            "too few or too easy rows to calibrate with; treat the probabilities with care"
+        )
+    summary["note"] = CALIBRATION_NOTE
+    return summary
+
+
 def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
     from .cache import FeatureCache
@@ -280,8 +303,11 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         identity = cache.identity
         cache_path = str(cache.path)
 
+    calibration = _calibrate(head, split, len(classes))
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
     report["streamed"] = streamed
+    report["temperature"] = head.module_.temperature
+    report["calibration"] = calibration
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_model_dir(
         out,
@@ -301,5 +327,11 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     report["total_seconds"] = round(time.perf_counter() - t0, 4)
     atomic_write_json(out / "report.json", report)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
-    rep.info(f"wrote {out}: {acc}; l2={head.l2_:g}; trained in {head.fit_seconds_:.2f}s")
+    cal = (
+        f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss_before']:.4f} -> "
+        f"{calibration['log_loss_after']:.4f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f})"
+        if calibration
+        else ""
+    )
+    rep.info(f"wrote {out}: {acc}; l2={head.l2_:g}{cal}; trained in {head.fit_seconds_:.2f}s")
     return FitHeadResult(out, report, list(report["warnings"]))

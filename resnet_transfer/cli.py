@@ -258,6 +258,15 @@ def fit_head_cmd(
         float, typer.Option("--val-fraction", help="Stratified share of --cache held out for validation.")
     ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, subsample and minibatch order.")] = 0,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="Which pooled features the head reads: `auto` (choose on validation among the final ones, each "
+            "stage the cache stores and their concatenation; the final ones when it stores none), `final`, a "
+            "stage (`layer3`) or stages joined by + (`layer3+layer4`).",
+        ),
+    ] = "auto",
     solver: Annotated[
         str,
         typer.Option(
@@ -302,6 +311,8 @@ def fit_head_cmd(
         rt fit-head --cache pets.h5 --classes 3 --class-weight balanced --out cat-head/
 
         rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
+
+        rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
     """
     from .fit import FitHeadConfig
     from .fit import fit_head as run_fit_head
@@ -314,6 +325,7 @@ def fit_head_cmd(
         val=val,
         val_fraction=val_fraction,
         seed=seed,
+        features=features,
         solver=solver,
         l2=l2,
         hidden=hidden,

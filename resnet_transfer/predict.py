@@ -128,7 +128,7 @@ def _probabilities(
                 )
                 with autocast(dev, prec):
                     feats = net(xs)
-                p = torch.softmax(head(feats.float()).float(), 1)
+                p = head.predict_proba(feats.float())  # softmax(logits / the head's temperature)
                 if mode:
                     p = p.reshape(n, views, -1).mean(1)
                 probs.append(p.cpu().numpy())
@@ -228,7 +228,7 @@ def evaluate(
     skipped: list[tuple[str, str]] = []
     if cache is not None:
         from .cache import FeatureCache
-        from .head import build_head_module, predict_logits
+        from .head import build_head_module, predict_probabilities
         from .modeldir import HEAD_FILE, read_model_dir
 
         if tta not in (None, "none"):
@@ -244,7 +244,7 @@ def evaluate(
             source = str(fc.path)
         head = build_head_module(md.head_config)
         head.load_state_dict(md.load_tensors(HEAD_FILE))
-        pred = predict_logits(head, X).argmax(1)
+        pred = predict_probabilities(head, X).argmax(1)
     else:
         assert data is not None
         model = load_model(model_dir, weights)

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
 from .errors import CacheError, IdentityMismatch
 from .fsutil import atomic_write_json
+from .identity import BackboneIdentity
 
 FORMAT = "resnet_transfer.cache"
 FORMAT_VERSION = 1

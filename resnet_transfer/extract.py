@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, RtError, UsageError
+from .errors import DataError, Interrupted, RtError, UsageError
 from .report import get_reporter
 
 
@@ -165,7 +165,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                 buf.flush(writer, force=True)
         except KeyboardInterrupt:
             buf.flush(writer, force=True)
-            raise RtError(
+            raise Interrupted(
                 f"interrupted: finished chunks are saved in {writer.parts_dir}",
                 "run the same command again to resume where it stopped",
             ) from None

@@ -30,7 +30,7 @@ import numpy as np
 
 from .data import stratified_split
 from .distributed import all_reduce_sums, is_main, loader_args, rank_part
-from .errors import DataError, IdentityMismatch, RtError, UsageError
+from .errors import DataError, IdentityMismatch, Interrupted, RtError, UsageError
 from .fsutil import atomic_path, atomic_write_json
 from .report import get_reporter
 
@@ -960,7 +960,7 @@ def finetune(
             try:
                 on_epoch_end(epoch, row)
             except KeyboardInterrupt:
-                raise RtError(
+                raise Interrupted(
                     f"interrupted after epoch {epoch + 1}: checkpoint saved in {ck_dir}",
                     f"continue with `rt finetune --resume {out}`",
                 ) from None

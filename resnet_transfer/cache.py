@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
 from .errors import CacheError, IdentityMismatch
+from .identity import BackboneIdentity
 
 FORMAT = "resnet_transfer.cache"
 FORMAT_VERSION = 2  # 2: rows keyed by content, features held in immutable chunk files (docs/cache-format.md)

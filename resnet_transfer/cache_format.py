@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
 from .cache import FEATURE_CHUNK_ROWS, FORMAT, FORMAT_VERSION, NO_STAT, FeatureCache, chunk_dir
 from .errors import CacheError, IdentityMismatch
 from .fsutil import atomic_write_json, fsync_dir, fsync_file, temp_name
+from .identity import BackboneIdentity
 
 #: version of each element's encoding; bumped when that element's layout changes
 ELEMENT_VERSIONS = {

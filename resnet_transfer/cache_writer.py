@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
 from .cache import FEATURE_CHUNK_ROWS, FeatureCache
 from .cache_format import (
     CacheSpec,
@@ -50,6 +49,7 @@ from .cache_format import (
 )
 from .errors import CacheError
 from .fsutil import FileLock, temp_name
+from .identity import BackboneIdentity
 
 __all__ = [
     "CacheSpec",

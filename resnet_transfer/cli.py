@@ -1,23 +1,40 @@
 """The `rt` command line: parse options, build a config, call the library, turn errors into one line.
 
-Imports of torch/timm happen inside the commands, so `rt --help` and argument errors answer at once.
-Exit codes: 0 success; 2 an error you can fix (message says how); 3 finished but some images were skipped.
+Start-up stays cheap: this module imports typer and nothing heavy; torch, timm, scikit-learn and matplotlib
+are imported by the library calls that need them (`rt --help`, `--version` and `rt info` never load torch).
+Exit codes: 0 success; 2 an error you can fix (message says how); 3 finished but some images were skipped;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from .runtime import tune_process
 
+
+class _Group(TyperGroup):
+    """The root command group: Ctrl-C anywhere in a command (inside a library call or not) exits 130."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
     name="rt",
+    cls=_Group,
     help=(
         "Transfer learning with pretrained ResNets.\n\n"
         "The small-data workflow: `rt extract` runs the frozen backbone once and caches its features; "
@@ -25,7 +42,7 @@ app = typer.Typer(
         "when you have more data; `rt predict` / `rt evaluate` use the result on new images."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
@@ -34,21 +51,44 @@ _STATE = {"debug": False, "quiet": False}
 T = TypeVar("T")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"rt (resnet_transfer) {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     _STATE["debug"] = debug
     _STATE["quiet"] = quiet
 
 
+def _progress_interval() -> float:
+    """Seconds between progress lines in logs: ``RT_PROGRESS_INTERVAL`` (default 10; 0: every step)."""
+    from .report import DEFAULT_PROGRESS_INTERVAL
+
+    try:
+        return max(0.0, float(os.environ.get("RT_PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)))
+    except ValueError:
+        return DEFAULT_PROGRESS_INTERVAL
+
+
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a library call with a console reporter; RtError -> one line on stderr and exit code 2."""
+    """Run a library call with a console reporter; RtError -> one line on stderr and its exit code (2, or
+    130 for an interrupt the library turned into a message saying how to resume)."""
     from .errors import RtError
     from .report import Reporter, set_reporter
 
-    previous = set_reporter(Reporter(verbose=not _STATE["quiet"]))
+    previous = set_reporter(Reporter(verbose=not _STATE["quiet"], progress_interval=_progress_interval()))
     try:
         return fn(*args, **kwargs)
     except RtError as exc:
@@ -404,16 +444,11 @@ def predict(
         for r in res.rows:
             w.writerow([r["path"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from .report import print_table
 
-        t = Table(title=f"{len(res.rows)} image(s)", title_justify="left")
-        t.add_column("image")
-        for i in range(min(top, len(res.classes))):
-            t.add_column(f"#{i + 1}")
-        for r in res.rows:
-            t.add_row(r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]])
-        Console(highlight=False, soft_wrap=True).print(t)
+        columns = ["image"] + [f"#{i + 1}" for i in range(min(top, len(res.classes)))]
+        rows = [[r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]]] for r in res.rows]
+        print_table(columns, rows, title=f"{len(res.rows)} image(s)")
     if res.skipped:
         raise typer.Exit(3)
 
@@ -463,19 +498,19 @@ def evaluate(
     if as_json:
         _echo_json(r)
     else:
-        from .report import metrics_rows
+        from .report import format_table, metrics_rows
 
         typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
         if r.get("balanced_accuracy") is not None:
             typer.echo(f"balanced accuracy: {r['balanced_accuracy']:.4f}   macro F1: {r['macro_f1']:.4f}")
         cols, rows = metrics_rows(r)
-        widths = [max(len(str(x)) for x in [c, *[row[i] for row in rows]]) for i, c in enumerate(cols)]
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for row in rows:
-            typer.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        typer.echo(format_table(cols, [[str(x) for x in row] for row in rows]))
         typer.echo("confusion matrix (rows: true, columns: predicted):")
-        for c, line in zip(r["classes"], r["confusion_matrix"]):
-            typer.echo(f"  {c[:20]:>20} " + " ".join(f"{v:5d}" for v in line))
+        names = [str(c) for c in r["classes"]]
+        width = max(len(c) for c in names)
+        cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
+        for c, line in zip(names, cells):
+            typer.echo(f"  {c:>{width}} " + " ".join(line))
     if res.skipped:
         raise typer.Exit(3)
 

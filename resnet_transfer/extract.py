@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, RtError, UsageError
+from .errors import DataError, Interrupted, RtError, UsageError
 from .report import get_reporter
 
 
@@ -332,7 +332,7 @@ def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], stor
             buf.flush(store, force=True)
     except KeyboardInterrupt:
         buf.flush(store, force=True)
-        raise RtError(
+        raise Interrupted(
             f"interrupted: finished chunks are saved in {store.dir}",
             "run the same command again to resume where it stopped",
         ) from None

@@ -46,7 +46,11 @@ def load_model(model_dir: str | Path, weights: str | None = None) -> LoadedModel
 
 
 def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: bool) -> Any:
-    """One :class:`ImageList` (absolute paths) for files, folders and manifests given together."""
+    """One :class:`ImageList` for files, folders and manifests given together. Its paths are written as
+    the user gave them (an image file as typed; a folder's or manifest's images joined to the folder or the
+    manifest's folder as typed), so relative inputs stay relative; the root is the working directory."""
+    import os
+
     from .data import ImageList, list_images
 
     if not inputs:
@@ -58,14 +62,17 @@ def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: 
     for inp in inputs:
         il = list_images(inp, classes=classes, allow_outside=allow_outside)
         notes += il.notes
-        root = Path(il.root).resolve()
-        for rel, lab in zip(il.paths, il.labels):
-            p = Path(rel)
-            paths.append(str(p if p.is_absolute() else root / p))
-            labels.append(lab)
+        given = os.fspath(inp)
+        if il.source == "file":
+            paths.append(given)
+            labels += il.labels
+        else:
+            base = given if il.source == "folder" else os.path.dirname(given)
+            paths += [rel if os.path.isabs(rel) else os.path.join(base, rel) for rel in il.paths]
+            labels += il.labels
         if classes is None and il.classes:
             class_names = class_names or list(il.classes)
-    return ImageList(Path("/"), paths, labels, class_names, "inputs", notes)
+    return ImageList(Path("."), paths, labels, class_names, "inputs", notes)
 
 
 def _probabilities(

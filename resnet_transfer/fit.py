@@ -196,6 +196,9 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             head.fit(cache.features(train_rows), y_train, X_val, y_val)
         identity = cache.identity
         cache_path = str(cache.path)
+        from .knn import knn_beside_fit
+
+        knn = knn_beside_fit(cache, train_rows, y_train, X_val, y_val, head, streamed)
 
     train_seconds = float(head.fit_seconds_)
     metrics = None
@@ -225,6 +228,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     }
     if metrics:
         report.update({k2: metrics[k2] for k2 in ("per_class", "macro_f1", "balanced_accuracy", "confusion_matrix")})
+    report["knn"] = knn
     report["classes"] = classes
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_model_dir(

@@ -83,7 +83,7 @@ def _fit_scores(
     head = SoftmaxHead("lbfgs", l2=cfg.l2, num_classes=n_classes, seed=seed).fit(X, y)
     out = {"probe": float(accuracy_score(yt, head.predict(Xt)))}
     if cfg.knn:
-        k = choose_k(X, y, seed=seed).k
+        k = choose_k(X, y).k
         out["knn"] = float(accuracy_score(yt, fit_knn(X, y, k).predict(Xt)))
     return out
 
@@ -151,6 +151,8 @@ def _summary(scores: dict[int, dict[str, list[float]]], n_test: int) -> list[dic
 def curve(cfg: CurveConfig) -> CurveResult:
     """Fit the probe (and the kNN) on nested k-per-class subsets of ``cfg.train`` for ``cfg.seeds`` seeds,
     score on ``cfg.test``; write ``curve.json`` and ``curve.png`` under ``cfg.out``; print the table."""
+    import torch
+
     from .report import Reporter, set_reporter
 
     rep = get_reporter()
@@ -160,12 +162,17 @@ def curve(cfg: CurveConfig) -> CurveResult:
     scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS if m == "probe" or cfg.knn} for k in ks}
     quiet = Reporter(verbose=False)  # per-fit messages (the chosen l2 of 40 fits) stay out of the output
     previous = set_reporter(quiet)
+    threads = torch.get_num_threads()
+    # many tiny fits: one thread each (an OpenMP team's start-up and sync cost more than the fit itself,
+    # 10-40x on a busy 2-core machine)
+    torch.set_num_threads(1)
     try:
         for seed in range(cfg.seeds):
             for k, rows in nested_subsets(y, ks, seed, len(classes)).items():
                 for m, s in _fit_scores(X[rows], y[rows], Xt, yt, cfg, seed, len(classes)).items():
                     scores[k][m].append(s)
     finally:
+        torch.set_num_threads(threads)
         set_reporter(previous)
     for w in dict.fromkeys(quiet.warnings):
         rep.warn(w)
@@ -181,7 +188,7 @@ def curve(cfg: CurveConfig) -> CurveResult:
         "n_test": len(yt),
         "seeds": cfg.seeds,
         "l2": cfg.l2 if cfg.l2 is not None else "chosen per fit",
-        "interval": "95% Student-t interval over seeds of the k-subset (the test set's own error: test_se)",
+        "interval": "95% t-interval (Student t) over seeds of the k-subset; the test set's own error: test_se",
         "subsets": "nested in k per seed (seed s draws one permutation per class)",
         "curve": summary,
         "seconds": round(time.perf_counter() - t0, 3),

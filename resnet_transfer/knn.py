@@ -2,7 +2,7 @@
 
 scikit-learn's ``KNeighborsClassifier`` with the cosine distance on mean-centred features (brute force:
 exact, and fast at the sizes a cache holds), neighbours weighted by inverse distance. ``k`` is chosen on the validation rows when there are
-some, else by stratified cross-validation on the training rows (``GridSearchCV``). A cheap, robust baseline
+some, else by leave-one-out cross-validation on the training rows (distances computed once). A cheap, robust baseline
 that needs no training, and a sanity check: where the head and the kNN disagree, one of them is wrong.
 """
 
@@ -19,9 +19,9 @@ import numpy as np
 from .errors import UsageError
 
 DEFAULT_KS = (1, 3, 5, 7, 10, 15, 20, 30)
-MAX_FOLDS = 5
 # brute-force distances are (train rows x query rows x dim) multiply-adds: above this the kNN is skipped
 MAX_WORK = 5e10
+LOO_MAX_ROWS = 4000  # leave-one-out k choice on at most this many rows (its distance matrix is rows^2)
 
 
 @dataclass
@@ -54,45 +54,59 @@ def _usable(ks: Sequence[int], n_train: int) -> list[int]:
     return usable or [max(1, min(n_train, 1))]
 
 
+def _cosine_distances(A: np.ndarray, B: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    from sklearn.metrics.pairwise import cosine_distances
+
+    return cosine_distances(A - mean, B - mean)
+
+
+def _scores_on(
+    D_query: np.ndarray, D_train: np.ndarray, y: np.ndarray, y_query: np.ndarray, ks: list[int]
+) -> dict[int, float]:
+    """Accuracy of each ``k`` from precomputed distances (one distance matrix for every ``k`` tried)."""
+    from sklearn.metrics import accuracy_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    scores = {}
+    for k in ks:
+        knn = KNeighborsClassifier(n_neighbors=k, metric="precomputed", weights="distance").fit(D_train, y)
+        scores[k] = float(accuracy_score(y_query, knn.predict(D_query)))
+    return scores
+
+
 def choose_k(
     X: np.ndarray,
     y: np.ndarray,
     X_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
     ks: Sequence[int] = DEFAULT_KS,
-    seed: int = 0,
 ) -> KnnChoice:
-    """Choose ``k`` (best accuracy, ties to the smaller ``k``): on ``X_val`` when given, else by stratified
-    ``GridSearchCV`` on ``X`` (as many folds as the smallest class allows, at most 5). With fewer than two
-    rows in a class and no validation rows, the smallest ``k`` is kept untested."""
+    """Choose ``k`` (best accuracy, ties to the smaller ``k``): on ``X_val`` when given, else by leave-one-out
+    cross-validation on ``X`` (every row classified by the others; the distances are computed once and
+    scikit-learn's classifier runs on them, ``metric="precomputed"``; at most ``LOO_MAX_ROWS`` rows).
+    Features are centred on the training mean, as :func:`make_knn` does."""
     from sklearn.metrics import accuracy_score
 
     y = np.asarray(y)
     if X_val is not None and y_val is not None and len(y_val):
         cands = _usable(ks, len(y))
-        scores = {}
-        for k in cands:
-            pred = make_knn(k).fit(X, y).predict(X_val)
-            scores[k] = float(accuracy_score(y_val, pred))
-        best = max(cands, key=lambda k: (scores[k], -k))
-        return KnnChoice(best, scores, f"accuracy on {len(y_val)} validation rows")
-    _, counts = np.unique(y, return_counts=True)
-    folds = int(min(MAX_FOLDS, counts.min())) if len(counts) > 1 else 0
-    if folds < 2:
-        return KnnChoice(_usable(ks, len(y))[0], {}, "not chosen: too few rows per class to cross-validate")
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
-    cands = _usable(ks, len(y) - int(np.ceil(len(y) / folds)))
-    search = GridSearchCV(
-        make_knn(cands[0]),
-        {"kneighborsclassifier__n_neighbors": cands},
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-        scoring="accuracy",
-    ).fit(X, y)
-    means = search.cv_results_["mean_test_score"]
-    scores = {int(k): float(s) for k, s in zip(search.cv_results_["param_kneighborsclassifier__n_neighbors"], means)}
+        scores = {k: float(accuracy_score(y_val, make_knn(k).fit(X, y).predict(X_val))) for k in cands}
+        how = f"accuracy on {len(y_val)} validation rows"
+    else:
+        if len(y) < 3 or len(np.unique(y)) < 2:
+            return KnnChoice(_usable(ks, len(y))[0], {}, "not chosen: too few rows to cross-validate")
+        rows = np.arange(len(y))
+        if len(y) > LOO_MAX_ROWS:  # the distance matrix is rows^2: choose on a seeded sample
+            rows = np.sort(np.random.default_rng(0).choice(len(y), LOO_MAX_ROWS, replace=False))
+        Xs, ys = np.asarray(X)[rows], y[rows]
+        D = _cosine_distances(Xs, Xs, Xs.mean(0, keepdims=True))
+        loo = D.copy()
+        np.fill_diagonal(loo, 1e6)  # a row is never its own neighbour (cosine distances are <= 2)
+        cands = _usable(ks, len(ys) - 1)
+        scores = _scores_on(loo, D, ys, ys, cands)
+        how = f"leave-one-out cross-validation on {len(ys)} training rows"
     best = max(cands, key=lambda k: (scores[k], -k))
-    return KnnChoice(best, scores, f"{folds}-fold stratified cross-validation on {len(y)} training rows")
+    return KnnChoice(best, scores, how)
 
 
 def fit_knn(X: np.ndarray, y: np.ndarray, k: int) -> Any:
@@ -111,7 +125,7 @@ def knn_report(
 ) -> dict[str, Any]:
     """Choose ``k``, then the kNN's accuracy on the validation rows and, given the head's predictions on
     them, how often the two agree. What `rt fit-head` reports beside the head."""
-    choice = choose_k(X, y, X_val, y_val, ks, seed)
+    choice = choose_k(X, y, X_val, y_val, ks)
     out: dict[str, Any] = {**choice.to_dict(), "metric": "cosine", "n_train": len(y)}
     if X_val is not None and y_val is not None and len(y_val):
         pred = fit_knn(X, y, choice.k).predict(X_val)

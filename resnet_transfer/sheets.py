@@ -65,7 +65,9 @@ def _thumbnail(path: Path | None, size: int) -> Any:
         img = load_image(path)
     except Exception as exc:  # a sheet is a picture: an unreadable file becomes a grey tile that says so
         return tile, f"unreadable ({type(exc).__name__})"
-    img.thumbnail((size, size))
+    from PIL import ImageOps
+
+    img = ImageOps.contain(img, (size, size))  # up or down to fit the tile, aspect kept
     tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
     return tile, None
 

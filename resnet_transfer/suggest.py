@@ -4,10 +4,11 @@
    manifest is first extracted, which computes only the images not cached yet).
 2. Uncertainty: ``margin`` (1 - (p1 - p2)), ``entropy`` (normalised to [0, 1]) or ``least`` (1 - p1),
    on the head's tempered probabilities.
-3. Diversity (Zhdanov 2019, "diverse mini-batch active learning"): the ``candidates x n`` most uncertain
-   rows are clustered into ``n`` groups by k-means on their L2-normalised features (cosine geometry,
-   uncertainty as the sample weight), and each group gives its most uncertain member. Near-duplicates fall
-   into one group, so one hard picture and its copies are suggested once.
+3. Diversity (after Zhdanov 2019, "diverse mini-batch active learning"): the ``candidates x n`` most
+   uncertain rows, near-copies collapsed (mean-centred cosine >= 0.99 with a row already taken), are
+   clustered into ``n`` groups by k-means on their L2-normalised features (cosine geometry, uncertainty as
+   the sample weight), and each group gives its most uncertain member. So one hard picture and its copies
+   are suggested once, and the picks spread over the uncertain part of the feature space.
 4. The picks go to a CSV manifest ``path,label`` with empty labels, paths relative to the manifest's folder
    (``rt extract --data to-label.csv`` reads it once the labels are filled in; the content-keyed cache
    reuses the pool's rows), a JSON with the scores, and a contact sheet of the picks.
@@ -30,6 +31,7 @@ from .report import get_reporter
 
 STRATEGIES = ("margin", "entropy", "least")
 CACHE_SUFFIXES = (".h5", ".hdf5")
+DUP_COSINE = 0.99  # candidates this alike (mean-centred cosine) are copies of one picture: one is kept
 
 
 @dataclass
@@ -69,29 +71,50 @@ def uncertainty(probs: np.ndarray, strategy: str = "margin") -> np.ndarray:
     raise UsageError(f"--strategy {strategy!r} is not known", f"use one of {', '.join(STRATEGIES)}")
 
 
-def diverse_top(features: np.ndarray, scores: np.ndarray, n: int, candidates: float = 5.0, seed: int = 0) -> np.ndarray:
-    """Indices of ``n`` rows that are uncertain and unlike each other: k-means (``n`` clusters, weighted by
-    ``scores``) over the L2-normalised features of the ``candidates * n`` highest ``scores``, then the
-    highest-scoring row of each cluster; returned highest score first."""
+def _distinct(Xn: np.ndarray, order: np.ndarray, m: int, dup_cosine: float) -> np.ndarray:
+    """Up to ``m`` rows taken in ``order``, skipping a row whose cosine with one already taken is at least
+    ``dup_cosine`` (copies of one picture count once); scans at most ``20 m`` rows."""
+    kept: list[int] = []
+    for i in order[: 20 * m]:
+        if kept and float((Xn[kept] @ Xn[i]).max()) >= dup_cosine:
+            continue
+        kept.append(int(i))
+        if len(kept) == m:
+            break
+    return np.asarray(kept, dtype=np.int64)
+
+
+def diverse_top(
+    features: np.ndarray,
+    scores: np.ndarray,
+    n: int,
+    candidates: float = 5.0,
+    seed: int = 0,
+    dup_cosine: float = DUP_COSINE,
+) -> np.ndarray:
+    """Indices of up to ``n`` rows that are uncertain and unlike each other. Features are mean-centred and
+    L2-normalised (cosine geometry); the ``candidates * n`` highest ``scores`` that are not near-copies of
+    each other (cosine < ``dup_cosine``) are clustered by k-means into ``n`` groups (weighted by ``scores``)
+    and each group gives its highest-scoring row. Returned highest score first."""
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import normalize
 
     if n < 1:
         raise UsageError(f"-n {n} must be at least 1")
+    X = np.asarray(features, dtype=np.float64)
+    Xn = normalize(X - X.mean(0, keepdims=True))
     order = np.argsort(-scores, kind="stable")
-    m = min(len(order), max(n, int(np.ceil(candidates * n))))
-    cand = order[:m]
-    if m <= n:
+    cand = _distinct(Xn, order, max(n, int(np.ceil(candidates * n))), dup_cosine)
+    if len(cand) <= n:
         return cand
-    Xc = normalize(np.asarray(features[cand], dtype=np.float64))
-    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(Xc, sample_weight=scores[cand] + 1e-6)
+    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(Xn[cand], sample_weight=scores[cand] + 1e-6)
     picks = []
     for c in range(n):
         members = np.flatnonzero(km.labels_ == c)
         if len(members):
             picks.append(cand[members[np.argmax(scores[cand][members])]])
-    picks = np.asarray(picks, dtype=np.int64)
-    return picks[np.argsort(-scores[picks], kind="stable")]
+    out = np.asarray(picks, dtype=np.int64)
+    return out[np.argsort(-scores[out], kind="stable")]
 
 
 def _pool_cache(cfg: SuggestConfig, md: Any) -> Path:

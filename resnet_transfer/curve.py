@@ -221,12 +221,14 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     try:
-        full = max((r["k"] for r in report["curve"] if r["k"] != "all"), default=1)
+        # "all" sits at the training set's mean images per class (right of the largest k)
+        largest = max((r["k"] for r in report["curve"] if r["k"] != "all"), default=1)
+        full = max(report["n_train"] / len(report["classes"]), largest * 1.5)
         for m, shift in zip(METHODS, (0.97, 1.03)):  # side by side, so the error bars do not hide each other
             pts = [r for r in report["curve"] if r["method"] == m]
             if not pts:
                 continue
-            xs = [(full * 2 if r["k"] == "all" else r["k"]) * shift for r in pts]
+            xs = [(full if r["k"] == "all" else r["k"]) * shift for r in pts]
             ys = [r["mean"] for r in pts]
             err = [
                 [0 if r["low"] is None else r["mean"] - r["low"] for r in pts],
@@ -235,10 +237,8 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="linear probe" if m == "probe" else "cosine kNN")
         ax.set_xscale("log")
         ax.minorticks_off()
-        ticks = sorted({full * 2 if r["k"] == "all" else r["k"] for r in report["curve"]})
-        ax.set_xticks(
-            ticks, ["all" if t == full * 2 and any(r["k"] == "all" for r in report["curve"]) else str(t) for t in ticks]
-        )
+        ticks = sorted({full if r["k"] == "all" else r["k"] for r in report["curve"]})
+        ax.set_xticks(ticks, [f"all ({full:.0f})" if t == full else str(t) for t in ticks])
         ax.set_xlabel("labelled images per class")
         ax.set_ylabel(f"test accuracy ({report['n_test']} images)")
         ax.set_title(f"{Path(report['train']).name}: mean and 95% t-interval, {report['seeds']} seeds", fontsize=9)

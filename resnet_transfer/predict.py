@@ -325,6 +325,8 @@ def evaluate(
         source = str(data)
         from .calibration import log_probabilities
 
+        # untempered log-probabilities (the extras apply the head's temperature themselves): if
+        # _probabilities ever applies the temperature, undo it here (multiply by T) before passing them on
         logits, X, files = log_probabilities(probs), None, [Path(images.paths[i]) for i in good]
     metrics = classification_metrics(y, pred, classes)
     report = {

@@ -59,7 +59,8 @@ def content_keys(cache: Any, files: list[Path | None]) -> tuple[list[str], str]:
 
     from .fsutil import file_digest
 
-    keys = list(getattr(cache, "keys", None) or [])
+    keys = getattr(cache, "keys", None)
+    keys = list((keys() if callable(keys) else keys) or [])
     if len(keys) == cache.n and all(keys):
         return keys, "content key"
     if files and all(f is not None and f.is_file() for f in files):
@@ -203,7 +204,11 @@ def _duplicates(tr: _Side, te: _Side | None, Xc: np.ndarray, Xt: np.ndarray | No
         index = defaultdict(list)
         for i, k in enumerate(tr.keys):
             index[k].append(i)
-        leaks = [(i, j) for j, k in enumerate(te.keys) for i in index.get(k, [])] if te.key_kind == tr.key_kind else []
+        # a cache's content key is fsutil.file_digest of the file: the two kinds compare; feature hashes only
+        # with feature hashes
+        digests = {"content key", "file digest"}
+        comparable = te.key_kind == tr.key_kind or {te.key_kind, tr.key_kind} <= digests
+        leaks = [(i, j) for j, k in enumerate(te.keys) for i in index.get(k, [])] if comparable else []
         leak_set = set(leaks)
         near_x = [(i, j, s) for j, i, s in near_pairs(Xt, Xc, thr) if (i, j) not in leak_set]
         out["leakage_exact"] = [{"train": tr.paths[i], "test": te.paths[j], "rows": [i, j]} for i, j in leaks]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import CacheWriter
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.head import HeadModule
 from resnet_transfer.modeldir import HEAD_FILE, write_model_dir
 

@@ -119,8 +119,9 @@ def plot_reliability(report: dict[str, Any], path: str | Path, title: str = "rel
         width = edges[1] - edges[0]
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
         t = report["temperature"]
-        styles = (("before", "T=1", "tab:red", 0.45), ("after", f"T={t:.3g}", "tab:blue", 0.9))
-        for key, name, colour, w in styles:
+        # after (wide, light) under before (narrow, dark), so both stay visible
+        styles = (("after", f"T={t:.3g}", "tab:blue", 0.9, 0.35), ("before", "T=1", "tab:red", 0.4, 0.8))
+        for key, name, colour, w, alpha in styles:
             if key == "after" and t == 1.0:
                 continue
             r = report["reliability"][key]
@@ -130,7 +131,7 @@ def plot_reliability(report: dict[str, Any], path: str | Path, title: str = "rel
                 acc,
                 width=width * w,
                 color=colour,
-                alpha=0.55,
+                alpha=alpha,
                 edgecolor=colour,
                 label=f"{name}: ECE {report['ece'][key]:.3f}, log-loss {report['log_loss'][key]:.3f}",
             )

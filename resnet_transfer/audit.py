@@ -336,6 +336,10 @@ def audit(cfg: AuditConfig) -> AuditResult:
     files = [atomic_write_json(out / "audit.json", report)]
     items = _sheet_items(report, tr, te, cfg.top)
     if cfg.sheet and items:
+        if not any(f is not None and f.is_file() for f, _ in items):
+            get_reporter().warn(
+                "audit.png: the images were not found: pass --root / --test-root (their --data folders)"
+            )
         files.append(contact_sheet(items, out / "audit.png", title=f"audit of {Path(tr.name).name}"))
     get_reporter().info(f"wrote {', '.join(str(f) for f in files)}")
     return AuditResult(report, files)

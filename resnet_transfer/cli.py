@@ -408,6 +408,10 @@ def predict(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    min_confidence: Annotated[
+        float | None,
+        typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
+    ] = None,
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -425,8 +429,17 @@ def predict(
         typer.echo("error: choose one of --json and --csv", err=True)
         raise typer.Exit(2)
     res = _call(
-        run_predict, model_dir, list(inputs), tta=tta, top=top, weights=weights, batch_size=batch_size, device=device
+        run_predict,
+        model_dir,
+        list(inputs),
+        tta=tta,
+        top=top,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        min_confidence=min_confidence,
     )
+    marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:
         _echo_json(
             {
@@ -440,14 +453,21 @@ def predict(
 
         w = csv.writer(sys.stdout)
         k = max((len(r["top"]) for r in res.rows), default=0)
-        w.writerow(["path"] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        pcol = ["prediction"] if marked else []
+        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
         for r in res.rows:
-            w.writerow([r["path"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+            pval = [r["prediction"]] if marked else []
+            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
     else:
         from .report import print_table
 
-        columns = ["image"] + [f"#{i + 1}" for i in range(min(top, len(res.classes)))]
-        rows = [[r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]]] for r in res.rows]
+        columns = ["image", *(["prediction"] if marked else [])] + [
+            f"#{i + 1}" for i in range(min(top, len(res.classes)))
+        ]
+        rows = [
+            [r["path"], *([r["prediction"]] if marked else []), *[f"{c} {p:.3f}" for c, p in r["top"]]]
+            for r in res.rows
+        ]
         print_table(columns, rows, title=f"{len(res.rows)} image(s)")
     if res.skipped:
         raise typer.Exit(3)
@@ -470,8 +490,21 @@ def evaluate(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    worst: Annotated[
+        int, typer.Option("--worst", help="Write OUT/worst.png: the N most confidently wrong images.")
+    ] = 0,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Show a cosine kNN beside the head (--cache).")] = True,
+    knn_cache: Annotated[
+        Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="With --cache and --worst: the folder it was extracted from.")
+    ] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Also log-loss and expected calibration error at T=1 and at the head's temperature (OUT/reliability.png),
+    and, on a cache, a kNN on the same features beside the head.
 
     Examples:
 
@@ -493,6 +526,10 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         out=out,
+        worst=worst,
+        knn=knn,
+        knn_cache=knn_cache,
+        root=root,
     )
     r = res.report
     if as_json:
@@ -511,6 +548,10 @@ def evaluate(
         cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
         for c, line in zip(names, cells):
             typer.echo(f"  {c:>{width}} " + " ".join(line))
+        from .insights import summary_lines
+
+        for line in summary_lines(r):
+            typer.echo(line)
     if res.skipped:
         raise typer.Exit(3)
 
@@ -726,3 +767,152 @@ def main() -> None:
             err=True,
         )
         raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------- cache tools: suggest / audit / curve
+# (h-tools; self-contained block: the library calls live in suggest.py, audit.py, curve.py)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """``"5,10,all"`` -> ``[5, 10, 0]`` (0 = all rows); a bad entry is a usage error naming ``option``."""
+    try:
+        return [0 if x.lower() == "all" else int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        typer.echo(f"error: {option} {text!r}: give integers separated by commas, e.g. 5,10,20", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def suggest(
+    head: Annotated[Path, typer.Option("--head", help="The head directory that scores the pool.")],
+    pool: Annotated[
+        Path,
+        typer.Option(
+            "--pool",
+            help="Unlabelled images: a cache (its rows with an empty label), or a folder / manifest of images "
+            "(extracted first; only images not cached yet are computed).",
+        ),
+    ],
+    n: Annotated[int, typer.Option("-n", "--n", help="How many images to suggest.")] = 50,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The CSV manifest to write (path,label with empty labels).")
+    ] = Path("to-label.csv"),
+    strategy: Annotated[str, typer.Option("--strategy", help="Uncertainty: margin | entropy | least.")] = "margin",
+    candidates: Annotated[
+        float, typer.Option("--candidates", help="Diversify among the candidates x n most uncertain images.")
+    ] = 5.0,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Folder the pool cache's paths are relative to (its --data).")
+    ] = None,
+    pool_cache: Annotated[
+        Path | None, typer.Option("--pool-cache", help="Where a folder/manifest pool is cached (default OUT.pool.h5).")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Also write OUT.png, the picks as a grid.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the clustering.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the suggestions as JSON.")] = False,
+) -> None:
+    """Which unlabelled images to label next: the most uncertain, spread over the feature space.
+
+    Writes a CSV manifest to fill in (paths relative to it), OUT.json with the scores and OUT.png.
+    After labelling: `rt extract --data OUT` (the cache reuses the pool's rows).
+
+    Examples:
+
+        rt suggest --head cat-head/ --pool unlabelled.h5 -n 50 --out to-label.csv
+
+        rt suggest --head cat-head/ --pool ./new-photos -n 20
+    """
+    from .suggest import SuggestConfig
+    from .suggest import suggest as run_suggest
+
+    cfg = SuggestConfig(
+        head=head,
+        pool=pool,
+        out=out,
+        n=n,
+        strategy=strategy,
+        candidates=candidates,
+        root=root,
+        pool_cache=pool_cache,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_suggest, cfg)
+    if as_json:
+        _echo_json(res.rows)
+
+
+@app.command()
+def audit(
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="The labelled training cache to audit.")],
+    test: Annotated[Path | None, typer.Option("--test", help="A test cache: look for train/test leakage.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for audit.json and audit.png.")] = Path("audit"),
+    near: Annotated[
+        float, typer.Option("--near", help="Cosine (mean-centred features) from which two images are near duplicates.")
+    ] = 0.95,
+    top: Annotated[int, typer.Option("--top", help="Findings shown per kind.")] = 10,
+    root: Annotated[Path | None, typer.Option("--root", help="Folder --cache's paths are relative to.")] = None,
+    test_root: Annotated[
+        Path | None, typer.Option("--test-root", help="Folder --test's paths are relative to.")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write audit.png of the images found.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Audit a dataset from its cache: exact and near duplicates, train/test leakage, likely label errors,
+    class imbalance and outliers. Writes OUT/audit.json and OUT/audit.png (the images in question).
+
+    Examples:
+
+        rt audit --cache pets.h5 --test pets-test.h5
+
+        rt audit --cache pets.h5 --near 0.9 --out audit/ --json
+    """
+    from .audit import AuditConfig
+    from .audit import audit as run_audit
+
+    cfg = AuditConfig(
+        cache=cache,
+        test=test,
+        out=out,
+        near_threshold=near,
+        top=top,
+        root=root,
+        test_root=test_root,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_audit, cfg)
+    if as_json:
+        _echo_json(res.report)
+
+
+@app.command()
+def curve(
+    train: Annotated[Path, typer.Option("--train", help="Labelled training cache to draw k-subsets from.")],
+    test: Annotated[Path, typer.Option("--test", help="Labelled test cache (same backbone and classes).")],
+    k: Annotated[str, typer.Option("--k", help="Images per class, comma-separated; `all` = every row.")] = "5,10,20,50",
+    seeds: Annotated[int, typer.Option("--seeds", help="Draws of each k-subset (the interval is over them).")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for curve.json and curve.png.")] = Path("curve"),
+    l2: Annotated[
+        float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit, as fit-head).")
+    ] = None,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Also the cosine kNN baseline.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Label-efficiency curve: test accuracy of the linear probe (and a kNN) against labelled images per
+    class, mean and 95% t-interval over seeds of the k-subset. Head fits only: seconds.
+
+    Examples:
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 5,10,20,50 --seeds 10
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 1,2,5,all --seeds 20 --out curve/
+    """
+    from .curve import CurveConfig
+    from .curve import curve as run_curve
+
+    cfg = CurveConfig(train=train, test=test, ks=_int_list(k, "--k"), seeds=seeds, out=out, l2=l2, knn=knn)
+    res = _call(run_curve, cfg)
+    if as_json:
+        _echo_json(res.report)

@@ -407,6 +407,10 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             head.module_.features = selection[0].features
         identity = cache.identity
         cache_path = str(cache.path)
+        from .knn import knn_beside_fit
+
+        rows = split.train_rows
+        knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed)
 
     calibration = _calibrate(head, split, len(classes))
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
@@ -423,6 +427,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         }
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
+    report["knn"] = knn
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_model_dir(
         out,

@@ -363,8 +363,13 @@ def _maybe_choose_features(
     if cands == [None]:
         return None, None
     if _needs_streaming(cfg, cache, split.train_rows, str(params.get("solver", "lbfgs")))[0]:
-        if len(cands) > 1 or cands[0] is not None:
-            get_reporter().warn("the training rows exceed the memory budget: using the final features, no choice")
+        if cfg.features != "auto":
+            raise UsageError(
+                f"--features {cfg.features}: the training rows exceed the memory budget, and stage features "
+                "are chosen and fitted in memory",
+                "raise --max-memory-gb, or use --features final (streamed)",
+            )
+        get_reporter().warn("the training rows exceed the memory budget: using the final features, no choice")
         return None, None
     try:
         sel, X_train, vsplit = _choose_features(cfg, cache, classes, split, cands)
@@ -376,11 +381,35 @@ def _maybe_choose_features(
     return (sel, vsplit), X_train
 
 
+def _write_head_dir(out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any]) -> None:
+    """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors."""
+    from .modeldir import write_model_dir
+
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_model_dir(
+        out,
+        kind="head",
+        identity=identity,
+        classes=classes,
+        head_config=head.module_.config,
+        tensors={"head.safetensors": head.module_.state_dict()},
+        extra_meta={
+            "created": created,
+            "fit": {
+                "solver": head.solver,
+                "l2": head.l2_,
+                "cache": report["cache"],
+                "validation": report["validation"],
+                "features": report["features"],
+            },
+        },
+    )
+
+
 def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
     from .cache import FeatureCache
     from .head_estimator import SoftmaxHead
-    from .modeldir import write_model_dir
     from .report import plot_confusion
 
     rep = get_reporter()
@@ -428,19 +457,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
     report["knn"] = knn
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    write_model_dir(
-        out,
-        kind="head",
-        identity=identity,
-        classes=classes,
-        head_config=head.module_.config,
-        tensors={"head.safetensors": head.module_.state_dict()},
-        extra_meta={
-            "created": created,
-            "fit": {"solver": head.solver, "l2": head.l2_, "cache": cache_path, "validation": report["validation"]},
-        },
-    )
+    _write_head_dir(out, head, identity, classes, report)
     if metrics and cfg.plot:
         plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{out.name}: validation")
     report["warnings"] = rep.warnings[warn_start:]

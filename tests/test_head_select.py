@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import resnet_transfer.cache as cache_mod
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.cache import FeatureCache
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.errors import UsageError
 from resnet_transfer.fit import FitHeadConfig, fit_head
 from resnet_transfer.head import build_head_module
@@ -159,6 +160,8 @@ def test_fit_head_features_final_and_plain_caches_change_nothing(staged: Path, t
     assert "features" not in read_model_dir(tmp_path / "h").head_config
     with pytest.raises(UsageError, match="--features"):
         fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h2", features="layer9"))
+    with pytest.raises(UsageError, match="memory budget"):  # stage features are fitted in memory
+        fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h3", features="layer3", max_memory_gb=1e-9))
 
 
 def test_cli_features_option(staged: Path, tmp_path: Path) -> None:

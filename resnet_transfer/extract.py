@@ -72,7 +72,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if launched():  # a torchrun worker: this rank's block into its shard, then rank 0 assembles
         return _extract_sharded(cfg)
     from .cache import FeatureCache
-    from .data import list_images
+    from .data import extended_class_order, list_images
 
     out = Path(cfg.out)
     # Class order: an existing cache's first (so incremental adds keep label ids), then new ones sorted.
@@ -84,8 +84,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             known = None  # the writer reports what is wrong with it
     images = list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
-        extra = [c for c in images.classes if c not in known]
-        images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+        order = extended_class_order(known, images.classes)
+        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
     return extract_images(cfg, images, out)
 
 
@@ -201,10 +201,7 @@ def extract_images(cfg: ExtractConfig, images: Any, out: Path) -> ExtractResult:
     total = time.perf_counter() - t0
     rate = len(todo) / seconds if seconds > 0 else 0.0
     rep.info(f"wrote {out}: {rows} rows ({new} new) in {total:.1f}s, {rate:.1f} img/s")
-    if skipped:
-        rep.warn(f"{len(skipped)} file(s) skipped (listed in the cache; `rt info {out} --skipped`):")
-        for p, reason in skipped[:20]:
-            rep.warn(f"  {p}: {reason}")
+    rep.skipped(skipped, f"file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
     return ExtractResult(out, rows, new, list(skipped), total, rate, images.notes)
 
 
@@ -350,7 +347,7 @@ def _plan(cfg: ExtractConfig, out: Path, lock: Any) -> _Plan:
     from .backbones import build_backbone
     from .cache import FeatureCache
     from .cache_writer import check_same_stages, remove_cache, shard_files
-    from .data import list_images
+    from .data import extended_class_order, list_images
 
     lock.acquire()
     if cfg.overwrite:
@@ -362,8 +359,8 @@ def _plan(cfg: ExtractConfig, out: Path, lock: Any) -> _Plan:
         known = base.classes if base is not None else None
         images = list_images(cfg.data, allow_outside=cfg.allow_outside)
         if known is not None:
-            extra = [c for c in images.classes if c not in known]
-            images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+            order = extended_class_order(known, images.classes)
+            images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
         done: set[str] = set()
         if base is not None:
             # the shards are checked by their writers; the final cache is checked here, before any work
@@ -431,8 +428,7 @@ def _assemble(cfg: ExtractConfig, out: Path, plan: _Plan, world: int, new_rows: 
     result = _result_of(out, new_rows, t0, plan.todo.notes)
     kind = "merged file" if merge else f"virtual dataset over {len({s for s, _ in rows})} shard file(s)"
     rep.info(f"wrote {out}: {result.rows} rows ({new_rows} new) as a {kind} in {time.perf_counter() - t0:.1f}s")
-    if result.skipped:
-        rep.warn(f"{len(result.skipped)} file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
+    rep.skipped(result.skipped, f"file(s) skipped (listed in the cache; `rt info {out} --skipped`)", limit=0)
     return result
 
 

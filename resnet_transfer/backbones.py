@@ -459,3 +459,27 @@ def save_backbone(net: Any, path: Path, identity: BackboneIdentity) -> None:
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+
+
+def pooled_stage_features(backbone: Backbone, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass of ``backbone.net`` over ``x``: the globally average-pooled output of each stage in
+    ``stages`` (``(N, C_stage)`` float32 tensors), keyed by stage name.
+
+    A stage named twice is computed once; a name that is not a stage is a :class:`UsageError`. The same
+    pooling as ``rt extract --pool-stages`` (mean over H and W of the stage's output)."""
+    names = [backbone.check_stage(s, "stage") for s in dict.fromkeys(stages)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _inp: Any, output: torch.Tensor) -> None:
+            captured[name] = output.float().mean(dim=(2, 3))
+
+        return hook
+
+    hooks = [backbone.net.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        backbone.net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: captured[n] for n in names}

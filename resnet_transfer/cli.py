@@ -186,15 +186,29 @@ def extract(
         bool,
         typer.Option(
             "--merge",
-            help="Under torchrun: write one real HDF5 file and delete the shards (default: a virtual dataset "
-            "over the per-rank shard files).",
+            help="Write one self-contained HDF5 file (real datasets, no <out>.chunks/ folder). Default: a small "
+            "index whose datasets are virtual over immutable chunk files, so an update writes only what changed.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what would change (added, changed, removed, ...) and compute nothing."),
+    ] = False,
+    pool_stages: Annotated[
+        str | None,
+        typer.Option(
+            "--pool-stages",
+            help="Also store the globally average-pooled features of these stages (e.g. layer3,layer4), "
+            "from the same forward pass, as /pooled/<stage>.",
+        ),
+    ] = None,
 ) -> None:
     """Run the frozen backbone over the images once and cache pooled features (and --cut maps).
 
-    Interrupted runs resume; running again adds only new images. Images that cannot be read are
-    skipped, listed, and make the exit code 3 (--strict: fail instead).
+    Rows are keyed by the images' content: running again computes only new content (edited or added
+    images) and updates moved, relabelled and deleted ones without a forward pass; interrupted runs
+    resume. Images that cannot be read are skipped, listed, and make the exit code 3 (--strict: fail
+    instead; a repaired file is retried).
 
     Examples:
 
@@ -226,11 +240,13 @@ def extract(
         max_pixels=max_pixels,
         chunk_rows=chunk_rows,
         merge=merge,
+        dry_run=dry_run,
+        pool_stages=[x.strip() for x in (pool_stages or "").split(",") if x.strip()],
     )
     result = _call(run_extract, cfg)
     from .distributed import launched
 
-    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+    if result.skipped and not launched() and not dry_run:  # torchrun reports any non-zero exit as a crash
         raise typer.Exit(3)
 
 
@@ -282,6 +298,15 @@ def fit_head_cmd(
         float, typer.Option("--val-fraction", help="Stratified share of --cache held out for validation.")
     ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, subsample and minibatch order.")] = 0,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="Which pooled features the head reads: `auto` (choose on validation among the final ones, each "
+            "stage the cache stores and their concatenation; the final ones when it stores none), `final`, a "
+            "stage (`layer3`) or stages joined by + (`layer3+layer4`).",
+        ),
+    ] = "auto",
     solver: Annotated[
         str,
         typer.Option(
@@ -326,6 +351,8 @@ def fit_head_cmd(
         rt fit-head --cache pets.h5 --classes 3 --class-weight balanced --out cat-head/
 
         rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
+
+        rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
     """
     from .fit import FitHeadConfig
     from .fit import fit_head as run_fit_head
@@ -338,6 +365,7 @@ def fit_head_cmd(
         val=val,
         val_fraction=val_fraction,
         seed=seed,
+        features=features,
         solver=solver,
         l2=l2,
         hidden=hidden,
@@ -380,6 +408,10 @@ def predict(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    min_confidence: Annotated[
+        float | None,
+        typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
+    ] = None,
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -397,8 +429,17 @@ def predict(
         typer.echo("error: choose one of --json and --csv", err=True)
         raise typer.Exit(2)
     res = _call(
-        run_predict, model_dir, list(inputs), tta=tta, top=top, weights=weights, batch_size=batch_size, device=device
+        run_predict,
+        model_dir,
+        list(inputs),
+        tta=tta,
+        top=top,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        min_confidence=min_confidence,
     )
+    marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:
         _echo_json(
             {
@@ -412,14 +453,21 @@ def predict(
 
         w = csv.writer(sys.stdout)
         k = max((len(r["top"]) for r in res.rows), default=0)
-        w.writerow(["path"] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        pcol = ["prediction"] if marked else []
+        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
         for r in res.rows:
-            w.writerow([r["path"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+            pval = [r["prediction"]] if marked else []
+            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
     else:
         from .report import print_table
 
-        columns = ["image"] + [f"#{i + 1}" for i in range(min(top, len(res.classes)))]
-        rows = [[r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]]] for r in res.rows]
+        columns = ["image", *(["prediction"] if marked else [])] + [
+            f"#{i + 1}" for i in range(min(top, len(res.classes)))
+        ]
+        rows = [
+            [r["path"], *([r["prediction"]] if marked else []), *[f"{c} {p:.3f}" for c, p in r["top"]]]
+            for r in res.rows
+        ]
         print_table(columns, rows, title=f"{len(res.rows)} image(s)")
     if res.skipped:
         raise typer.Exit(3)
@@ -442,8 +490,21 @@ def evaluate(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    worst: Annotated[
+        int, typer.Option("--worst", help="Write OUT/worst.png: the N most confidently wrong images.")
+    ] = 0,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Show a cosine kNN beside the head (--cache).")] = True,
+    knn_cache: Annotated[
+        Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="With --cache and --worst: the folder it was extracted from.")
+    ] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Also log-loss and expected calibration error at T=1 and at the head's temperature (OUT/reliability.png),
+    and, on a cache, a kNN on the same features beside the head.
 
     Examples:
 
@@ -465,6 +526,10 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         out=out,
+        worst=worst,
+        knn=knn,
+        knn_cache=knn_cache,
+        root=root,
     )
     r = res.report
     if as_json:
@@ -484,6 +549,10 @@ def evaluate(
         cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
         for c, line in zip(names, cells):
             typer.echo(f"  {c:>{width}} " + " ".join(line))
+        from .insights import summary_lines
+
+        for line in summary_lines(r):
+            typer.echo(line)
     if res.skipped:
         raise typer.Exit(3)
 
@@ -699,3 +768,152 @@ def main() -> None:
             err=True,
         )
         raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------- cache tools: suggest / audit / curve
+# (h-tools; self-contained block: the library calls live in suggest.py, audit.py, curve.py)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """``"5,10,all"`` -> ``[5, 10, 0]`` (0 = all rows); a bad entry is a usage error naming ``option``."""
+    try:
+        return [0 if x.lower() == "all" else int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        typer.echo(f"error: {option} {text!r}: give integers separated by commas, e.g. 5,10,20", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def suggest(
+    head: Annotated[Path, typer.Option("--head", help="The head directory that scores the pool.")],
+    pool: Annotated[
+        Path,
+        typer.Option(
+            "--pool",
+            help="Unlabelled images: a cache (its rows with an empty label), or a folder / manifest of images "
+            "(extracted first; only images not cached yet are computed).",
+        ),
+    ],
+    n: Annotated[int, typer.Option("-n", "--n", help="How many images to suggest.")] = 50,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The CSV manifest to write (path,label with empty labels).")
+    ] = Path("to-label.csv"),
+    strategy: Annotated[str, typer.Option("--strategy", help="Uncertainty: margin | entropy | least.")] = "margin",
+    candidates: Annotated[
+        float, typer.Option("--candidates", help="Diversify among the candidates x n most uncertain images.")
+    ] = 5.0,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Folder the pool cache's paths are relative to (its --data).")
+    ] = None,
+    pool_cache: Annotated[
+        Path | None, typer.Option("--pool-cache", help="Where a folder/manifest pool is cached (default OUT.pool.h5).")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Also write OUT.png, the picks as a grid.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the clustering.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the suggestions as JSON.")] = False,
+) -> None:
+    """Which unlabelled images to label next: the most uncertain, spread over the feature space.
+
+    Writes a CSV manifest to fill in (paths relative to it), OUT.json with the scores and OUT.png.
+    After labelling: `rt extract --data OUT` (the cache reuses the pool's rows).
+
+    Examples:
+
+        rt suggest --head cat-head/ --pool unlabelled.h5 -n 50 --out to-label.csv
+
+        rt suggest --head cat-head/ --pool ./new-photos -n 20
+    """
+    from .suggest import SuggestConfig
+    from .suggest import suggest as run_suggest
+
+    cfg = SuggestConfig(
+        head=head,
+        pool=pool,
+        out=out,
+        n=n,
+        strategy=strategy,
+        candidates=candidates,
+        root=root,
+        pool_cache=pool_cache,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_suggest, cfg)
+    if as_json:
+        _echo_json(res.rows)
+
+
+@app.command()
+def audit(
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="The labelled training cache to audit.")],
+    test: Annotated[Path | None, typer.Option("--test", help="A test cache: look for train/test leakage.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for audit.json and audit.png.")] = Path("audit"),
+    near: Annotated[
+        float, typer.Option("--near", help="Cosine (mean-centred features) from which two images are near duplicates.")
+    ] = 0.95,
+    top: Annotated[int, typer.Option("--top", help="Findings shown per kind.")] = 10,
+    root: Annotated[Path | None, typer.Option("--root", help="Folder --cache's paths are relative to.")] = None,
+    test_root: Annotated[
+        Path | None, typer.Option("--test-root", help="Folder --test's paths are relative to.")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write audit.png of the images found.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Audit a dataset from its cache: exact and near duplicates, train/test leakage, likely label errors,
+    class imbalance and outliers. Writes OUT/audit.json and OUT/audit.png (the images in question).
+
+    Examples:
+
+        rt audit --cache pets.h5 --test pets-test.h5
+
+        rt audit --cache pets.h5 --near 0.9 --out audit/ --json
+    """
+    from .audit import AuditConfig
+    from .audit import audit as run_audit
+
+    cfg = AuditConfig(
+        cache=cache,
+        test=test,
+        out=out,
+        near_threshold=near,
+        top=top,
+        root=root,
+        test_root=test_root,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_audit, cfg)
+    if as_json:
+        _echo_json(res.report)
+
+
+@app.command()
+def curve(
+    train: Annotated[Path, typer.Option("--train", help="Labelled training cache to draw k-subsets from.")],
+    test: Annotated[Path, typer.Option("--test", help="Labelled test cache (same backbone and classes).")],
+    k: Annotated[str, typer.Option("--k", help="Images per class, comma-separated; `all` = every row.")] = "5,10,20,50",
+    seeds: Annotated[int, typer.Option("--seeds", help="Draws of each k-subset (the interval is over them).")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for curve.json and curve.png.")] = Path("curve"),
+    l2: Annotated[
+        float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit, as fit-head).")
+    ] = None,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Also the cosine kNN baseline.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Label-efficiency curve: test accuracy of the linear probe (and a kNN) against labelled images per
+    class, mean and 95% t-interval over seeds of the k-subset. Head fits only: seconds.
+
+    Examples:
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 5,10,20,50 --seeds 10
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 1,2,5,all --seeds 20 --out curve/
+    """
+    from .curve import CurveConfig
+    from .curve import curve as run_curve
+
+    cfg = CurveConfig(train=train, test=test, ks=_int_list(k, "--k"), seeds=seeds, out=out, l2=l2, knn=knn)
+    res = _call(run_curve, cfg)
+    if as_json:
+        _echo_json(res.report)

@@ -85,7 +85,7 @@ def _probabilities(
     max_pixels: int | None,
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``.
-    Test-time views are averaged in probability."""
+    The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability."""
     import torch
 
     from .forward import forward_images
@@ -99,6 +99,7 @@ def _probabilities(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     head = model.head.to(dev).eval()
+    # a head on several stages' pooled features: the classifier's own pooling (else the backbone's forward)
     pooled = model.classifier.pooled if getattr(model.classifier, "features", None) else None
     probs: list[np.ndarray] = []
     good: list[int] = []
@@ -118,10 +119,10 @@ def _probabilities(
             skipped += [(images.paths[i], e) for i, e in b.skipped]
             if b.features is not None:
                 feats = b.features.reshape(-1, b.features.shape[-1])
-                p = torch.softmax(head(feats).float(), 1)
+                p = head.predict_proba(feats)  # softmax(logits / the head's temperature)
                 if mode:
                     p = p.reshape(len(b.ok), -1, p.shape[-1]).mean(1)
-                probs.append(p.cpu().numpy())
+                probs.append(p.float().cpu().numpy())
                 good += b.ok
             bar.advance(len(b.indices))
     k = len(model.classes)
@@ -153,10 +154,13 @@ def predict(
     precision: str = "auto",
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    min_confidence: float | None = None,
 ) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
-    Unreadable images are skipped and listed in the result (and as warnings), never fatal."""
+    Unreadable images are skipped and listed in the result (and as warnings), never fatal. With
+    ``min_confidence``, rows whose top probability is below it are marked ``uncertain`` (see
+    :func:`calibration.mark_uncertain`)."""
     if top < 1:
         raise UsageError(f"--top {top} must be at least 1")
     t0 = time.perf_counter()
@@ -179,6 +183,9 @@ def predict(
                 "top": [(classes[j], float(probs[r, j])) for j in order],
             }
         )
+    from .calibration import mark_uncertain
+
+    mark_uncertain(rows, min_confidence)
     rep.skipped(skipped, "image(s) could not be read and were skipped")
     return PredictResult(rows, skipped, classes, probs, time.perf_counter() - t0, images.notes)
 
@@ -202,10 +209,16 @@ def evaluate(
     out: str | Path | None = None,
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    worst: int = 0,
+    knn: bool = True,
+    knn_cache: str | Path | None = None,
+    root: str | Path | None = None,
 ) -> EvaluateResult:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of ``model_dir`` on a labelled
     image folder / manifest (``data``) or a feature cache (``cache``, checked against the head's
-    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there."""
+    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there. The report also
+    holds log-loss / ECE (and ``reliability.png``), the kNN beside the head (``--cache`` only) and, with
+    ``worst``, ``worst.png`` of the most confidently wrong images (:func:`insights.evaluation_extras`)."""
     from .metrics import classification_metrics, plot_confusion
 
     if (data is None) == (cache is None):
@@ -227,11 +240,15 @@ def evaluate(
             rows, y = fc.labelled_as(
                 classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
             )
-            X = fc.features(rows)
+            X = fc.features(rows, stage=md.head_config.get("features"))
             source = str(fc.path)
+            from .sheets import image_root, resolve
+
+            files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
         head = build_head_module(md.head_config)
         head.load_state_dict(md.load_tensors(HEAD_FILE))
-        pred = predict_logits(head, X).argmax(1)
+        logits = predict_logits(head, X)
+        pred = logits.argmax(1)
     else:
         assert data is not None
         model = load_model(model_dir, weights)
@@ -256,6 +273,12 @@ def evaluate(
         y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
         pred = probs.argmax(1)
         source = str(data)
+        from .calibration import head_temperature, log_probabilities
+
+        # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
+        # constant, which is what the extras expect (they apply the head's temperature themselves)
+        T = head_temperature(md.head_config)
+        logits, X, files = log_probabilities(probs) * T, None, [Path(images.paths[i]) for i in good]
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -264,8 +287,24 @@ def evaluate(
         "tta": tta if tta not in (None, "none") else None,
         **metrics,
         "skipped": [list(s) for s in skipped],
-        "seconds": round(time.perf_counter() - t0, 3),
     }
+    from .insights import evaluation_extras
+
+    report.update(
+        evaluation_extras(
+            md,
+            y,
+            logits,
+            features=X,
+            paths=files,
+            out=out,
+            worst=worst,
+            knn=knn,
+            knn_cache=knn_cache,
+            title=f"{md.path.name} on {source}",
+        )
+    )
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     if out is not None:
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def _check_options(cfg: ExtractConfig) -> None:
 def _listing(cfg: ExtractConfig) -> Any:
     """The images, classes in the existing cache's order first (so label ids stay), then new ones sorted."""
     from .cache import FeatureCache
-    from .data import list_images
+    from .data import extended_class_order, list_images
 
     out = Path(cfg.out)
     known: list[str] | None = None
@@ -118,8 +118,8 @@ def _listing(cfg: ExtractConfig) -> Any:
             known = None  # the writer reports what is wrong with it
     images = list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
-        extra = [c for c in images.classes if c not in known]
-        images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+        order = extended_class_order(known, images.classes)
+        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
     for note in images.notes:
         get_reporter().warn(note)
     return images
@@ -268,10 +268,7 @@ def _finish(cfg: ExtractConfig, writer: Any, plan: Any, computed: int, seconds: 
     else:
         rep.info(line)
         rep.info(f"wrote {out}: {n} rows ({new} new, {computed} computed) in {total:.1f}s, {rate:.1f} img/s")
-    if skipped_pairs:
-        rep.warn(f"{len(skipped_pairs)} file(s) skipped (listed in the cache; `rt info {out} --skipped`):")
-        for p, reason in skipped_pairs[:20]:
-            rep.warn(f"  {p}: {reason}")
+    rep.skipped(skipped_pairs, f"file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
     return ExtractResult(out, n, new, skipped_pairs, total, rate, list(plan.images.notes), counts, line, computed)
 
 

@@ -249,7 +249,7 @@ def _fit(cfg: FitHeadConfig, head: Any, cache: Any, split: ValidationRows, X_tra
 def _report(
     cfg: FitHeadConfig, head: Any, split: ValidationRows, classes: list[str], labels: np.ndarray, cache_path: str
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from .report import classification_metrics
+    from .metrics import classification_metrics
 
     metrics = None
     if split.X_val is not None and split.y_val is not None:
@@ -410,7 +410,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
     from .cache import FeatureCache
     from .head_estimator import SoftmaxHead
-    from .report import plot_confusion
+    from .metrics import plot_confusion
 
     rep = get_reporter()
     warn_start = len(rep.warnings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from .report import get_reporter
 
 class Feed:
     kind: str
+    skipped: dict[str, str]  # unreadable images (path -> reason); always empty for cached maps
     """What both feeds share: the number of optimiser steps in an epoch (a final partial batch is dropped
     when there is more than one batch)."""
 
@@ -58,7 +60,9 @@ class ImageFeed(Feed):
         )
         self.val_ds = ImageDataset(val_images, make_eval(tcfg)) if val_images is not None and len(val_images) else None
         self.drop_last = len(self.train_list) > cfg.batch_size
-        self.skipped: set[str] = set()
+        self.strict = bool(getattr(cfg, "strict", False))
+        self.root = Path(images.root)
+        self.skipped: dict[str, str] = {}  # path (as listed) -> why it could not be read
 
     @property
     def n_train(self) -> int:
@@ -86,13 +90,21 @@ class ImageFeed(Feed):
 
         for xs, idx, errors in loader:
             for i, e in zip(idx, errors):
-                if e and ds.images.paths[i] not in self.skipped:
-                    self.skipped.add(ds.images.paths[i])
-                    get_reporter().warn(f"{ds.images.paths[i]}: {e} (skipped)")
+                if e:
+                    self._skip(ds.images.paths[i], e)
             if xs is None:
                 continue
             y = torch.tensor([ds.images.labels[i] for i, e in zip(idx, errors) if not e], dtype=torch.long)
             yield xs, y
+
+    def _skip(self, path: str, reason: str) -> None:
+        """An unreadable image: with ``--strict`` the run fails; otherwise it is left out, warned about
+        once, and listed in report.json."""
+        if self.strict:
+            raise DataError(f"{self.root / path}: {reason}", "fix or remove the file, or drop --strict")
+        if path not in self.skipped:
+            self.skipped[path] = reason
+            get_reporter().warn(f"{path}: {reason} (skipped)")
 
     def train_batches(self, generator: Any) -> Any:
         return self._batches(self.train_ds, self._loader(self.train_ds, True, generator, self.drop_last))
@@ -118,6 +130,7 @@ class MapFeed(Feed):
         val: MapFeed._Rows | None = None,
     ):
         self.kind = "maps"
+        self.skipped = {}
         self.cut = cut
         self.batch_size = batch_size
         self.train = self._Rows(cache, cut, train_rows, label_map)

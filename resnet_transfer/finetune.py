@@ -84,6 +84,7 @@ class FinetuneConfig:
     workers: int | None = None
     overwrite: bool = False
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
+    strict: bool = False  # fail on the first unreadable image (default: skip it, list it in report.json)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -111,6 +112,7 @@ class FinetuneResult:
     unfreeze: str
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -126,6 +128,7 @@ class TrainState:
     bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -296,6 +299,7 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     )  # fmt: skip
     if ckpt is not None:
         restore_checkpoint(run, ckpt)
+        run.feed.skipped.update(run.state.skipped)  # warned about before the interruption
     else:
         run.ck_dir.mkdir(parents=True, exist_ok=True)
     return run
@@ -437,6 +441,7 @@ def finetune(
         run.state.history.append(row)
         track_best(run, row, epoch)
         run.state.epoch = epoch + 1
+        run.state.skipped.update(run.feed.skipped)
         _report_epoch(run, row, epoch)
         save_checkpoint(run)
         if on_epoch_end is not None:
@@ -448,6 +453,8 @@ def finetune(
                     f"continue with `rt finetune --resume {cfg.out}`",
                 ) from None
     seconds = seconds_before + time.perf_counter() - t_start
+    for part in distributed.all_gather_object(run.feed.skipped):  # torchrun: each rank read its own images
+        run.state.skipped.update(part)
 
     def finish() -> FinetuneResult:  # rank 0 only under torchrun; the others get its result
         if run.feed.n_val and (run.ck_dir / BEST_CKPT).exists():

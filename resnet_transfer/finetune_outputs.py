@@ -78,7 +78,8 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         extra_meta={"finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch}},
         extra_files=[BACKBONE_FILE],
     )
-    get_reporter().info(
+    rep = get_reporter()
+    rep.info(
         f"wrote {out}: best epoch {state.best_epoch + 1}"
         + (
             f", val acc {best_row['val_acc']:.3f}, val loss {best_row['val_loss']:.4f}"
@@ -87,8 +88,15 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         )
         + f"; curves in {png.name}"
     )
+    skipped = sorted(state.skipped.items())
+    if skipped:
+        rep.warn(f"{len(skipped)} image(s) could not be read and were skipped (listed in {out / REPORT_JSON}):")
+        for p, reason in skipped[:20]:
+            rep.warn(f"  {p}: {reason}")
     best = {k: best_row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
-    return FinetuneResult(out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history)
+    return FinetuneResult(
+        out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history, skipped
+    )
 
 
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -114,6 +122,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "precision": run.precision,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
+        "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],
         "history": history,
     }
 

@@ -345,3 +345,33 @@ def test_head_on_stage_features_is_refused(tmp_path):
     with pytest.raises(UsageError, match="final pooled features") as e:
         finetune(_cfg(tmp_path / "out", head=hd, data=tmp_path, epochs=1))
     assert "layer3, layer4" in str(e.value) and "rt fit-head" in e.value.hint
+
+
+# ------------------------------------------------------------------------------- unreadable images
+
+
+def test_cli_unreadable_image_is_listed_counted_exit_3_and_strict_fails(tmp_path):
+    """Like extract: an image that cannot be decoded is skipped, listed in report.json with its reason,
+    counted at the end, and the exit code is 3; with --strict the run fails naming the file."""
+    from conftest import make_image_folder
+    from typer.testing import CliRunner
+
+    from resnet_transfer.cli import app
+
+    data = make_image_folder(tmp_path / "data", per_class=3, seed=5)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    args = ["finetune", "--data", str(data), "--model", "resnet18", "--weights", "none", "--unfreeze", "layer4",
+            "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--precision", "fp32", "--workers", "0",
+            "--val-fraction", "0.3", "--patience", "0"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 3, res.output
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert [s["path"] for s in report["skipped"]] == ["circle/broken.png"]
+    assert report["skipped"][0]["reason"]
+    assert "1 image(s) could not be read" in res.output and "circle/broken.png" in res.output
+    assert read_model_dir(tmp_path / "ft").kind == "finetuned"  # the run itself finished
+
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "strict"), "--strict"])
+    assert res.exit_code == 2 and "broken.png" in res.output and "drop --strict" in res.output
+    assert not (tmp_path / "strict" / "meta.json").exists()

@@ -45,7 +45,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
 
     from .backbones import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
     from .finetune import FinetuneResult
-    from .modeldir import HEAD_FILE, write_model_dir
+    from .modeldir import HEAD_FILE, write_model_dir, write_split
 
     cfg, state, model = run.cfg, run.state, run.model
     out = Path(cfg.out)
@@ -68,6 +68,9 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {run.target}", state.best_epoch
     )
     atomic_write_json(out / REPORT_JSON, report)
+    if run.feeding.split is not None:  # a later `rt finetune` from this directory keeps the same split
+        sp = run.feeding.split
+        write_split(out, sp["seed"], sp["val_fraction"], sp["train"], sp["val"])
     write_model_dir(
         out,
         "finetuned",

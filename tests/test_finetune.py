@@ -375,3 +375,59 @@ def test_cli_unreadable_image_is_listed_counted_exit_3_and_strict_fails(tmp_path
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "strict"), "--strict"])
     assert res.exit_code == 2 and "broken.png" in res.output and "drop --strict" in res.output
     assert not (tmp_path / "strict" / "meta.json").exists()
+
+
+# ------------------------------------------------------------------------------------ recorded split
+
+
+def test_finetune_keeps_the_heads_recorded_split(tmp_path):
+    """The head directory's split.json (content keys) is kept: after images were added, moved, deleted and
+    one made unreadable, no image the head trained on is in finetune's validation set, its validation images
+    stay there, and only the new ones are split anew (stratified). The split used is written to the
+    model directory in the same format."""
+    import shutil
+
+    from conftest import make_image_folder
+
+    from resnet_transfer.fsutil import file_digest
+
+    data = make_image_folder(tmp_path / "data", per_class=6, seed=7)
+    head_train, head_val = set(), set()
+    for cls in CLASSES:
+        files = sorted((data / cls).iterdir())
+        head_train |= {file_digest(f) for f in files[:4]}
+        head_val |= {file_digest(f) for f in files[4:]}
+    hd = _head_dir(tmp_path / "head")
+    split = {"seed": 0, "val_fraction": 0.33, "train": sorted(head_train), "val": sorted(head_val)}
+    (hd / "split.json").write_text(json.dumps(split))
+
+    # what happens to a dataset in between: additions, a move (same bytes, new name), a deletion, a corrupt file
+    first = sorted((data / "circle").iterdir())[0]  # one the head trained on
+    moved_key = file_digest(first)
+    first.rename(data / "circle" / "renamed.png")
+    deleted = sorted((data / "square").iterdir())[0]  # another one
+    deleted_key = file_digest(deleted)
+    deleted.unlink()
+    new = make_image_folder(tmp_path / "new", per_class=4, seed=8)
+    new_keys = set()
+    for cls in CLASSES:
+        for f in sorted((new / cls).iterdir()):
+            new_keys.add(file_digest(f))
+            shutil.copy(f, data / cls / f"added_{f.name}")
+    broken = data / "triangle" / "broken.png"
+    broken.write_bytes(b"not an image")
+    new_keys.add(file_digest(broken))
+
+    res = finetune(_cfg(tmp_path / "ft", head=hd, data=data, unfreeze="head", epochs=1, val_fraction=0.5))
+    used = json.loads((tmp_path / "ft" / "split.json").read_text())
+    train, val = set(used["train"]), set(used["val"])
+    assert not train & val
+    assert not val & head_train  # the head's training images never validate the finetuned model
+    assert head_train - train == {deleted_key}  # all still present stay in train, the moved one too
+    assert moved_key in head_train and moved_key in train
+    assert head_val <= val  # its validation images are still held out
+    assert train | val == (head_train - {deleted_key}) | head_val | new_keys
+    assert len(val & new_keys) == 2 * len(CLASSES)  # about half of each class's new images (4, 4 and 5)
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["n_val"] == len(val) and report["n_train"] == len(train)
+    assert [p for p, _ in res.skipped] == ["triangle/broken.png"]

@@ -25,6 +25,7 @@ from .report import get_reporter
 
 class Feed:
     kind: str
+    input_shape: tuple[int, ...]  # one training input (3, S, S) or a map (C, H, W)
     skipped: dict[str, str]  # unreadable images (path -> reason); always empty for cached maps
     """What both feeds share: the number of optimiser steps in an epoch (a final partial batch is dropped
     when there is more than one batch)."""
@@ -50,6 +51,7 @@ class ImageFeed(Feed):
         from .runtime import train_workers
 
         self.kind = "images"
+        self.input_size = int(tcfg.input_size)
         self.train_list = images.subset(train_idx.tolist())
         self.val_list = val_images
         self.workers = train_workers(device) if cfg.workers is None else cfg.workers
@@ -67,6 +69,11 @@ class ImageFeed(Feed):
     @property
     def n_train(self) -> int:
         return len(self.train_list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training input: (3, S, S)."""
+        return (3, self.input_size, self.input_size)
 
     @property
     def n_val(self) -> int:
@@ -167,6 +174,11 @@ class MapFeed(Feed):
     @property
     def n_val(self) -> int:
         return len(self.val) if self.val is not None else 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training input: a map at the cut, (C, H, W)."""
+        return tuple(int(d) for d in self.train.cache.stages[self.cut])
 
     def train_batches(self, generator: Any) -> Any:
         import torch

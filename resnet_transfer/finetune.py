@@ -129,6 +129,8 @@ class TrainState:
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
+    precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
+    precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -252,13 +254,12 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     from .feeds import build_feed
     from .freeze import FreezePolicy, default_lr_mult, default_probe_epochs, resolve_target
     from .head import HeadModule
-    from .runtime import resolve_device, resolve_precision
+    from .runtime import resolve_device
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     start = load_start(cfg)
     bb = start.backbone
     feeding = build_feed(cfg, bb, start.classes, device)
@@ -283,13 +284,14 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     if cfg.sync_bn:
         distributed.convert_sync_batchnorm(policy, bb.net, device)
     train_forward = distributed.TrainForward(model, device, cfg.batch_size)
+    steps = feeding.feed.steps_per_epoch()
+    if steps < 1:
+        raise DataError("no training batches", "add images or lower --batch-size")
+    precision, choice = _train_precision(cfg, ckpt, device, model, policy, feeding.feed, cfg.epochs * steps)
 
     policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
     groups = policy.param_groups(cfg.weight_decay)
     optimizer = _adamw(groups, cfg.lr, device)
-    steps = feeding.feed.steps_per_epoch()
-    if steps < 1:
-        raise DataError("no training batches", "add images or lower --batch-size")
     lambdas = policy.lr_lambdas(groups, steps, cfg.lr_schedule, cfg.warmup_epochs)
     run = Run(
         cfg, start, feeding, model, policy, target, optimizer,
@@ -302,7 +304,33 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
         run.feed.skipped.update(run.state.skipped)  # warned about before the interruption
     else:
         run.ck_dir.mkdir(parents=True, exist_ok=True)
+    run.state.precision, run.state.precision_choice = precision, choice
     return run
+
+
+def _train_precision(
+    cfg: FinetuneConfig, ckpt: dict[str, Any] | None, device: Any, model: Any, policy: Any, feed: Any, steps: int
+) -> tuple[str, dict[str, Any]]:
+    """The train step's precision: a resumed run keeps its own; ``--precision auto`` on a CPU with bf16
+    times both on this run's shape (precision_probe.py); rank 0 decides for all under torchrun."""
+    from .precision_probe import choose_train_precision
+    from .runtime import resolve_precision
+
+    if ckpt is not None:
+        saved = TrainState.from_json(ckpt["state"])
+        if saved.precision:
+            return saved.precision, saved.precision_choice
+        return resolve_precision(cfg.precision, device), {"mode": "rule", "reason": "checkpoint of an earlier version"}
+    precision, choice = distributed.broadcast_object(
+        choose_train_precision(cfg.precision, device, model, policy, feed.input_shape, cfg.batch_size, steps)
+    )
+    if choice["mode"] == "probe":
+        ms = choice["median_ms"]
+        get_reporter().info(
+            f"--precision auto: a train step of {cfg.batch_size} takes {ms['fp32']:.0f} ms in fp32 and "
+            f"{ms['bf16']:.0f} ms in bf16 autocast here (medians of a short probe) -> {precision}"
+        )
+    return precision, choice
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float, device: Any) -> Any:

@@ -123,6 +123,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "cached_stage": run.feeding.cut,
         "start": {"head": run.start.head_source, "backbone": run.start.backbone.identity.to_dict()},
         "precision": run.precision,
+        "precision_choice": state.precision_choice,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
         "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],

@@ -431,3 +431,66 @@ def test_finetune_keeps_the_heads_recorded_split(tmp_path):
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["n_val"] == len(val) and report["n_train"] == len(train)
     assert [p for p, _ in res.skipped] == ["triangle/broken.png"]
+
+
+# -------------------------------------------------------------------------------- precision auto
+
+
+def test_precision_probe_picks_the_faster_and_leaves_the_run_alone(monkeypatch):
+    """`--precision auto` on a CPU times fp32 and bf16 on a copy of the model and keeps the faster by its own
+    medians; the run's parameters, requires_grad flags, train/eval modes and random streams are untouched.
+    (No timing is asserted: only that the choice follows the recorded medians.)"""
+    from resnet_transfer import precision_probe, runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4", "progressive", epochs=4, unfreeze_at=[2])
+    pol.apply(0)
+    pol.train_mode(0)
+    model = Classifier(bb.net, head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    cpu = torch.device("cpu")
+
+    prec, info = precision_probe.choose_train_precision("auto", cpu, model, pol, (3, SIZE, SIZE), 4, 10_000)
+    assert info["mode"] == "probe" and set(info["median_ms"]) == {"fp32", "bf16"}
+    assert prec == min(info["median_ms"], key=info["median_ms"].get)
+    assert all(len(v) == precision_probe.ROUNDS for v in info["samples_ms"].values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    assert precision_probe.choose_train_precision("fp32", cpu, model, pol, (3, SIZE, SIZE), 4, 10_000) == (
+        "fp32",
+        {"mode": "given"},
+    )
+    short = precision_probe.choose_train_precision("auto", cpu, model, pol, (3, SIZE, SIZE), 4, 10)
+    assert short[0] == "bf16" and short[1]["mode"] == "rule" and "too short" in short[1]["reason"]
+
+
+def test_precision_auto_choice_is_recorded_and_kept_on_resume(image_folder, tmp_path, monkeypatch):
+    from resnet_transfer import precision_probe
+
+    monkeypatch.setattr(precision_probe, "MIN_STEPS_FOR_PROBE", 0)
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
+          "epochs": 2, "patience": 0, "precision": "auto"}  # fmt: skip
+
+    def stop(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RtError, match="--resume"):
+        finetune(_cfg(tmp_path / "ft", **kw), on_epoch_end=stop)
+    state = json.loads(load_checkpoint(tmp_path / "ft")["state"])
+    assert state["precision"] in ("fp32", "bf16") and state["precision_choice"]["mode"] in ("probe", "rule")
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run keeps its precision instead of probing again")
+
+    monkeypatch.setattr(precision_probe, "probe_step_ms", no_probe)
+    finetune(FinetuneConfig(out=tmp_path / "ft"), resume=tmp_path / "ft")
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["precision"] == state["precision"] and report["precision_choice"] == state["precision_choice"]

@@ -39,7 +39,7 @@ from .checkpoints import (
     save_best,
     save_checkpoint,
 )
-from .errors import DataError, RtError, UsageError
+from .errors import DataError, Interrupted, UsageError
 from .report import get_reporter
 
 # ------------------------------------------------------------------------------------------------ config
@@ -476,7 +476,7 @@ def finetune(
             try:
                 on_epoch_end(epoch, row)
             except KeyboardInterrupt:
-                raise RtError(
+                raise Interrupted(
                     f"interrupted after epoch {epoch + 1}: checkpoint saved in {run.ck_dir}",
                     f"continue with `rt finetune --resume {cfg.out}`",
                 ) from None

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backbones import BackboneIdentity, sha256_file
 from .errors import IdentityMismatch, ModelDirError, UsageError
 from .fsutil import atomic_path, atomic_write_json
+from .identity import BackboneIdentity, sha256_file
 
 FORMAT = "resnet_transfer.model"
 FORMAT_VERSION = 1

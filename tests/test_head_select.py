@@ -98,23 +98,20 @@ def test_a_fixed_l2_only_chooses_the_features() -> None:
 
 
 class StagedCache(FeatureCache):
-    """A real cache plus in-memory pooled stages and content keys (the contract of issues 13/17)."""
+    """A real cache plus in-memory pooled stages (the contract of issues 13/17; the file has keys)."""
 
-    pooled: ClassVar[dict[str, np.ndarray]] = {}
+    staged: ClassVar[dict[str, np.ndarray]] = {}
 
-    @property
-    def pooled_stages(self) -> list[str]:
-        return list(self.pooled)
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"{i:032x}" for i in range(self.n)]
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.pooled_stages = list(self.staged)
+        self.pooled = {s: int(v.shape[1]) for s, v in self.staged.items()}
 
     def features(self, rows=None, stage=None):
         if stage is None:
             return super().features(rows)
         names = [stage] if isinstance(stage, str) else list(stage)
-        X = np.hstack([self.pooled[s] for s in names])
+        X = np.hstack([self.staged[s] for s in names])
         return X if rows is None else X[np.asarray(rows)]
 
 
@@ -127,7 +124,7 @@ def staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with CacheWriter(path, ident, classes) as w:
         w.write_part([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], list(y), cands["final"])
         w.finalize()
-    monkeypatch.setattr(StagedCache, "pooled", {"layer3": cands["layer3"], "layer4": cands["layer4"]})
+    monkeypatch.setattr(StagedCache, "staged", {"layer3": cands["layer3"], "layer4": cands["layer4"]})
     monkeypatch.setattr(cache_mod, "FeatureCache", StagedCache)
     return path
 

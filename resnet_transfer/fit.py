@@ -439,7 +439,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         from .knn import knn_beside_fit
 
         rows = split.train_rows
-        knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed, X_train)
+        knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed)
 
     calibration = _calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)

@@ -207,12 +207,10 @@ def knn_beside_fit(
     y_val: np.ndarray | None,
     head: Any,
     streamed: bool,
-    X_train: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The kNN of `rt fit-head`: ``k`` chosen on its validation rows, accuracy and agreement with ``head``
     there; skipped (with the reason) when the head was streamed, there are no validation rows, or the
-    brute-force work would be large. ``X_train``: the head's training features when they are not the
-    cache's final ones (a chosen stage). Reports one line."""
+    brute-force work would be large. Reports one line."""
     from .report import get_reporter
 
     if streamed:
@@ -223,8 +221,8 @@ def knn_beside_fit(
     if big:
         return {"skipped": big}
     head_pred = head.logits(X_val).argmax(1)  # (n, k) logits; decision_function is (n,) for 2 classes
-    X_tr = cache.features(train_rows) if X_train is None else X_train
-    out = knn_report(X_tr, y_train, X_val, y_val, head_pred)
+    stage = getattr(getattr(head, "module_", None), "features", None)  # the head's own input (a chosen stage)
+    out = knn_report(cache.features(train_rows, stage=stage), y_train, X_val, y_val, head_pred)
     get_reporter().info(
         f"kNN beside the head (cosine, k={out['k']} chosen on validation): accuracy {out['accuracy']:.4f}, "
         f"agrees with the head on {out['agreement_with_head']:.1%} of {out['n']} validation rows"

@@ -535,7 +535,8 @@ def evaluate(
     if as_json:
         _echo_json(r)
     else:
-        from .report import format_table, metrics_rows
+        from .metrics import metrics_rows
+        from .report import format_table
 
         typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
         if r.get("balanced_accuracy") is not None:

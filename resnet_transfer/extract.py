@@ -153,7 +153,9 @@ def _setup(cfg: ExtractConfig) -> _Setup:
         backbone.check_stage(c, "--pool-stages")
     net = backbone.net.to(device).eval().to(memory_format=torch.channels_last)
     names = list(dict.fromkeys([*cfg.cut, *cfg.pool_stages]))
-    shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
+    shapes = _cached_shapes(cfg, backbone.identity, names)
+    if shapes is None:  # a dry forward pass tells them
+        shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     return _Setup(
         device,
@@ -164,6 +166,26 @@ def _setup(cfg: ExtractConfig) -> _Setup:
         {n: int(shapes[n][0]) for n in cfg.pool_stages},
         workers,
     )
+
+
+def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """The stage shapes an existing cache of the same backbone and stages records (no forward pass needed),
+    or None."""
+    from .cache import FeatureCache
+
+    if cfg.overwrite or not Path(cfg.out).exists():
+        return None
+    try:
+        with FeatureCache(cfg.out) as c:
+            if (
+                c.identity.differences(identity)
+                or sorted(c.stages) != sorted(cfg.cut)
+                or c.pooled_stages != cfg.pool_stages
+            ):
+                return None  # the writer says what differs
+            return {**{k: (v,) for k, v in c.pooled.items()}, **dict(c.stages)}
+    except RtError:
+        return None
 
 
 def _writer(cfg: ExtractConfig, setup: _Setup, images: Any, lock: bool = True) -> Any:

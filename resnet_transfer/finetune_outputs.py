@@ -45,7 +45,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
 
     from .backbones import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
     from .finetune import FinetuneResult
-    from .modeldir import HEAD_FILE, write_model_dir
+    from .modeldir import HEAD_FILE, write_model_dir, write_split
 
     cfg, state, model = run.cfg, run.state, run.model
     out = Path(cfg.out)
@@ -68,6 +68,9 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {run.target}", state.best_epoch
     )
     atomic_write_json(out / REPORT_JSON, report)
+    if run.feeding.split is not None:  # a later `rt finetune` from this directory keeps the same split
+        sp = run.feeding.split
+        write_split(out, sp["seed"], sp["val_fraction"], sp["train"], sp["val"])
     write_model_dir(
         out,
         "finetuned",
@@ -78,7 +81,8 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         extra_meta={"finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch}},
         extra_files=[BACKBONE_FILE],
     )
-    get_reporter().info(
+    rep = get_reporter()
+    rep.info(
         f"wrote {out}: best epoch {state.best_epoch + 1}"
         + (
             f", val acc {best_row['val_acc']:.3f}, val loss {best_row['val_loss']:.4f}"
@@ -87,8 +91,15 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         )
         + f"; curves in {png.name}"
     )
+    skipped = sorted(state.skipped.items())
+    if skipped:
+        rep.warn(f"{len(skipped)} image(s) could not be read and were skipped (listed in {out / REPORT_JSON}):")
+        for p, reason in skipped[:20]:
+            rep.warn(f"  {p}: {reason}")
     best = {k: best_row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
-    return FinetuneResult(out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history)
+    return FinetuneResult(
+        out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history, skipped
+    )
 
 
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -112,7 +123,9 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "cached_stage": run.feeding.cut,
         "start": {"head": run.start.head_source, "backbone": run.start.backbone.identity.to_dict()},
         "precision": run.precision,
+        "precision_choice": state.precision_choice,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
+        "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],
         "history": history,
     }

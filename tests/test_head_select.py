@@ -157,6 +157,8 @@ def test_fit_head_features_final_and_plain_caches_change_nothing(staged: Path, t
     assert "features" not in read_model_dir(tmp_path / "h").head_config
     with pytest.raises(UsageError, match="--features"):
         fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h2", features="layer9"))
+    with pytest.raises(UsageError, match="memory budget"):  # stage features are fitted in memory
+        fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h3", features="layer3", max_memory_gb=1e-9))
 
 
 def test_cli_features_option(staged: Path, tmp_path: Path) -> None:

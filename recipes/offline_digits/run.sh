@@ -14,15 +14,16 @@
 # 5. results.py writes RUN_DIR/results.md (mean and 95% interval per k), results.json and accuracy_vs_k.png.
 #
 # Settings (environment variables; the defaults are the README's run):
-#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=4 TARGET_RENDERS=4 CURVE_KS=5,10,20,50 BIG_K=200 SEEDS=10
-#   FT_SEEDS=3 SCRATCH_KS=5,10,20,50,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
+#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=6 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
+#   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,50,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
+#   SOURCE_MODEL=DIR: reuse the source model of an earlier run with the same data settings (skips step 2)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${1:-runs/offline_digits}"
 SIZE="${SIZE:-32}"
 SOURCE_RENDERS="${SOURCE_RENDERS:-8}"
-SOURCE_EPOCHS="${SOURCE_EPOCHS:-4}"
+SOURCE_EPOCHS="${SOURCE_EPOCHS:-6}"
 TARGET_RENDERS="${TARGET_RENDERS:-4}"
 TEST_RENDERS="${TEST_RENDERS:-3}"
 MAX_SCANS="${MAX_SCANS:-}"
@@ -30,7 +31,7 @@ BIG_K="${BIG_K:-200}"
 CURVE_KS="${CURVE_KS:-5,10,20,50},$BIG_K"
 SEEDS="${SEEDS:-10}"
 FT_SEEDS="${FT_SEEDS:-3}"
-SCRATCH_KS="${SCRATCH_KS:-$CURVE_KS}"
+SCRATCH_KS="${SCRATCH_KS:-10,50,$BIG_K}"
 METHODS="${METHODS:-probe sweep}"
 SWEEP="${SWEEP:-scratch,layer4,all}"
 PYTHON="${PYTHON:-python}"
@@ -79,10 +80,18 @@ step "make data (digits on photos, ${SIZE}px)" \
     "$PYTHON" "$HERE/make_data.py" --out "$DATA" --size "$SIZE" --source-renders "$SOURCE_RENDERS" \
     --target-renders "$TARGET_RENDERS" --target-test-renders "$TEST_RENDERS" ${MAX_SCANS:+--max-train-scans "$MAX_SCANS"}
 
-step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
-    "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
-    --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 \
-    --crop-scale 0.6 --no-hflip --precision fp32 --patience 0 --out "$MODELS/source" --overwrite
+if [ -n "${SOURCE_MODEL:-}" ]; then # reuse a source model from an earlier run (its data must be the same)
+    mkdir -p "$MODELS"
+    rm -rf "$MODELS/source" && cp -r "$SOURCE_MODEL" "$MODELS/source" && rm -rf "$MODELS/source/checkpoints"
+    n=$((n + 1))
+    echo "[ $n/$total] source model: copied from $SOURCE_MODEL"
+else
+    step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
+        "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
+        --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 \
+        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision fp32 --patience 0 --out "$MODELS/source" --overwrite
+    rm -rf "$MODELS/source/checkpoints" # 180 MB of resume state; the model directory is what --weights reads
+fi
 
 if [[ " $METHODS " == *" probe "* ]]; then
     for bb in source random; do

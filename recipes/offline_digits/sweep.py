@@ -65,17 +65,25 @@ def batch_for(k: int, classes: int, limit: int) -> int:
 def _settings(args: argparse.Namespace, method: str, k: int) -> dict[str, Any]:
     common = {
         "image_size": args.size,
-        "epochs": epochs_for(k, args.epochs, 10),
+        "epochs": (args.finetune_epochs if method != "scratch" and args.finetune_epochs else None)
+        or epochs_for(k, args.epochs, 10),
         "batch_size": batch_for(k, 3, args.batch_size),
         "patience": 0,
-        "crop_scale": 0.6,
+        "crop_scale": args.crop_scale,
         "hflip": False,
-        "color_jitter": 0.4,
+        "color_jitter": args.color_jitter,
         "precision": args.precision,
     }
     if method == "scratch":
         return {**common, "model": "resnet18", "weights": "none", "unfreeze": "all", "lr": args.scratch_lr}
-    return {**common, "model": "resnet18", "weights": str(args.source), "unfreeze": method, "lr": args.lr}
+    return {
+        **common,
+        "model": "resnet18",
+        "weights": str(args.source),
+        "unfreeze": method,
+        "lr": args.lr,
+        "lr_mult": args.lr_mult,
+    }
 
 
 def _command(manifest: Path, out: Path, seed: int, s: dict[str, Any], head: Path | None) -> str:
@@ -153,10 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scratch-ks", default="10", help="k for from-scratch training")
     p.add_argument("--finetune-ks", default="300", help="k for finetuning layer4 / all")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=_table, default=_table("1:15,20:12,50:10,100:6"), help="k:epochs,...")
+    p.add_argument("--finetune-epochs", type=int, default=8, help="finetune epochs (default: --epochs by k)")
+    p.add_argument("--epochs", type=_table, default=_table("1:10,50:8,100:6"), help="k:epochs,...")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="finetune: the head's peak lr (stages below: x0.3 each)")
+    p.add_argument(
+        "--lr", type=float, default=2e-3, help="finetune: the head's peak lr (each stage below: x --lr-mult)"
+    )
+    p.add_argument("--lr-mult", type=float, default=0.5, help="finetune: each stage down trains at this x the lr above")
     p.add_argument("--scratch-lr", type=float, default=3e-3)
+    p.add_argument("--crop-scale", type=float, default=0.8, help="random-resized-crop minimum area")
+    p.add_argument("--color-jitter", type=float, default=0.0)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--precision", default="fp32")
     args = p.parse_args(argv)

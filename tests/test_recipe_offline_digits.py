@@ -118,6 +118,25 @@ def test_results_intervals_claims_and_table(tmp_path: Path) -> None:
     assert (run / "accuracy_vs_k.png").stat().st_size > 1000
 
 
+def test_sweep_manifests_batches_and_epochs(tmp_path: Path) -> None:
+    """sweep.py: the seeded k-image manifests load as a dataset; tiny sets get small batches."""
+    from resnet_transfer.data import list_images
+
+    sw = _load("sweep")
+    data = tmp_path / "target"
+    for cls in ("7", "8", "9"):
+        (data / "train" / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(data / "train" / cls / f"d{i:04d}_0.png")
+    a = sw.write_manifest(data, 5, seed=0)
+    images = list_images(a)
+    assert len(images) == 15 and sorted(np.bincount(images.labels).tolist()) == [5, 5, 5]
+    assert a.read_text() == sw.write_manifest(data, 5, seed=0).read_text()
+    assert a.read_text() != sw.write_manifest(data, 5, seed=1).read_text()
+    assert sw.batch_for(5, 3, 32) == 4 and sw.batch_for(200, 3, 32) == 32
+    assert [sw.epochs_for(k, {1: 10, 50: 8, 100: 6}, 3) for k in (5, 50, 99, 200)] == [10, 8, 8, 6]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("rt") is None, reason="needs bash and rt")
 def test_recipe_shows_both_claims_on_a_small_run(tmp_path: Path) -> None:

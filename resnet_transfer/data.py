@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .backbones import TransformConfig
 from .errors import DataError, UsageError
+from .transforms import TransformConfig
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx"})

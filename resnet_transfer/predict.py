@@ -30,6 +30,7 @@ class LoadedModel:
     md: Any  # modeldir.ModelDir
     backbone: Any  # backbones.Backbone
     head: Any  # head.HeadModule
+    classifier: Any = None  # classifier.Classifier over backbone.net and head (honours a head's `features`)
 
     @property
     def classes(self) -> list[str]:
@@ -37,51 +38,19 @@ class LoadedModel:
 
 
 def load_model(model_dir: str | Path, weights: str | None = None) -> LoadedModel:
-    """Read ``model_dir`` and build its backbone and head (CPU, eval mode)."""
-    from .backbones import Backbone, _with_transform, backbone_from_identity, build_backbone
-    from .errors import IdentityMismatch
-    from .head import build_head_module
-    from .modeldir import HEAD_FILE, read_model_dir
+    """Read ``model_dir`` and build its backbone and head (CPU, eval mode): :func:`modeldir.load_classifier`."""
+    from .modeldir import load_classifier
 
-    md = read_model_dir(model_dir)
-    if md.kind == "finetuned":
-        if weights is not None:
-            raise UsageError(
-                f"{model_dir} is a finetuned model: it carries its own backbone, --weights does not apply",
-                "drop --weights",
-            )
-        bb = build_backbone(md.identity.model, weights=str(md.path))
-        if bb.identity.arch != md.identity.arch or bb.identity.num_features != md.identity.num_features:
-            raise IdentityMismatch(
-                f"{md.path}: its backbone file holds {bb.identity.arch} ({bb.identity.num_features} features), "
-                f"meta.json says {md.identity.arch} ({md.identity.num_features})",
-                "re-run `rt finetune` to write the directory again",
-            )
-        bb = Backbone(net=bb.net, identity=_with_transform(bb.identity, md.identity.transform), stages=bb.stages)
-    elif md.kind == "head":
-        bb = backbone_from_identity(md.identity, weights)
-    else:
-        raise UsageError(f"{md.path}: unknown model kind {md.kind!r}", "use a directory from rt fit-head / finetune")
-    head = build_head_module(md.head_config)
-    try:
-        head.load_state_dict(md.load_tensors(HEAD_FILE))
-    except (RuntimeError, KeyError) as exc:
-        from .errors import ModelDirError
-
-        raise ModelDirError(
-            f"{md.path / HEAD_FILE}: does not fit the head recorded in meta.json ({str(exc)[:200]})",
-            "re-run the command that wrote the directory",
-        ) from exc
-    if head.in_features != bb.num_features:
-        raise IdentityMismatch(
-            f"{md.path}: the head takes {head.in_features} features, the backbone gives {bb.num_features}",
-            "re-run the command that wrote the directory",
-        )
-    return LoadedModel(md, bb, head.eval())
+    clf, md = load_classifier(model_dir, weights)
+    return LoadedModel(md, clf.backbone, clf.head, clf)
 
 
 def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: bool) -> Any:
-    """One :class:`ImageList` (absolute paths) for files, folders and manifests given together."""
+    """One :class:`ImageList` for files, folders and manifests given together. Its paths are written as
+    the user gave them (an image file as typed; a folder's or manifest's images joined to the folder or the
+    manifest's folder as typed), so relative inputs stay relative; the root is the working directory."""
+    import os
+
     from .data import ImageList, list_images
 
     if not inputs:
@@ -93,14 +62,17 @@ def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: 
     for inp in inputs:
         il = list_images(inp, classes=classes, allow_outside=allow_outside)
         notes += il.notes
-        root = Path(il.root).resolve()
-        for rel, lab in zip(il.paths, il.labels):
-            p = Path(rel)
-            paths.append(str(p if p.is_absolute() else root / p))
-            labels.append(lab)
+        given = os.fspath(inp)
+        if il.source == "file":
+            paths.append(given)
+            labels += il.labels
+        else:
+            base = given if il.source == "folder" else os.path.dirname(given)
+            paths += [rel if os.path.isabs(rel) else os.path.join(base, rel) for rel in il.paths]
+            labels += il.labels
         if classes is None and il.classes:
             class_names = class_names or list(il.classes)
-    return ImageList(Path("/"), paths, labels, class_names, "inputs", notes)
+    return ImageList(Path("."), paths, labels, class_names, "inputs", notes)
 
 
 def _probabilities(
@@ -163,7 +135,7 @@ def _probabilities(
                 )
                 with autocast(dev, prec):
                     feats = net(xs)
-                p = torch.softmax(head(feats.float()).float(), 1)
+                p = head.predict_proba(feats.float())  # softmax(logits / the head's temperature)
                 if mode:
                     p = p.reshape(n, views, -1).mean(1)
                 probs.append(p.cpu().numpy())
@@ -198,10 +170,13 @@ def predict(
     precision: str = "auto",
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    min_confidence: float | None = None,
 ) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
-    Unreadable images are skipped and listed in the result (and as warnings), never fatal."""
+    Unreadable images are skipped and listed in the result (and as warnings), never fatal. With
+    ``min_confidence``, rows whose top probability is below it are marked ``uncertain`` (see
+    :func:`calibration.mark_uncertain`)."""
     if top < 1:
         raise UsageError(f"--top {top} must be at least 1")
     t0 = time.perf_counter()
@@ -224,6 +199,9 @@ def predict(
                 "top": [(classes[j], float(probs[r, j])) for j in order],
             }
         )
+    from .calibration import mark_uncertain
+
+    mark_uncertain(rows, min_confidence)
     if skipped:
         rep.warn(f"{len(skipped)} image(s) could not be read and were skipped:")
         for p, reason in skipped[:20]:
@@ -250,10 +228,16 @@ def evaluate(
     out: str | Path | None = None,
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    worst: int = 0,
+    knn: bool = True,
+    knn_cache: str | Path | None = None,
+    root: str | Path | None = None,
 ) -> EvaluateResult:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of ``model_dir`` on a labelled
     image folder / manifest (``data``) or a feature cache (``cache``, checked against the head's
-    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there."""
+    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there. The report also
+    holds log-loss / ECE (and ``reliability.png``), the kNN beside the head (``--cache`` only) and, with
+    ``worst``, ``worst.png`` of the most confidently wrong images (:func:`insights.evaluation_extras`)."""
     from .report import classification_metrics, plot_confusion
 
     if (data is None) == (cache is None):
@@ -275,11 +259,15 @@ def evaluate(
             rows, y = fc.labelled_as(
                 classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
             )
-            X = fc.features(rows)
+            X = fc.features(rows, stage=md.head_config.get("features"))
             source = str(fc.path)
+            from .sheets import image_root, resolve
+
+            files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
         head = build_head_module(md.head_config)
         head.load_state_dict(md.load_tensors(HEAD_FILE))
-        pred = predict_logits(head, X).argmax(1)
+        logits = predict_logits(head, X)
+        pred = logits.argmax(1)
     else:
         assert data is not None
         model = load_model(model_dir, weights)
@@ -307,6 +295,12 @@ def evaluate(
         y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
         pred = probs.argmax(1)
         source = str(data)
+        from .calibration import head_temperature, log_probabilities
+
+        # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
+        # constant, which is what the extras expect (they apply the head's temperature themselves)
+        T = head_temperature(md.head_config)
+        logits, X, files = log_probabilities(probs) * T, None, [Path(images.paths[i]) for i in good]
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -315,8 +309,24 @@ def evaluate(
         "tta": tta if tta not in (None, "none") else None,
         **metrics,
         "skipped": [list(s) for s in skipped],
-        "seconds": round(time.perf_counter() - t0, 3),
     }
+    from .insights import evaluation_extras
+
+    report.update(
+        evaluation_extras(
+            md,
+            y,
+            logits,
+            features=X,
+            paths=files,
+            out=out,
+            worst=worst,
+            knn=knn,
+            knn_cache=knn_cache,
+            title=f"{md.path.name} on {source}",
+        )
+    )
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     if out is not None:
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)

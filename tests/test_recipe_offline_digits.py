@@ -89,15 +89,17 @@ def test_results_intervals_claims_and_table(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     (run / "curves").mkdir(parents=True)
-    curve = {
-        "methods": {
-            "probe": [{"k": 10, "accuracy": [0.80, 0.82, 0.84]}, {"k": 50, "accuracy": [0.85, 0.86, 0.87]}],
-            "knn": [{"k": 10, "accuracy": [0.7, 0.7, 0.7]}, {"k": 50, "accuracy": [0.75, 0.76, 0.77]}],
-        }
-    }
-    (run / "curves" / "source.json").write_text(json.dumps(curve))
-    rnd = {"methods": {"probe": [{"k": 10, "accuracy": [0.33, 0.35, 0.34]}, {"k": 50, "accuracy": [0.4, 0.3, 0.35]}]}}
-    (run / "curves" / "random.json").write_text(json.dumps(rnd))
+
+    def rows(method: str, by_k: dict) -> list[dict]:  # `rt curve`'s curve.json rows
+        return [{"k": k, "method": method, "scores": v} for k, v in by_k.items()]
+
+    for bb, curve in {
+        "source": rows("probe", {10: [0.80, 0.82, 0.84], 50: [0.85, 0.86, 0.87], "all": [0.9]})
+        + rows("knn", {10: [0.7, 0.7, 0.7], 50: [0.75, 0.76, 0.77]}),
+        "random": rows("probe", {10: [0.33, 0.35, 0.34], 50: [0.4, 0.3, 0.35]}),
+    }.items():
+        (run / "curves" / bb).mkdir()
+        (run / "curves" / bb / "curve.json").write_text(json.dumps({"kind": "curve", "curve": curve}))
     for method, k, accs in (("scratch", 10, [0.3, 0.4, 0.35]), ("scratch", 50, [0.5, 0.9, 0.7]),
                             ("finetune_all", 50, [0.95, 0.96, 0.97])):  # fmt: skip
         for seed, a in enumerate(accs):

@@ -2,9 +2,9 @@
 
 Inputs, all written by the run (nothing here trains a network or reads an image):
 
-* ``RUN/curves/<backbone>.json``: label-efficiency curves of the linear probe on cached features
-  (``rt curve``; until that command is on main, the stand-in ``results.py curve`` below writes the same
-  rows): for each k, the test accuracy of a head fitted on k training images per class, one per seed.
+* ``RUN/curves/<backbone>/curve.json``: `rt curve`'s label-efficiency curves of the linear probe and a kNN
+  on cached features: for each k, the test accuracy of a head fitted on k training images per class, one
+  per seed.
 * ``RUN/eval/<method>/k<k>/seed<s>/report.json``: ``rt evaluate`` reports of the trained networks
   (``sweep.py``: from scratch, finetune layer4 / all).
 
@@ -14,12 +14,10 @@ the interval covers the choice of the k training images and the training seed, n
 Usage::
 
     python recipes/offline_digits/results.py RUN_DIR
-    python recipes/offline_digits/results.py curve --train A.h5 --test B.h5 --k 5,10,20 --seeds 10 --out C.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -94,53 +92,13 @@ def subset_rows(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(rows))
 
 
-# ------------------------------------------------------------------------- stand-in for `rt curve`
-
-
-def curve(train: Path, test: Path, ks: Sequence[int], seeds: int, out: Path) -> dict[str, Any]:
-    """Probe and kNN accuracy per k and seed, from two caches. A stand-in for `rt curve` (same protocol:
-    the toolkit's SoftmaxHead, L2 chosen on a stratified 20% validation split of the k images, then refit)."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    from resnet_transfer.cache import FeatureCache
-    from resnet_transfer.head import SoftmaxHead
-
-    with FeatureCache(train) as tr, FeatureCache(test) as te:
-        rows, y = tr.labelled_as(list(tr.classes), str(train), "")
-        X = tr.features(rows)
-        trows, yt = te.labelled_as(list(tr.classes), str(test), "")
-        Xt = te.features(trows)
-    result: dict[str, Any] = {"kind": "curve", "train": str(train), "test": str(test), "n_test": len(yt)}
-    probe, knn = [], []
-    for k in ks:
-        p_acc, n_acc = [], []
-        for s in range(seeds):
-            r = subset_rows(y, k, s)
-            head = SoftmaxHead(seed=s).fit(X[r], y[r])
-            p_acc.append(float(head.score(Xt, yt)))
-            norm = X[r] / np.linalg.norm(X[r], axis=1, keepdims=True).clip(1e-12)
-            nt = Xt / np.linalg.norm(Xt, axis=1, keepdims=True).clip(1e-12)
-            nn = KNeighborsClassifier(n_neighbors=min(5, k), weights="distance").fit(norm, y[r])
-            n_acc.append(float((nn.predict(nt) == yt).mean()))
-        probe.append({"k": int(k), "seeds": list(range(seeds)), "accuracy": p_acc, **_brief(p_acc)})
-        knn.append({"k": int(k), "seeds": list(range(seeds)), "accuracy": n_acc, **_brief(n_acc)})
-    result["methods"] = {"probe": probe, "knn": knn}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def _brief(values: Sequence[float]) -> dict[str, Any]:
-    s = summarise(values)
-    return {"mean": s["mean"], "ci95": s["ci95"]}
-
-
 def load_curve(path: Path) -> dict[str, dict[int, list[float]]]:
-    """``{method: {k: [accuracy per seed]}}`` from a curve JSON (``{"methods": {name: [{"k", "accuracy"}]}}``)."""
-    data = json.loads(path.read_text())
+    """``{method: {k: [accuracy per seed]}}`` from `rt curve`'s ``curve.json`` (rows ``{"k", "method",
+    "scores"}``; ``k = "all"`` is left out: the recipe's k are counts)."""
     out: dict[str, dict[int, list[float]]] = {}
-    for method, rows in data["methods"].items():
-        out[method] = {int(r["k"]): [float(a) for a in r["accuracy"]] for r in rows}
+    for r in json.loads(path.read_text())["curve"]:
+        if r["k"] != "all":
+            out.setdefault(r["method"], {})[int(r["k"])] = [float(a) for a in r["scores"]]
     return out
 
 
@@ -148,11 +106,11 @@ def load_curve(path: Path) -> dict[str, dict[int, list[float]]]:
 
 
 def collect(run: Path) -> dict[str, dict[int, list[float]]]:
-    """``{method: {k: [accuracy per seed]}}`` from ``run/curves/*.json`` and ``run/eval/*/k*/seed*/report.json``."""
+    """``{method: {k: [accuracy per seed]}}`` from ``run/curves/<backbone>/curve.json`` and ``run/eval/*/k*/seed*/report.json``."""
     acc: dict[str, dict[int, list[float]]] = {}
-    for path in sorted((run / "curves").glob("*.json")):
+    for path in sorted((run / "curves").glob("*/curve.json")):
         for method, by_k in load_curve(path).items():
-            acc[f"{method}_{path.stem}"] = by_k
+            acc[f"{method}_{path.parent.name}"] = by_k
     for report in sorted((run / "eval").glob("*/k*/seed*/report.json")):
         method, k = report.parent.parent.parent.name, int(report.parent.parent.name[1:])
         acc.setdefault(method, {}).setdefault(k, []).append(float(json.loads(report.read_text())["accuracy"]))
@@ -279,18 +237,6 @@ def _n_test(run: Path) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["curve"]:
-        p = argparse.ArgumentParser(prog="results.py curve", description="stand-in for `rt curve`")
-        p.add_argument("--train", type=Path, required=True)
-        p.add_argument("--test", type=Path, required=True)
-        p.add_argument("--k", default="5,10,20")
-        p.add_argument("--seeds", type=int, default=10)
-        p.add_argument("--out", type=Path, required=True)
-        a = p.parse_args(args[1:])
-        res = curve(a.train, a.test, [int(k) for k in a.k.split(",")], a.seeds, a.out)
-        for method, rows in res["methods"].items():
-            print(method, " ".join(f"k={r['k']}: {r['mean']:.3f}" for r in rows))
-        return 0
     if len(args) != 1:
         print(__doc__.split("Usage::")[1], file=sys.stderr)
         return 2

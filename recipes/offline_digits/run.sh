@@ -68,13 +68,6 @@ step() { # step "what" cmd args... : numbered, timed, output kept in the log (la
     fi
 }
 
-# `rt curve` (label-efficiency curves from caches) where this rt has it; else the recipe's stand-in
-if "$RT" curve --help >/dev/null 2>&1; then
-    curve() { "$RT" curve --train "$1" --test "$2" --k "$CURVE_KS" --seeds "$SEEDS" --json "$3"; }
-else
-    curve() { "$PYTHON" "$HERE/results.py" curve --train "$1" --test "$2" --k "$CURVE_KS" --seeds "$SEEDS" --out "$3"; }
-fi
-
 echo "offline_digits -> $RUN (log: $LOG)"
 step "make data (digits on photos, ${SIZE}px)" \
     "$PYTHON" "$HERE/make_data.py" --out "$DATA" --size "$SIZE" --source-renders "$SOURCE_RENDERS" \
@@ -102,7 +95,8 @@ if [[ " $METHODS " == *" probe "* ]]; then
                 --out "$CACHE/$bb/$part.h5" --overwrite
         done
         step "probe + kNN curves on $bb features (k = $CURVE_KS, $SEEDS seeds)" \
-            curve "$CACHE/$bb/train.h5" "$CACHE/$bb/test.h5" "$RUN/curves/$bb.json"
+            "$RT" curve --train "$CACHE/$bb/train.h5" --test "$CACHE/$bb/test.h5" --k "$CURVE_KS" --seeds "$SEEDS" \
+            --out "$RUN/curves/$bb"
     done
 fi
 

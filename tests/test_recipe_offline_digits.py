@@ -146,7 +146,7 @@ def test_recipe_shows_both_claims_on_a_small_run(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "SOURCE_RENDERS": "4",
-        "SOURCE_EPOCHS": "3",
+        "SOURCE_EPOCHS": "5",
         "TARGET_RENDERS": "2",
         "TEST_RENDERS": "1",
         "CURVE_KS": "5,10",

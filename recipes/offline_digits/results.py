@@ -94,9 +94,13 @@ def subset_rows(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
 
 def load_curve(path: Path) -> dict[str, dict[int, list[float]]]:
     """``{method: {k: [accuracy per seed]}}`` from `rt curve`'s ``curve.json`` (rows ``{"k", "method",
-    "scores"}``; ``k = "all"`` is left out: the recipe's k are counts)."""
+    "scores"}``; ``k = "all"`` is left out: the recipe's k are counts). Also reads the layout of the
+    recipe's earlier stand-in (``{"methods": {name: [{"k", "accuracy"}]}}``)."""
+    data = json.loads(path.read_text())
     out: dict[str, dict[int, list[float]]] = {}
-    for r in json.loads(path.read_text())["curve"]:
+    for method, rows in data.get("methods", {}).items():
+        out[method] = {int(r["k"]): [float(a) for a in r["accuracy"]] for r in rows}
+    for r in data.get("curve", []):
         if r["k"] != "all":
             out.setdefault(r["method"], {})[int(r["k"])] = [float(a) for a in r["scores"]]
     return out
@@ -108,9 +112,10 @@ def load_curve(path: Path) -> dict[str, dict[int, list[float]]]:
 def collect(run: Path) -> dict[str, dict[int, list[float]]]:
     """``{method: {k: [accuracy per seed]}}`` from ``run/curves/<backbone>/curve.json`` and ``run/eval/*/k*/seed*/report.json``."""
     acc: dict[str, dict[int, list[float]]] = {}
-    for path in sorted((run / "curves").glob("*/curve.json")):
+    for path in sorted((run / "curves").glob("*.json")) + sorted((run / "curves").glob("*/curve.json")):
+        name = path.stem if path.parent.name == "curves" else path.parent.name
         for method, by_k in load_curve(path).items():
-            acc[f"{method}_{path.parent.name}"] = by_k
+            acc[f"{method}_{name}"] = by_k
     for report in sorted((run / "eval").glob("*/k*/seed*/report.json")):
         method, k = report.parent.parent.parent.name, int(report.parent.parent.name[1:])
         acc.setdefault(method, {}).setdefault(k, []).append(float(json.loads(report.read_text())["accuracy"]))

@@ -535,7 +535,8 @@ def evaluate(
     if as_json:
         _echo_json(r)
     else:
-        from .report import format_table, metrics_rows
+        from .metrics import metrics_rows
+        from .report import format_table
 
         typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
         if r.get("balanced_accuracy") is not None:
@@ -656,13 +657,15 @@ def finetune(
         bool,
         typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
     ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 
     Starts from a fitted head (`rt fit-head`), so the head is never random when the backbone starts
     moving. Writes a model directory for `rt predict` / `rt evaluate` / `rt export` (its backbone also
     works as `--weights DIR`), with report.json, curves.png and per-epoch checkpoints. Defaults and the
-    `auto` rule: docs/finetune.md.
+    `auto` rule: docs/finetune.md. Images that cannot be read are skipped, listed in report.json, and make
+    the exit code 3 (--strict: fail instead).
 
     Examples:
 
@@ -682,7 +685,7 @@ def finetune(
     from .finetune import finetune as run_finetune
 
     if resume is not None:
-        _call(run_finetune, FinetuneConfig(out=resume), resume=resume)
+        _exit_3_if_skipped(_call(run_finetune, FinetuneConfig(out=resume), resume=resume))
         return
     cfg = FinetuneConfig(
         out=out,
@@ -719,8 +722,16 @@ def finetune(
         workers=workers,
         overwrite=overwrite,
         sync_bn=sync_bn,
+        strict=strict,
     )
-    _call(run_finetune, cfg)
+    _exit_3_if_skipped(_call(run_finetune, cfg))
+
+
+def _exit_3_if_skipped(result: Any) -> None:
+    from .distributed import launched
+
+    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -106,7 +106,7 @@ def _check_options(cfg: ExtractConfig) -> None:
 def _listing(cfg: ExtractConfig) -> Any:
     """The images, classes in the existing cache's order first (so label ids stay), then new ones sorted."""
     from .cache import FeatureCache
-    from .data import list_images
+    from .data import extended_class_order, list_images
 
     out = Path(cfg.out)
     known: list[str] | None = None
@@ -118,8 +118,8 @@ def _listing(cfg: ExtractConfig) -> Any:
             known = None  # the writer reports what is wrong with it
     images = list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
-        extra = [c for c in images.classes if c not in known]
-        images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+        order = extended_class_order(known, images.classes)
+        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
     for note in images.notes:
         get_reporter().warn(note)
     return images
@@ -153,7 +153,9 @@ def _setup(cfg: ExtractConfig) -> _Setup:
         backbone.check_stage(c, "--pool-stages")
     net = backbone.net.to(device).eval().to(memory_format=torch.channels_last)
     names = list(dict.fromkeys([*cfg.cut, *cfg.pool_stages]))
-    shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
+    shapes = _cached_shapes(cfg, backbone.identity, names)
+    if shapes is None:  # a dry forward pass tells them
+        shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     return _Setup(
         device,
@@ -164,6 +166,26 @@ def _setup(cfg: ExtractConfig) -> _Setup:
         {n: int(shapes[n][0]) for n in cfg.pool_stages},
         workers,
     )
+
+
+def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """The stage shapes an existing cache of the same backbone and stages records (no forward pass needed),
+    or None."""
+    from .cache import FeatureCache
+
+    if cfg.overwrite or not Path(cfg.out).exists():
+        return None
+    try:
+        with FeatureCache(cfg.out) as c:
+            if (
+                c.identity.differences(identity)
+                or sorted(c.stages) != sorted(cfg.cut)
+                or c.pooled_stages != cfg.pool_stages
+            ):
+                return None  # the writer says what differs
+            return {**{k: (v,) for k, v in c.pooled.items()}, **dict(c.stages)}
+    except RtError:
+        return None
 
 
 def _writer(cfg: ExtractConfig, setup: _Setup, images: Any, lock: bool = True) -> Any:
@@ -246,10 +268,7 @@ def _finish(cfg: ExtractConfig, writer: Any, plan: Any, computed: int, seconds: 
     else:
         rep.info(line)
         rep.info(f"wrote {out}: {n} rows ({new} new, {computed} computed) in {total:.1f}s, {rate:.1f} img/s")
-    if skipped_pairs:
-        rep.warn(f"{len(skipped_pairs)} file(s) skipped (listed in the cache; `rt info {out} --skipped`):")
-        for p, reason in skipped_pairs[:20]:
-            rep.warn(f"  {p}: {reason}")
+    rep.skipped(skipped_pairs, f"file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
     return ExtractResult(out, n, new, skipped_pairs, total, rate, list(plan.images.notes), counts, line, computed)
 
 

@@ -249,7 +249,7 @@ def _fit(cfg: FitHeadConfig, head: Any, cache: Any, split: ValidationRows, X_tra
 def _report(
     cfg: FitHeadConfig, head: Any, split: ValidationRows, classes: list[str], labels: np.ndarray, cache_path: str
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from .report import classification_metrics
+    from .metrics import classification_metrics
 
     metrics = None
     if split.X_val is not None and split.y_val is not None:
@@ -331,7 +331,7 @@ def _write_split(out: Path, cfg: FitHeadConfig, split: ValidationRows) -> None:
     )
 
 
-def _calibrate(head: Any, split: ValidationRows, num_classes: int) -> dict[str, Any] | None:
+def _calibrate(head: Any, split: ValidationRows) -> dict[str, Any] | None:
     """Fit the head's temperature on the validation rows (minimum NLL of logits / T) and set it on the
     module; the validation log-loss and ECE before and after, or None without validation rows."""
     from .temperature import calibration_summary, fit_temperature
@@ -341,7 +341,7 @@ def _calibrate(head: Any, split: ValidationRows, num_classes: int) -> dict[str, 
     logits = head.logits(split.X_val)
     t = fit_temperature(logits, split.y_val)
     head.module_.temperature = t
-    summary = calibration_summary(logits, split.y_val, t, num_classes)
+    summary = calibration_summary(logits, split.y_val, t)
     if summary["on_bound"]:
         get_reporter().warn(
             f"the temperature hit its search bound (T={t:.3g}) on {len(split.y_val)} validation rows: "
@@ -363,8 +363,13 @@ def _maybe_choose_features(
     if cands == [None]:
         return None, None
     if _needs_streaming(cfg, cache, split.train_rows, str(params.get("solver", "lbfgs")))[0]:
-        if len(cands) > 1 or cands[0] is not None:
-            get_reporter().warn("the training rows exceed the memory budget: using the final features, no choice")
+        if cfg.features != "auto":
+            raise UsageError(
+                f"--features {cfg.features}: the training rows exceed the memory budget, and stage features "
+                "are chosen and fitted in memory",
+                "raise --max-memory-gb, or use --features final (streamed)",
+            )
+        get_reporter().warn("the training rows exceed the memory budget: using the final features, no choice")
         return None, None
     try:
         sel, X_train, vsplit = _choose_features(cfg, cache, classes, split, cands)
@@ -376,12 +381,36 @@ def _maybe_choose_features(
     return (sel, vsplit), X_train
 
 
+def _write_head_dir(out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any]) -> None:
+    """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors."""
+    from .modeldir import write_model_dir
+
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_model_dir(
+        out,
+        kind="head",
+        identity=identity,
+        classes=classes,
+        head_config=head.module_.config,
+        tensors={"head.safetensors": head.module_.state_dict()},
+        extra_meta={
+            "created": created,
+            "fit": {
+                "solver": head.solver,
+                "l2": head.l2_,
+                "cache": report["cache"],
+                "validation": report["validation"],
+                "features": report["features"],
+            },
+        },
+    )
+
+
 def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
     from .cache import FeatureCache
     from .head_estimator import SoftmaxHead
-    from .modeldir import write_model_dir
-    from .report import plot_confusion
+    from .metrics import plot_confusion
 
     rep = get_reporter()
     warn_start = len(rep.warnings)
@@ -412,7 +441,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         rows = split.train_rows
         knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed)
 
-    calibration = _calibrate(head, split, len(classes))
+    calibration = _calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
     report["streamed"] = streamed
     report["features"] = head.module_.features
@@ -428,19 +457,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
     report["knn"] = knn
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    write_model_dir(
-        out,
-        kind="head",
-        identity=identity,
-        classes=classes,
-        head_config=head.module_.config,
-        tensors={"head.safetensors": head.module_.state_dict()},
-        extra_meta={
-            "created": created,
-            "fit": {"solver": head.solver, "l2": head.l2_, "cache": cache_path, "validation": report["validation"]},
-        },
-    )
+    _write_head_dir(out, head, identity, classes, report)
     if metrics and cfg.plot:
         plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{out.name}: validation")
     report["warnings"] = rep.warnings[warn_start:]
@@ -449,8 +466,9 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     _write_split(out, cfg, split)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
     cal = (
-        f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss_before']:.4f} -> "
-        f"{calibration['log_loss_after']:.4f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f})"
+        f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss']['before']:.4f} -> "
+        f"{calibration['log_loss']['after']:.4f}, ECE {calibration['ece']['before']:.4f} -> "
+        f"{calibration['ece']['after']:.4f})"
         if calibration
         else ""
     )

@@ -84,18 +84,12 @@ def _probabilities(
     precision: str,
     max_pixels: int | None,
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``."""
+    """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``.
+    The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability."""
     import torch
 
-    from .data import (
-        DEFAULT_MAX_PIXELS,
-        ImageDataset,
-        eval_transform_uint8,
-        iter_batches,
-        normalize_batch,
-        tta_transform,
-    )
-    from .runtime import autocast, decode_threads, resolve_device, resolve_precision
+    from .forward import forward_images
+    from .runtime import resolve_device, resolve_precision
 
     mode = None if tta in (None, "none") else tta
     if mode not in TTA_MODES:
@@ -104,43 +98,33 @@ def _probabilities(
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    tcfg = model.backbone.transform
-    # plain prediction: uint8 crops decoded by threads, normalised per batch on the device (as extract);
-    # TTA views are float tensors made by torch ops, which stay in this thread
-    transform = tta_transform(tcfg, mode) if mode else eval_transform_uint8(tcfg)
-    views = {None: 1, "flip": 2, "tencrop": 10}[mode]
-    per_batch = max(1, batch_size // views)
-    dataset = ImageDataset(images, transform, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    loader = iter_batches(dataset, per_batch, 0 if mode else decode_threads())
-    net = model.backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     head = model.head.to(dev).eval()
+    # a head on several stages' pooled features: the classifier's own pooling (else the backbone's forward)
+    pooled = model.classifier.pooled if getattr(model.classifier, "features", None) else None
     probs: list[np.ndarray] = []
     good: list[int] = []
     skipped: list[tuple[str, str]] = []
-    rep = get_reporter()
-    with rep.progress("predict", total=len(images), unit="img") as bar, torch.inference_mode():
-        for xs, idx, errors in loader:
-            for i, e in zip(idx, errors):
-                if e:
-                    skipped.append((images.paths[i], e))
-            if xs is not None:
-                n = xs.shape[0]
-                if mode:  # (n, views, C, H, W) -> (n * views, C, H, W)
-                    xs = xs.reshape(-1, *xs.shape[2:])
-                xs = xs.to(dev)
-                xs = (
-                    xs.contiguous(memory_format=torch.channels_last)
-                    if mode
-                    else normalize_batch(xs, tcfg, memory_format=torch.channels_last)
-                )
-                with autocast(dev, prec):
-                    feats = net(xs)
-                p = head.predict_proba(feats.float())  # softmax(logits / the head's temperature)
+    batches = forward_images(
+        model.backbone,
+        images,
+        batch_size=batch_size,
+        device=dev,
+        precision=prec,
+        view=mode,
+        pooled=pooled,
+        max_pixels=max_pixels,
+    )
+    with get_reporter().progress("predict", total=len(images), unit="img") as bar, torch.inference_mode():
+        for b in batches:
+            skipped += [(images.paths[i], e) for i, e in b.skipped]
+            if b.features is not None:
+                feats = b.features.reshape(-1, b.features.shape[-1])
+                p = head.predict_proba(feats)  # softmax(logits / the head's temperature)
                 if mode:
-                    p = p.reshape(n, views, -1).mean(1)
-                probs.append(p.cpu().numpy())
-                good += [i for i, e in zip(idx, errors) if not e]
-            bar.advance(len(idx))
+                    p = p.reshape(len(b.ok), -1, p.shape[-1]).mean(1)
+                probs.append(p.float().cpu().numpy())
+                good += b.ok
+            bar.advance(len(b.indices))
     k = len(model.classes)
     return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32)), good, skipped
 
@@ -202,10 +186,7 @@ def predict(
     from .calibration import mark_uncertain
 
     mark_uncertain(rows, min_confidence)
-    if skipped:
-        rep.warn(f"{len(skipped)} image(s) could not be read and were skipped:")
-        for p, reason in skipped[:20]:
-            rep.warn(f"  {p}: {reason}")
+    rep.skipped(skipped, "image(s) could not be read and were skipped")
     return PredictResult(rows, skipped, classes, probs, time.perf_counter() - t0, images.notes)
 
 
@@ -238,69 +219,19 @@ def evaluate(
     backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there. The report also
     holds log-loss / ECE (and ``reliability.png``), the kNN beside the head (``--cache`` only) and, with
     ``worst``, ``worst.png`` of the most confidently wrong images (:func:`insights.evaluation_extras`)."""
-    from .report import classification_metrics, plot_confusion
+    from .metrics import classification_metrics, plot_confusion
 
     if (data is None) == (cache is None):
         raise UsageError("give exactly one of --data (images) or --cache (features)", "e.g. --data ./pets-test")
     t0 = time.perf_counter()
-    rep = get_reporter()
-    skipped: list[tuple[str, str]] = []
     if cache is not None:
-        from .cache import FeatureCache
-        from .head import build_head_module, predict_logits
-        from .modeldir import HEAD_FILE, read_model_dir
-
         if tta not in (None, "none"):
             raise UsageError("--tta needs images: a cache holds one feature vector per image", "drop --tta")
-        md = read_model_dir(model_dir)
-        classes = list(md.classes)
-        with FeatureCache(cache) as fc:
-            fc.check_identity(md.identity, f"the head in {md.path}")
-            rows, y = fc.labelled_as(
-                classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
-            )
-            X = fc.features(rows, stage=md.head_config.get("features"))
-            source = str(fc.path)
-            from .sheets import image_root, resolve
-
-            files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
-        head = build_head_module(md.head_config)
-        head.load_state_dict(md.load_tensors(HEAD_FILE))
-        logits = predict_logits(head, X)
-        pred = logits.argmax(1)
+        ev = _scores_on_cache(model_dir, cache, root)
     else:
         assert data is not None
-        model = load_model(model_dir, weights)
-        md = model.md
-        classes = model.classes
-        images = _gather([data], classes, allow_outside)
-        for note in images.notes:
-            rep.warn(note)
-        labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
-        if not labelled:
-            raise DataError(
-                f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
-                "use `rt predict` for unlabelled images",
-            )
-        if len(labelled) < len(images):
-            rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
-        images = images.subset(labelled)
-        probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
-        if skipped:
-            rep.warn(f"{len(skipped)} image(s) could not be read and were left out:")
-            for p, reason in skipped[:20]:
-                rep.warn(f"  {p}: {reason}")
-        if not good:
-            raise DataError(f"--data {data}: none of the images could be read", "check the files")
-        y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
-        pred = probs.argmax(1)
-        source = str(data)
-        from .calibration import head_temperature, log_probabilities
-
-        # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
-        # constant, which is what the extras expect (they apply the head's temperature themselves)
-        T = head_temperature(md.head_config)
-        logits, X, files = log_probabilities(probs) * T, None, [Path(images.paths[i]) for i in good]
+        ev = _scores_on_images(model_dir, data, weights, tta, batch_size, device, precision, allow_outside, max_pixels)
+    md, classes, y, pred, logits, X, files, source, skipped = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -333,3 +264,68 @@ def evaluate(
         atomic_write_json(od / "report.json", report)
         plot_confusion(metrics["confusion_matrix"], classes, od / "confusion.png", title=f"{md.path.name} on {source}")
     return EvaluateResult(report, skipped)
+
+
+def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path | None) -> tuple[Any, ...]:
+    """`rt evaluate --cache`: the head on a cache's labelled features (no backbone is built)."""
+    from .cache import FeatureCache
+    from .head import build_head_module, predict_logits
+    from .modeldir import HEAD_FILE, read_model_dir
+    from .sheets import image_root, resolve
+
+    md = read_model_dir(model_dir)
+    classes = list(md.classes)
+    with FeatureCache(cache) as fc:
+        fc.check_identity(md.identity, f"the head in {md.path}")
+        rows, y = fc.labelled_as(
+            classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
+        )
+        X = fc.features(rows, stage=md.head_config.get("features"))
+        source = str(fc.path)
+        files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
+    head = build_head_module(md.head_config)
+    head.load_state_dict(md.load_tensors(HEAD_FILE))
+    logits = predict_logits(head, X)
+    return md, classes, y, logits.argmax(1), logits, X, files, source, []
+
+
+def _scores_on_images(
+    model_dir: str | Path,
+    data: str | Path,
+    weights: str | None,
+    tta: str | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    allow_outside: bool,
+    max_pixels: int | None,
+) -> tuple[Any, ...]:
+    """`rt evaluate --data`: the model on labelled images (unreadable ones left out and listed)."""
+    from .calibration import head_temperature, log_probabilities
+
+    rep = get_reporter()
+    model = load_model(model_dir, weights)
+    md = model.md
+    classes = model.classes
+    images = _gather([data], classes, allow_outside)
+    for note in images.notes:
+        rep.warn(note)
+    labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
+    if not labelled:
+        raise DataError(
+            f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
+            "use `rt predict` for unlabelled images",
+        )
+    if len(labelled) < len(images):
+        rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
+    images = images.subset(labelled)
+    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    rep.skipped(skipped, "image(s) could not be read and were left out")
+    if not good:
+        raise DataError(f"--data {data}: none of the images could be read", "check the files")
+    y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
+    # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
+    # constant, which is what the extras expect (they apply the head's temperature themselves)
+    logits = log_probabilities(probs) * head_temperature(md.head_config)
+    files = [Path(images.paths[i]) for i in good]
+    return md, classes, y, probs.argmax(1), logits, None, files, str(data), skipped

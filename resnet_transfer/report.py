@@ -1,4 +1,4 @@
-"""The one place that talks to the user: messages, warnings, progress and tables.
+"""The one place that talks to the user: messages, warnings, progress, tables and the skipped-files summary.
 
 Library code calls :func:`get_reporter` and never prints. The CLI installs a console reporter; Python callers
 get a quiet one by default (``set_reporter(Reporter(verbose=True))`` to see progress).
@@ -126,14 +126,12 @@ class Reporter:
 
     def skipped(self, skipped: list[tuple[str, str]], what: str = "file(s) skipped", limit: int = 20) -> None:
         """The one "N files skipped" summary: a warning with the count, then up to ``limit`` paths with
-        their reasons (extract, predict, evaluate and sharded runs all report skips this way)."""
+        their reasons (0: the count alone). Extract, predict, evaluate and sharded runs report skips this way."""
         if not skipped:
             return
-        self.warn(f"{len(skipped)} {what}:")
+        self.warn(f"{len(skipped)} {what}" + (":" if limit > 0 else ""))
         for p, reason in skipped[:limit]:
             self.warn(f"  {p}: {reason}")
-        if len(skipped) > limit:
-            self.warn(f"  ... and {len(skipped) - limit} more")
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A small table (kept in ``messages`` by its title)."""
@@ -236,83 +234,10 @@ def set_reporter(reporter: Reporter) -> Reporter:
     return previous
 
 
-# ---------------------------------------------------------------------------------------------- metrics
+def __getattr__(name: str) -> Any:
+    """The metrics and plots moved to :mod:`resnet_transfer.metrics`; still importable from here."""
+    if name in ("classification_metrics", "metrics_rows", "plot_confusion"):
+        from . import metrics
 
-
-def classification_metrics(y_true: Any, y_pred: Any, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support, macro averages and the confusion matrix (rows:
-    true class, columns: predicted), as plain JSON-able data. Labels are indices into ``classes``."""
-    import numpy as np
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    yt = np.asarray(y_true, dtype=np.int64)
-    yp = np.asarray(y_pred, dtype=np.int64)
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(yt, yp, labels=labels, zero_division=0)
-    cm = confusion_matrix(yt, yp, labels=labels)
-    present = s > 0
-    return {
-        "accuracy": float((yt == yp).mean()) if len(yt) else None,
-        "n": len(yt),
-        "per_class": {
-            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, c in enumerate(classes)
-        },
-        "macro_f1": float(f[present].mean()) if present.any() else None,
-        "balanced_accuracy": float(r[present].mean()) if present.any() else None,
-        "confusion_matrix": cm.tolist(),
-        "classes": list(classes),
-    }
-
-
-def metrics_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The per-class part of :func:`classification_metrics` as table columns and rows."""
-    cols = ["class", "precision", "recall", "f1", "support"]
-    rows = [
-        [c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
-        for c, m in metrics["per_class"].items()
-    ]
-    return cols, rows
-
-
-def plot_confusion(cm: Any, classes: list[str], path: Any, title: str = "confusion matrix") -> Any:
-    """Save a labelled confusion-matrix PNG (counts in cells, row-normalised colour) and return its path."""
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    m = np.asarray(cm, dtype=np.int64)
-    k = len(classes)
-    rows = m.sum(1, keepdims=True)
-    norm = np.divide(m, rows, out=np.zeros(m.shape, dtype=float), where=rows > 0)
-    side = min(max(4.0, 0.45 * k + 2.5), 24.0)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    try:
-        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-        ticks = np.arange(k)
-        names = [c if len(c) <= 18 else c[:17] + "…" for c in classes]
-        ax.set_xticks(ticks, names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
-        ax.set_yticks(ticks, names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        acc = np.trace(m) / max(m.sum(), 1)
-        ax.set_title(f"{title}\naccuracy {acc:.3f} on {m.sum()} images")
-        if k <= 40:
-            for i in range(k):
-                for j in range(k):
-                    if m[i, j]:
-                        colour = "white" if norm[i, j] > 0.5 else "black"
-                        ax.text(
-                            j, i, str(m[i, j]), ha="center", va="center", color=colour, fontsize=8 if k > 15 else 10
-                        )
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, dpi=100)
-    finally:
-        plt.close(fig)
-    return out
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

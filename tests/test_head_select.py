@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import resnet_transfer.cache as cache_mod
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.cache import FeatureCache
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.errors import UsageError
 from resnet_transfer.fit import FitHeadConfig, fit_head
 from resnet_transfer.head import build_head_module
@@ -97,23 +98,20 @@ def test_a_fixed_l2_only_chooses_the_features() -> None:
 
 
 class StagedCache(FeatureCache):
-    """A real cache plus in-memory pooled stages and content keys (the contract of issues 13/17)."""
+    """A real cache plus in-memory pooled stages (the contract of issues 13/17; the file has keys)."""
 
-    pooled: ClassVar[dict[str, np.ndarray]] = {}
+    staged: ClassVar[dict[str, np.ndarray]] = {}
 
-    @property
-    def pooled_stages(self) -> list[str]:
-        return list(self.pooled)
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"{i:032x}" for i in range(self.n)]
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.pooled_stages = list(self.staged)
+        self.pooled = {s: int(v.shape[1]) for s, v in self.staged.items()}
 
     def features(self, rows=None, stage=None):
         if stage is None:
             return super().features(rows)
         names = [stage] if isinstance(stage, str) else list(stage)
-        X = np.hstack([self.pooled[s] for s in names])
+        X = np.hstack([self.staged[s] for s in names])
         return X if rows is None else X[np.asarray(rows)]
 
 
@@ -126,7 +124,7 @@ def staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with CacheWriter(path, ident, classes) as w:
         w.write_part([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], list(y), cands["final"])
         w.finalize()
-    monkeypatch.setattr(StagedCache, "pooled", {"layer3": cands["layer3"], "layer4": cands["layer4"]})
+    monkeypatch.setattr(StagedCache, "staged", {"layer3": cands["layer3"], "layer4": cands["layer4"]})
     monkeypatch.setattr(cache_mod, "FeatureCache", StagedCache)
     return path
 
@@ -159,6 +157,8 @@ def test_fit_head_features_final_and_plain_caches_change_nothing(staged: Path, t
     assert "features" not in read_model_dir(tmp_path / "h").head_config
     with pytest.raises(UsageError, match="--features"):
         fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h2", features="layer9"))
+    with pytest.raises(UsageError, match="memory budget"):  # stage features are fitted in memory
+        fit_head(FitHeadConfig(cache=staged, out=tmp_path / "h3", features="layer3", max_memory_gb=1e-9))
 
 
 def test_cli_features_option(staged: Path, tmp_path: Path) -> None:

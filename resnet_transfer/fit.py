@@ -331,7 +331,7 @@ def _write_split(out: Path, cfg: FitHeadConfig, split: ValidationRows) -> None:
     )
 
 
-def _calibrate(head: Any, split: ValidationRows, num_classes: int) -> dict[str, Any] | None:
+def _calibrate(head: Any, split: ValidationRows) -> dict[str, Any] | None:
     """Fit the head's temperature on the validation rows (minimum NLL of logits / T) and set it on the
     module; the validation log-loss and ECE before and after, or None without validation rows."""
     from .temperature import calibration_summary, fit_temperature
@@ -341,7 +341,7 @@ def _calibrate(head: Any, split: ValidationRows, num_classes: int) -> dict[str, 
     logits = head.logits(split.X_val)
     t = fit_temperature(logits, split.y_val)
     head.module_.temperature = t
-    summary = calibration_summary(logits, split.y_val, t, num_classes)
+    summary = calibration_summary(logits, split.y_val, t)
     if summary["on_bound"]:
         get_reporter().warn(
             f"the temperature hit its search bound (T={t:.3g}) on {len(split.y_val)} validation rows: "
@@ -441,7 +441,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         rows = split.train_rows
         knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed)
 
-    calibration = _calibrate(head, split, len(classes))
+    calibration = _calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
     report["streamed"] = streamed
     report["features"] = head.module_.features
@@ -466,8 +466,9 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     _write_split(out, cfg, split)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
     cal = (
-        f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss_before']:.4f} -> "
-        f"{calibration['log_loss_after']:.4f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f})"
+        f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss']['before']:.4f} -> "
+        f"{calibration['log_loss']['after']:.4f}, ECE {calibration['ece']['before']:.4f} -> "
+        f"{calibration['ece']['after']:.4f})"
         if calibration
         else ""
     )

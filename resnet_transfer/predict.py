@@ -224,61 +224,14 @@ def evaluate(
     if (data is None) == (cache is None):
         raise UsageError("give exactly one of --data (images) or --cache (features)", "e.g. --data ./pets-test")
     t0 = time.perf_counter()
-    rep = get_reporter()
-    skipped: list[tuple[str, str]] = []
     if cache is not None:
-        from .cache import FeatureCache
-        from .head import build_head_module, predict_logits
-        from .modeldir import HEAD_FILE, read_model_dir
-
         if tta not in (None, "none"):
             raise UsageError("--tta needs images: a cache holds one feature vector per image", "drop --tta")
-        md = read_model_dir(model_dir)
-        classes = list(md.classes)
-        with FeatureCache(cache) as fc:
-            fc.check_identity(md.identity, f"the head in {md.path}")
-            rows, y = fc.labelled_as(
-                classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
-            )
-            X = fc.features(rows, stage=md.head_config.get("features"))
-            source = str(fc.path)
-            from .sheets import image_root, resolve
-
-            files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
-        head = build_head_module(md.head_config)
-        head.load_state_dict(md.load_tensors(HEAD_FILE))
-        logits = predict_logits(head, X)
-        pred = logits.argmax(1)
+        ev = _scores_on_cache(model_dir, cache, root)
     else:
         assert data is not None
-        model = load_model(model_dir, weights)
-        md = model.md
-        classes = model.classes
-        images = _gather([data], classes, allow_outside)
-        for note in images.notes:
-            rep.warn(note)
-        labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
-        if not labelled:
-            raise DataError(
-                f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
-                "use `rt predict` for unlabelled images",
-            )
-        if len(labelled) < len(images):
-            rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
-        images = images.subset(labelled)
-        probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
-        rep.skipped(skipped, "image(s) could not be read and were left out")
-        if not good:
-            raise DataError(f"--data {data}: none of the images could be read", "check the files")
-        y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
-        pred = probs.argmax(1)
-        source = str(data)
-        from .calibration import head_temperature, log_probabilities
-
-        # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
-        # constant, which is what the extras expect (they apply the head's temperature themselves)
-        T = head_temperature(md.head_config)
-        logits, X, files = log_probabilities(probs) * T, None, [Path(images.paths[i]) for i in good]
+        ev = _scores_on_images(model_dir, data, weights, tta, batch_size, device, precision, allow_outside, max_pixels)
+    md, classes, y, pred, logits, X, files, source, skipped = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -311,3 +264,68 @@ def evaluate(
         atomic_write_json(od / "report.json", report)
         plot_confusion(metrics["confusion_matrix"], classes, od / "confusion.png", title=f"{md.path.name} on {source}")
     return EvaluateResult(report, skipped)
+
+
+def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path | None) -> tuple[Any, ...]:
+    """`rt evaluate --cache`: the head on a cache's labelled features (no backbone is built)."""
+    from .cache import FeatureCache
+    from .head import build_head_module, predict_logits
+    from .modeldir import HEAD_FILE, read_model_dir
+    from .sheets import image_root, resolve
+
+    md = read_model_dir(model_dir)
+    classes = list(md.classes)
+    with FeatureCache(cache) as fc:
+        fc.check_identity(md.identity, f"the head in {md.path}")
+        rows, y = fc.labelled_as(
+            classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
+        )
+        X = fc.features(rows, stage=md.head_config.get("features"))
+        source = str(fc.path)
+        files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
+    head = build_head_module(md.head_config)
+    head.load_state_dict(md.load_tensors(HEAD_FILE))
+    logits = predict_logits(head, X)
+    return md, classes, y, logits.argmax(1), logits, X, files, source, []
+
+
+def _scores_on_images(
+    model_dir: str | Path,
+    data: str | Path,
+    weights: str | None,
+    tta: str | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    allow_outside: bool,
+    max_pixels: int | None,
+) -> tuple[Any, ...]:
+    """`rt evaluate --data`: the model on labelled images (unreadable ones left out and listed)."""
+    from .calibration import head_temperature, log_probabilities
+
+    rep = get_reporter()
+    model = load_model(model_dir, weights)
+    md = model.md
+    classes = model.classes
+    images = _gather([data], classes, allow_outside)
+    for note in images.notes:
+        rep.warn(note)
+    labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
+    if not labelled:
+        raise DataError(
+            f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
+            "use `rt predict` for unlabelled images",
+        )
+    if len(labelled) < len(images):
+        rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
+    images = images.subset(labelled)
+    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    rep.skipped(skipped, "image(s) could not be read and were left out")
+    if not good:
+        raise DataError(f"--data {data}: none of the images could be read", "check the files")
+    y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
+    # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
+    # constant, which is what the extras expect (they apply the head's temperature themselves)
+    logits = log_probabilities(probs) * head_temperature(md.head_config)
+    files = [Path(images.paths[i]) for i in good]
+    return md, classes, y, probs.argmax(1), logits, None, files, str(data), skipped

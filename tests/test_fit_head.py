@@ -267,9 +267,9 @@ def test_fit_head_calibrates_on_validation(head_dir: Path) -> None:
     cal = report["calibration"]
     assert cal["n"] == report["n_val"] == 12
     assert cal["temperature"] == report["temperature"] == meta["head"].get("temperature", 1.0) > 0
-    assert cal["log_loss_after"] <= cal["log_loss_before"] + 1e-9  # T minimises exactly this
-    for key in ("ece_before", "ece_after"):
-        assert 0.0 <= cal[key] <= 1.0
+    assert cal["log_loss"]["after"] <= cal["log_loss"]["before"] + 1e-9  # T minimises exactly this
+    for key in ("before", "after"):
+        assert 0.0 <= cal["ece"][key] <= 1.0
 
 
 def test_an_overconfident_head_gets_a_temperature_above_one(tmp_path: Path, reporter: Reporter) -> None:
@@ -285,8 +285,8 @@ def test_an_overconfident_head_gets_a_temperature_above_one(tmp_path: Path, repo
     res = fit_head(FitHeadConfig(cache=tmp_path / "c.h5", out=tmp_path / "h", l2=1e-6, val_fraction=0.5))
     cal = res.report["calibration"]
     assert cal["temperature"] > 1.5
-    assert cal["log_loss_after"] < cal["log_loss_before"] - 0.1
-    assert cal["ece_after"] < cal["ece_before"]
+    assert cal["log_loss"]["after"] < cal["log_loss"]["before"] - 0.1
+    assert cal["ece"]["after"] < cal["ece"]["before"]
 
 
 def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path, tmp_path: Path) -> None:
@@ -311,3 +311,11 @@ def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path
     expect = np.exp((z - z.max(1, keepdims=True)) / 3.0)
     np.testing.assert_allclose(warm, expect / expect.sum(1, keepdims=True), rtol=1e-3, atol=1e-5)
     assert flat.max() < 0.5 and not np.allclose(flat, warm)
+
+
+def test_two_class_head_fits_with_its_knn_baseline(tmp_path: Path, reporter: Reporter) -> None:
+    """Two classes: scikit-learn's decision_function is then (n,), the kNN beside the fit must not use it."""
+    cache = _tiny_cache(tmp_path / "t.h5", {"a": 10, "b": 10})
+    res = fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h"))
+    assert res.report["accuracy"] is not None and res.report["calibration"]["n"] == res.report["n_val"]
+    assert "accuracy" in res.report["knn"] or "skipped" in res.report["knn"]

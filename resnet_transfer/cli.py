@@ -92,6 +92,14 @@ ImageSizeOpt = Annotated[
     typer.Option("--image-size", help="Input size (crop) in pixels; default: the model's own eval size."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+CompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="auto | on | off: compile the forward pass with torch.compile (inductor). auto compiles when the "
+        "images to run repay the compile on this host (or it is already in inductor's cache).",
+    ),
+]
 
 
 @app.command()
@@ -124,6 +132,7 @@ def extract(
         str,
         typer.Option("--precision", help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16"),
     ] = "auto",
+    compile: CompileOpt = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage type of pooled features: float16 | float32.")
     ] = "float16",
@@ -178,6 +187,7 @@ def extract(
         workers=workers,
         device=device,
         precision=precision,
+        compile=compile,
         dtype=dtype,
         overwrite=overwrite,
         allow_outside=allow_outside,
@@ -340,6 +350,7 @@ def predict(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    compile: CompileOpt = "auto",
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -357,7 +368,15 @@ def predict(
         typer.echo("error: choose one of --json and --csv", err=True)
         raise typer.Exit(2)
     res = _call(
-        run_predict, model_dir, list(inputs), tta=tta, top=top, weights=weights, batch_size=batch_size, device=device
+        run_predict,
+        model_dir,
+        list(inputs),
+        tta=tta,
+        top=top,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        compile=compile,
     )
     if as_json:
         _echo_json(

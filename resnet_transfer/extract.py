@@ -32,6 +32,7 @@ class ExtractConfig:
     workers: int | None = None  # None: chosen for the device
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"  # auto | on | off: the forward compiled by inductor (compiled.compiled_forward)
     dtype: str = "float16"
     overwrite: bool = False
     allow_outside: bool = False
@@ -63,9 +64,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     from .backbones import build_backbone
     from .cache import CacheWriter, FeatureCache
+    from .compiled import compiled_forward
     from .data import DEFAULT_MAX_PIXELS, ImageDataset, eval_transform_uint8, list_images, normalize_batch
     from .distributed import extract_distributed, launched
-    from .runtime import autocast, decode_threads, default_workers, resolve_device, resolve_precision
+    from .runtime import decode_threads, default_workers, resolve_device, resolve_precision
 
     if cfg.images is None and launched():  # a torchrun worker: this rank's block into its shard
         return extract_distributed(cfg)
@@ -127,11 +129,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         dataset = ImageDataset(
             images.subset(todo),
             eval_transform_uint8(backbone.transform),  # normalised per batch, on the device
+            draft=backbone.transform.draft_target(),
             max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS,
         )
         loader = _loader(dataset, cfg.batch_size, workers, device)
         captured: dict[str, Any] = {}
         hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in cfg.cut]
+        fwd = compiled_forward(net, device, precision, cfg.compile, len(todo), backbone.identity.to_json())
         buf = _Buffer()
         t_run = time.perf_counter()
         try:
@@ -150,8 +154,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                     if xs is not None:
                         xs = xs.to(device, non_blocking=True)
                         xs = normalize_batch(xs, backbone.transform, memory_format=torch.channels_last)
-                        with autocast(device, precision):
-                            feats = net(xs)
+                        feats = fwd(xs)
                         ok = [k for k, e in enumerate(errors) if not e]
                         buf.add(
                             [sub_paths[k] for k in ok],

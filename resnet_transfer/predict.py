@@ -111,10 +111,12 @@ def _probabilities(
     device: str,
     precision: str,
     max_pixels: int | None,
+    compile: str = "auto",
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``."""
     import torch
 
+    from .compiled import compiled_forward
     from .data import (
         DEFAULT_MAX_PIXELS,
         ImageDataset,
@@ -123,7 +125,7 @@ def _probabilities(
         normalize_batch,
         tta_transform,
     )
-    from .runtime import autocast, decode_threads, resolve_device, resolve_precision
+    from .runtime import decode_threads, resolve_device, resolve_precision
 
     mode = None if tta in (None, "none") else tta
     if mode not in TTA_MODES:
@@ -138,10 +140,11 @@ def _probabilities(
     transform = tta_transform(tcfg, mode) if mode else eval_transform_uint8(tcfg)
     views = {None: 1, "flip": 2, "tencrop": 10}[mode]
     per_batch = max(1, batch_size // views)
-    dataset = ImageDataset(images, transform, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    dataset = ImageDataset(images, transform, tcfg.draft_target(), max_pixels or DEFAULT_MAX_PIXELS)
     loader = iter_batches(dataset, per_batch, 0 if mode else decode_threads())
     net = model.backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     head = model.head.to(dev).eval()
+    fwd = compiled_forward(net, dev, prec, compile, len(images) * views, model.backbone.identity.to_json())
     probs: list[np.ndarray] = []
     good: list[int] = []
     skipped: list[tuple[str, str]] = []
@@ -161,9 +164,8 @@ def _probabilities(
                     if mode
                     else normalize_batch(xs, tcfg, memory_format=torch.channels_last)
                 )
-                with autocast(dev, prec):
-                    feats = net(xs)
-                p = torch.softmax(head(feats.float()).float(), 1)
+                feats = fwd(xs)
+                p = torch.softmax(head(feats).float(), 1)
                 if mode:
                     p = p.reshape(n, views, -1).mean(1)
                 probs.append(p.cpu().numpy())
@@ -198,6 +200,7 @@ def predict(
     precision: str = "auto",
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    compile: str = "auto",
 ) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
@@ -210,7 +213,7 @@ def predict(
     rep = get_reporter()
     for note in images.notes:
         rep.warn(note)
-    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels, compile)
     classes = model.classes
     k = min(top, len(classes))
     rows = []

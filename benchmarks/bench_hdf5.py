@@ -33,7 +33,7 @@ def _identity(dim: int) -> Any:
 
 
 def _write_cache(path: Path, X: np.ndarray, y: np.ndarray, dtype: str) -> float:
-    from resnet_transfer.cache import CacheWriter
+    from resnet_transfer.cache_writer import CacheWriter
 
     classes = [f"c{i}" for i in range(int(y.max()) + 1)]
     t = time.perf_counter()

@@ -1,6 +1,7 @@
-"""The HDF5 feature cache: layout, crash-safe writing, resume, identity checks and chunked reads.
+"""Reading the HDF5 feature cache: :class:`FeatureCache` (identity checks, chunked reads, summary).
 
-Nothing else in the package touches h5py. Layout (see docs/cache-format.md)::
+Writing is :mod:`resnet_transfer.cache_writer`'s job, the only writer of the format. Layout (see
+docs/cache-format.md)::
 
     /features        (N, D) float16|float32, chunked along N
     /labels          (N,) int64, -1 = unlabelled
@@ -9,19 +10,13 @@ Nothing else in the package touches h5py. Layout (see docs/cache-format.md)::
     /skipped         (M, 2) utf-8: path, reason
     attrs            format, format_version, identity (JSON), classes (JSON), ...
 
-Crash safety: while a run is going, finished chunks are written as separate files in ``<out>.parts/``,
-each with an atomic rename. The HDF5 file itself is only ever produced whole: it is written under a
-temporary name and renamed over ``<out>`` at the end. So a kill at any moment leaves either the previous
-cache or the new one, never a torn file, and the next run finds the finished chunks and skips them.
+A reader keeps the file it opened open, so it keeps seeing that version even when a writer renames a new
+one over it.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,32 +25,10 @@ import numpy as np
 
 from .backbones import BackboneIdentity
 from .errors import CacheError, IdentityMismatch
-from .fsutil import atomic_write_json
 
 FORMAT = "resnet_transfer.cache"
 FORMAT_VERSION = 1
 FEATURE_CHUNK_ROWS = 1024
-
-
-def _str_dtype() -> Any:
-    import h5py
-
-    return h5py.string_dtype(encoding="utf-8")
-
-
-def versions() -> dict[str, str]:
-    import h5py
-    import timm
-    import torch
-
-    from . import __version__
-
-    return {
-        "resnet_transfer": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "h5py": h5py.__version__,
-    }
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -125,6 +98,10 @@ class FeatureCache:
             self._h5 = h5py.File(self.path, "r")
         return self._h5
 
+    def dataset(self, name: str) -> Any:
+        """The open h5py dataset ``name`` (e.g. ``"features"``, ``"stages/layer3"``), for block copies."""
+        return self._file()[name]
+
     def close(self) -> None:
         if self._h5 is not None:
             self._h5.close()
@@ -135,6 +112,11 @@ class FeatureCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def is_virtual(self) -> bool:
+        """True when ``/features`` is an HDF5 virtual dataset over other files (a sharded run's cache)."""
+        return bool(self._file()["features"].is_virtual)
 
     @property
     def labelled(self) -> np.ndarray:
@@ -276,305 +258,3 @@ def _check_virtual_sources(f: Any, path: Path) -> None:
                     f"{path}: its shard file {shard} is missing (the cache is a virtual dataset over shards)",
                     "keep the shard files next to the cache, or re-run the extract with --merge for one file",
                 )
-
-
-# ----------------------------------------------------------------------------------------------- write
-
-
-class CacheLock:
-    """An exclusive, non-blocking lock next to the cache; released when the process dies."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out.with_name(out.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CacheError(
-                f"{self.path.with_suffix('')}: another `rt extract` (pid {other}) is writing this cache",
-                "wait for it to finish, or write to another --out",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-            self.path.unlink(missing_ok=True)
-
-
-def _disk_full(path: Path, exc: OSError) -> CacheError:
-    return CacheError(
-        f"disk full while writing {path} ({exc.strerror})",
-        "free some space and run the same command again: finished chunks are kept, the previous cache is intact",
-    )
-
-
-class CacheWriter:
-    """Crash-safe writer. Use as a context manager (it holds the lock)::
-
-    with CacheWriter(out, identity, classes, stage_shapes) as w:
-        done = w.done_paths()
-        w.write_part(paths, labels, features, {"layer3": maps}, skipped)
-        w.finalize()
-    """
-
-    def __init__(
-        self,
-        out: str | Path,
-        identity: BackboneIdentity,
-        classes: Sequence[str],
-        stage_shapes: dict[str, tuple[int, ...]] | None = None,
-        dtype: str = "float16",
-        overwrite: bool = False,
-        attrs: dict[str, Any] | None = None,
-    ) -> None:
-        if dtype not in ("float16", "float32"):
-            raise CacheError(f"--dtype {dtype!r} is not supported", "use float16 or float32")
-        self.out = Path(out)
-        self.identity = identity
-        self.classes = list(classes)
-        self.stage_shapes = dict(stage_shapes or {})
-        self.dtype = dtype
-        self.overwrite = overwrite
-        self.attrs = dict(attrs or {})
-        self.parts_dir = self.out.with_name(self.out.name + ".parts")
-        self._lock = CacheLock(self.out)
-        self.existing: FeatureCache | None = None
-        self._next_part = 0
-
-    # -- lifecycle
-    def __enter__(self) -> CacheWriter:
-        self._lock.acquire()
-        try:
-            self._open()
-        except BaseException:
-            self._lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.existing is not None:
-            self.existing.close()
-        self._lock.release()
-
-    def _spec(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "identity": self.identity.to_dict(),
-            "stages": sorted(self.stage_shapes),
-            "dtype": self.dtype,
-        }
-
-    def _open(self) -> None:
-        # a run killed while assembling leaves its temporary file; we hold the lock, so it is stale
-        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
-            stale.unlink(missing_ok=True)
-        if self.overwrite:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            self.out.unlink(missing_ok=True)
-        if self.out.exists():
-            self.existing = FeatureCache(self.out)
-            self.existing.check_identity(self.identity, "this run")
-            if sorted(self.existing.stages) != sorted(self.stage_shapes):
-                raise IdentityMismatch(
-                    f"{self.out} holds feature maps for [{', '.join(self.existing.stages)}], this run asks for "
-                    f"[{', '.join(self.stage_shapes)}]",
-                    "pass the same --cut as before, or --overwrite to rebuild the cache",
-                )
-        spec_file = self.parts_dir / "run.json"
-        if spec_file.exists():
-            try:
-                old = json.loads(spec_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != json.loads(json.dumps(self._spec())):
-                raise IdentityMismatch(
-                    f"{self.parts_dir} holds unfinished work from a run with other settings",
-                    "repeat that run's command to finish it, or pass --overwrite to start over",
-                )
-        else:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(spec_file, self._spec(), indent=None)
-        self._next_part = 1 + max([-1, *(int(p.stem.split("-")[1]) for p in self._part_files())])
-
-    def _part_files(self) -> list[Path]:
-        if not self.parts_dir.exists():
-            return []
-        out = []
-        for p in self.parts_dir.glob("part-*.npz"):
-            try:
-                int(p.stem.split("-")[1])
-                out.append(p)
-            except (IndexError, ValueError):
-                continue
-        return sorted(out, key=lambda p: int(p.stem.split("-")[1]))
-
-    def _read_part(self, p: Path) -> Any:
-        try:
-            return np.load(p, allow_pickle=False)
-        except Exception:
-            p.unlink(missing_ok=True)
-            return None
-
-    def done_paths(self) -> set[str]:
-        """Paths already in the cache, in finished chunks, or recorded as skipped."""
-        done: set[str] = set()
-        if self.existing is not None:
-            done.update(self.existing.paths)
-            done.update(p for p, _ in self.existing.skipped)
-        for p in self._part_files():
-            part = self._read_part(p)
-            if part is not None:
-                done.update(str(x) for x in part["paths"])
-                done.update(str(row[0]) for row in part["skipped"])
-        return done
-
-    @property
-    def pending_parts(self) -> int:
-        return len(self._part_files())
-
-    def write_part(
-        self,
-        paths: Sequence[str],
-        labels: Sequence[int],
-        features: np.ndarray,
-        stages: dict[str, np.ndarray] | None = None,
-        skipped: Sequence[tuple[str, str]] = (),
-    ) -> Path:
-        """Commit one finished chunk atomically (write to a temp name, fsync, rename)."""
-        stages = stages or {}
-        if sorted(stages) != sorted(self.stage_shapes):
-            raise ValueError(f"stages {sorted(stages)} != {sorted(self.stage_shapes)}")
-        arrays: dict[str, np.ndarray] = {
-            "paths": np.asarray(list(paths), dtype=np.str_),
-            "labels": np.asarray(list(labels), dtype=np.int64),
-            "features": np.asarray(features).astype(self.dtype, copy=False),
-            "skipped": np.asarray(list(skipped), dtype=np.str_).reshape(-1, 2),
-        }
-        for name, maps in stages.items():
-            arrays[f"stage:{name}"] = np.asarray(maps).astype(np.float16, copy=False)
-        path = self.parts_dir / f"part-{self._next_part:06d}.npz"
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(tmp, exc) from exc
-            raise
-        self._next_part += 1
-        return path
-
-    def finalize(self) -> tuple[int, int]:
-        """Write the complete cache (existing rows, then finished chunks in order) under a temporary name
-        and rename it over ``out``. Returns ``(rows, new_rows)``. A no-op when nothing new was added."""
-        import h5py
-
-        parts = [(p, d) for p in self._part_files() if (d := self._read_part(p)) is not None]
-        if not parts and self.existing is not None:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            return self.existing.n, 0
-        have = self.existing.n if self.existing is not None else 0
-        seen = set(self.existing.paths) if self.existing is not None else set()
-        keep: list[tuple[Any, np.ndarray]] = []
-        for _, d in parts:  # a path committed twice (a kill between two renames) is kept once
-            mask = np.array([str(x) not in seen for x in d["paths"]], dtype=bool)
-            seen.update(str(x) for x in d["paths"])
-            keep.append((d, mask))
-        new = int(sum(m.sum() for _, m in keep))
-        old_skips = set(self.existing.skipped) if self.existing is not None else set()
-        new_skips = {(str(a), str(b)) for d, _ in keep for a, b in d["skipped"]} - old_skips
-        if self.existing is not None and new == 0 and not new_skips:
-            # only duplicates of committed rows (a kill after the rename, before the clean-up)
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            return self.existing.n, 0
-        n = have + new
-        dim = self.identity.num_features
-        tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as f:
-                feats = f.create_dataset(
-                    "features", (n, dim), dtype=self.dtype, chunks=(max(1, min(FEATURE_CHUNK_ROWS, n)), dim)
-                )
-                labels = np.empty(n, dtype=np.int64)
-                paths: list[str] = []
-                stage_ds = {
-                    name: f.create_dataset(f"stages/{name}", (n, *shape), dtype="float16", chunks=(1, *shape))
-                    for name, shape in self.stage_shapes.items()
-                }
-                skipped: list[tuple[str, str]] = []
-                row = 0
-                if self.existing is not None:
-                    src = self.existing._file()
-                    for lo in range(0, have, FEATURE_CHUNK_ROWS):
-                        hi = min(have, lo + FEATURE_CHUNK_ROWS)
-                        feats[lo:hi] = src["features"][lo:hi]
-                        for name in stage_ds:
-                            stage_ds[name][lo:hi] = src["stages"][name][lo:hi]
-                    labels[:have] = self.existing.labels
-                    paths += self.existing.paths
-                    skipped += self.existing.skipped
-                    row = have
-                for d, mask in keep:
-                    k = int(mask.sum())
-                    if k:
-                        feats[row : row + k] = d["features"][mask]
-                        labels[row : row + k] = d["labels"][mask]
-                        for name in stage_ds:
-                            stage_ds[name][row : row + k] = d[f"stage:{name}"][mask]
-                        paths += [str(x) for x in d["paths"][mask]]
-                        row += k
-                    skipped += [(str(a), str(b)) for a, b in d["skipped"] if (str(a), str(b)) not in old_skips]
-                f.create_dataset("labels", data=labels)
-                f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_str_dtype())
-                f.create_dataset("skipped", data=np.asarray(skipped, dtype=object).reshape(-1, 2), dtype=_str_dtype())
-                attrs = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "identity": self.identity.to_json(),
-                    "model": self.identity.model,
-                    "weights_id": self.identity.weights_id,
-                    "transform": json.dumps(self.identity.transform.to_dict()),
-                    "image_size": self.identity.transform.input_size,
-                    "classes": json.dumps(self.classes),
-                    "cut": json.dumps(sorted(self.stage_shapes)),
-                    "versions": json.dumps(versions()),
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **{k: v for k, v in self.attrs.items() if v is not None},
-                }
-                for k, v in attrs.items():
-                    f.attrs[k] = v
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            if self.existing is not None:
-                self.existing.close()
-            os.replace(tmp, self.out)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc):
-                raise _disk_full(self.out, exc) from exc
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-        self.existing = FeatureCache(self.out)
-        return n, new

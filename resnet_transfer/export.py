@@ -36,35 +36,6 @@ class ExportResult:
     checked_with: str
 
 
-def build_classifier(model_dir: str | Path) -> tuple[Any, Any]:
-    """The eager ``nn.Module`` (pixels in [0, 1] -> logits) of a head or finetuned model directory, and
-    the parsed directory. A head directory's backbone is rebuilt from its recorded identity."""
-    import torch
-
-    from .backbones import backbone_from_identity
-    from .head import build_head_module
-    from .modeldir import HEAD_FILE, read_model_dir
-
-    md = read_model_dir(model_dir)
-    backbone = backbone_from_identity(md.identity, str(md.path) if md.has_backbone else None)
-    head = build_head_module(md.head_config)
-    head.load_state_dict(md.load_tensors(HEAD_FILE))
-    t = md.identity.transform
-
-    class Classifier(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = backbone.net
-            self.head = head
-            self.register_buffer("mean", torch.tensor(t.mean, dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(t.std, dtype=torch.float32).view(1, 3, 1, 1))
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return self.head(self.backbone((pixels - self.mean) / self.std))
-
-    return Classifier().eval(), md
-
-
 def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
     """Write ``model_dir``'s classifier as ``fmt`` (``torchscript`` | ``onnx``) to ``out`` (default: inside
     the model directory) with a ``<out>.json`` sidecar; reload it and compare with the eager model."""
@@ -72,7 +43,9 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not known", f"use one of: {', '.join(FORMATS)}")
-    model, md = build_classifier(model_dir)
+    from .modeldir import load_classifier
+
+    model, md = load_classifier(model_dir, normalize=True)
     size = md.identity.transform.input_size
     path = Path(out) if out is not None else md.path / ("model" + FORMATS[fmt])
     if path.exists() and path.is_dir():

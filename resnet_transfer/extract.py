@@ -3,18 +3,25 @@
 The loop is plain on purpose: list images -> build backbone -> open the cache writer (lock, resume) ->
 forward the images that are not done yet, in batches, committing a chunk every ``chunk_rows`` rows ->
 assemble the cache.
+
+Under torchrun (:func:`extract` sees ``RANK``/``WORLD_SIZE``), rank 0 plans (lists the images once and
+keeps those not in ``<out>`` yet) and broadcasts the plan; the images to do are cut into contiguous blocks
+in listing order, one per rank; rank ``r`` of ``W`` runs the same loop into ``<out>.shard-0000r-of-0000W.h5``
+(so each shard resumes on its own); then rank 0 assembles ``<out>`` through
+:func:`resnet_transfer.cache_writer.write_assembled` (virtual over the shards, or merged), rows in the same
+order as a single-process run.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DataError, RtError, UsageError
+from .errors import CacheError, DataError, RtError, UsageError
 from .report import get_reporter
 
 
@@ -41,7 +48,6 @@ class ExtractConfig:
     record_root: bool = False
     max_pixels: int | None = None
     merge: bool = False  # under torchrun: write the final cache as a real file, not a virtual one over shards
-    images: Any = None  # a pre-listed ImageList (distributed.py hands each rank its block); None: list cfg.data
 
 
 @dataclass
@@ -59,19 +65,32 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract pooled features (and ``cfg.cut`` stage maps) of the images at ``cfg.data`` into ``cfg.out``.
 
     Resumable and incremental: rows already in the cache (or in finished chunks of an interrupted run) are
-    not recomputed. Raises :class:`RtError` subclasses for anything the user must fix."""
-    import torch
+    not recomputed. Under torchrun every rank takes a block (see the module's doc). Raises
+    :class:`RtError` subclasses for anything the user must fix."""
+    from .distributed import launched
 
-    from .backbones import build_backbone
-    from .cache import CacheWriter, FeatureCache
-    from .compiled import compiled_forward
-    from .data import DEFAULT_MAX_PIXELS, ImageDataset, eval_transform_uint8, list_images, normalize_batch
-    from .distributed import extract_distributed, launched
-    from .runtime import decode_threads, default_workers, resolve_device, resolve_precision
+    _check_options(cfg)
+    if launched():  # a torchrun worker: this rank's block into its shard, then rank 0 assembles
+        return _extract_sharded(cfg)
+    from .cache import FeatureCache
+    from .data import list_images
 
-    if cfg.images is None and launched():  # a torchrun worker: this rank's block into its shard
-        return extract_distributed(cfg)
-    rep = get_reporter()
+    out = Path(cfg.out)
+    # Class order: an existing cache's first (so incremental adds keep label ids), then new ones sorted.
+    known: list[str] | None = None
+    if out.exists() and not cfg.overwrite:
+        try:
+            known = FeatureCache(out).classes
+        except RtError:
+            known = None  # the writer reports what is wrong with it
+    images = list_images(cfg.data, allow_outside=cfg.allow_outside)
+    if known is not None:
+        extra = [c for c in images.classes if c not in known]
+        images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+    return extract_images(cfg, images, out)
+
+
+def _check_options(cfg: ExtractConfig) -> None:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} must be at least 1", "use e.g. --batch-size 32")
     if cfg.chunk_rows < 1:
@@ -80,17 +99,19 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory", "give a file name such as features.h5")
 
-    # Class order: an existing cache's first (so incremental adds keep label ids), then new ones sorted.
-    known: list[str] | None = None
-    if cfg.images is None and out.exists() and not cfg.overwrite:
-        try:
-            known = FeatureCache(out).classes
-        except RtError:
-            known = None  # the writer reports what is wrong with it
-    images = cfg.images if cfg.images is not None else list_images(cfg.data, allow_outside=cfg.allow_outside)
-    if known is not None:
-        extra = [c for c in images.classes if c not in known]
-        images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+
+def extract_images(cfg: ExtractConfig, images: Any, out: Path) -> ExtractResult:
+    """The extraction loop over a listed ``images`` (an ``ImageList``) into the cache ``out``: the images
+    not in ``out`` (or its finished chunks) yet are computed, committed chunk by chunk, then assembled."""
+    import torch
+
+    from .backbones import build_backbone
+    from .cache_writer import CacheWriter
+    from .compiled import compiled_forward
+    from .data import DEFAULT_MAX_PIXELS, ImageDataset, eval_transform_uint8, normalize_batch
+    from .runtime import decode_threads, default_workers, resolve_device, resolve_precision
+
+    rep = get_reporter()
     for note in images.notes:
         rep.warn(note)
 
@@ -270,3 +291,212 @@ class _Buffer:
             maps.setdefault(k, np.zeros((0, *shape), np.float32))
         writer.write_part(self.paths, self.labels, feats, maps, self.skipped)
         self.clear()
+
+
+# ------------------------------------------------------------------------------------- sharded (torchrun)
+
+
+@dataclass
+class _Plan:
+    """What rank 0 decided and broadcast: the images still to do (listing order) and the final's rows."""
+
+    todo: Any  # ImageList of the images not in the final cache yet
+    classes: list[str]
+    base_rows: int
+    up_to_date: bool
+
+
+def _extract_sharded(cfg: ExtractConfig) -> ExtractResult:
+    """`rt extract` under torchrun: this rank's block into its shard, then rank 0 assembles ``cfg.out``.
+
+    Every rank returns the same :class:`ExtractResult` (the final cache's)."""
+    from .cache_writer import shard_path
+    from .distributed import agree, init, on_main, rank_reporting, shard_block
+    from .fsutil import FileLock
+    from .runtime import resolve_device
+
+    out = Path(cfg.out)
+    env = init(resolve_device(cfg.device))
+    t0 = time.perf_counter()
+    lock = FileLock(out)
+    try:
+        with rank_reporting() as rep:
+            plan = on_main(lambda: _plan(cfg, out, lock))
+            if plan.up_to_date:
+                rep.info(f"{out}: up to date ({plan.base_rows} rows); nothing to compute")
+                return on_main(lambda: _result_of(out, 0, t0, plan.todo.notes))
+            block = shard_block(len(plan.todo), env.rank, env.world_size)
+            most = len(shard_block(len(plan.todo), 0, env.world_size))
+            rep.info(
+                f"{env.world_size} ranks: {len(plan.todo)} images to do, up to {most} "
+                f"per rank, into {out.name}.shard-*-of-{env.world_size:05d}.h5"
+            )
+
+            def run_block() -> int:
+                if not len(block):
+                    return 0
+                mine = plan.todo.subset(list(block))
+                if not env.is_main:
+                    mine.notes = []  # rank 0 reports the listing notes once
+                shard = shard_path(out, env.rank, env.world_size)
+                return extract_images(replace(cfg, overwrite=False), mine, shard).new_rows
+
+            new_rows = sum(agree(run_block))
+            return on_main(lambda: _assemble(cfg, out, plan, env.world_size, new_rows, t0))
+    finally:
+        lock.release()
+
+
+def _plan(cfg: ExtractConfig, out: Path, lock: Any) -> _Plan:
+    """Rank 0: lock ``out``, honour --overwrite, list the images (class order of an existing final cache
+    first), and keep those not in the final cache yet."""
+    from .backbones import build_backbone
+    from .cache import FeatureCache
+    from .cache_writer import check_same_stages, remove_cache, shard_files
+    from .data import list_images
+
+    lock.acquire()
+    if cfg.overwrite:
+        remove_cache(out)
+        for p in shard_files(out):
+            remove_cache(p)
+    base: FeatureCache | None = FeatureCache(out) if out.exists() else None
+    try:
+        known = base.classes if base is not None else None
+        images = list_images(cfg.data, allow_outside=cfg.allow_outside)
+        if known is not None:
+            extra = [c for c in images.classes if c not in known]
+            images = list_images(cfg.data, classes=known + extra, allow_outside=cfg.allow_outside)
+        done: set[str] = set()
+        if base is not None:
+            # the shards are checked by their writers; the final cache is checked here, before any work
+            base.check_identity(build_backbone(cfg.model, cfg.weights, cfg.image_size).identity, "this run")
+            check_same_stages(out, list(base.stages), list(cfg.cut))
+            done = set(base.paths) | {p for p, _ in base.skipped}
+        todo = images.subset([i for i, p in enumerate(images.paths) if p not in done])
+        n_base = base.n if base is not None else 0
+        up_to_date = not len(todo) and not (cfg.merge and base is not None and base.is_virtual)
+        return _Plan(todo, list(images.classes), n_base, up_to_date)
+    finally:
+        if base is not None:
+            base.close()
+
+
+def _result_of(out: Path, new_rows: int, t0: float, notes: list[str]) -> ExtractResult:
+    from .cache import FeatureCache
+
+    with FeatureCache(out) as c:
+        rows, skipped = c.n, list(c.skipped)
+    return ExtractResult(out, rows, new_rows, skipped, time.perf_counter() - t0, 0.0, list(notes))
+
+
+def _assemble(cfg: ExtractConfig, out: Path, plan: _Plan, world: int, new_rows: int, t0: float) -> ExtractResult:
+    """Rank 0, after every shard is written: the final cache, rows = the final's old rows, then the new
+    images in listing order (exactly what one process appends)."""
+    from .cache import FeatureCache
+    from .cache_writer import remove_cache, shard_files, shard_path, write_assembled
+    from .distributed import shard_block
+
+    rep = get_reporter()
+    current = [shard_path(out, r, world) for r in range(world) if len(shard_block(len(plan.todo), r, world))]
+    missing = [p for p in current if not p.exists()]
+    if missing:
+        raise CacheError(
+            f"shard {missing[0]} is not visible to rank 0 ({len(missing)} of {len(current)} missing)",
+            "put --out on a file system every node shares, or copy all shard files next to --out on one "
+            "machine and run the same command there with the same number of processes (nothing is recomputed)",
+        )
+    others = [p for p in shard_files(out) if p not in current]
+    base = FeatureCache(out) if out.exists() else None
+    opened: list[Any] = []
+    try:
+        opened = _open_sources(current, others, plan.classes)
+        if base is not None and opened:
+            base.check_identity(opened[0].cache.identity, "the shards")
+        rows, skipped, merge = _final_rows(cfg, out, plan, base, opened, len(current))
+        if not opened:
+            raise DataError(f"--data {cfg.data}: no images to extract", "check the folder or manifest")
+        stages = sorted(opened[0].cache.stages)
+        write_assembled(out, opened, rows, stages, plan.classes, skipped, merge)
+    finally:
+        for src in opened:
+            src.cache.close()
+        if base is not None:
+            base.close()
+    if merge:
+        for p in shard_files(out):
+            remove_cache(p)
+    else:
+        used = {src.path for src in opened}
+        for p in others:
+            if p not in used:
+                remove_cache(p)
+    result = _result_of(out, new_rows, t0, plan.todo.notes)
+    kind = "merged file" if merge else f"virtual dataset over {len({s for s, _ in rows})} shard file(s)"
+    rep.info(f"wrote {out}: {result.rows} rows ({new_rows} new) as a {kind} in {time.perf_counter() - t0:.1f}s")
+    if result.skipped:
+        rep.warn(f"{len(result.skipped)} file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
+    return result
+
+
+def _open_sources(current: list[Path], others: list[Path], classes: list[str]) -> list[Any]:
+    """The shard caches to take rows from: this run's, then older ones written with the same settings."""
+    from .cache import FeatureCache
+    from .cache_writer import Source, label_map
+
+    opened: list[Any] = []
+    ref: Any = None
+    try:
+        for p in current + others:
+            c = FeatureCache(p)
+            if ref is None:
+                ref = c
+            if c.identity.differences(ref.identity) or sorted(c.stages) != sorted(ref.stages):
+                c.close()
+                if p in current:
+                    raise CacheError(f"{p} was written with other settings than {current[0]}", "run with --overwrite")
+                continue  # a stale shard of an earlier run with other settings: not a source
+            opened.append(Source(p, c, label_map(c.classes, classes)))
+    except BaseException:
+        for src in opened:
+            src.cache.close()
+        raise
+    return opened
+
+
+def _final_rows(
+    cfg: ExtractConfig, out: Path, plan: _Plan, base: Any, opened: list[Any], n_current: int
+) -> tuple[list[tuple[int, int]], list[tuple[str, str]], bool]:
+    """Rows of the final cache as (source, row) pairs: the final's old rows, then the new images in
+    listing order; the skipped files; and whether the file must be merged (sources append to ``opened``)."""
+    from .cache_writer import Source, label_map
+
+    where: dict[str, tuple[int, int]] = {}
+    for s, src in enumerate(opened):
+        for row, p in enumerate(src.cache.paths):
+            where.setdefault(p, (s, row))
+    skipped: dict[str, str] = {}
+    if base is not None:
+        skipped.update(base.skipped)
+    for src in opened[:n_current]:
+        for p, reason in src.cache.skipped:
+            skipped.setdefault(p, reason)
+    new_paths = [p for p in plan.todo.paths if p in where]
+    lost = [p for p in plan.todo.paths if p not in where and p not in skipped]
+    if lost:
+        raise CacheError(
+            f"{len(lost)} image(s) are in no shard (first: {lost[0]})",
+            "run the same command again: the shards resume and the final cache is rebuilt",
+        )
+    order = list(base.paths if base is not None else []) + new_paths
+    merge = cfg.merge
+    if not merge and base is not None and any(p not in where for p in base.paths):
+        get_reporter().warn(f"{out} holds rows that are in none of the current shards; writing a merged file instead")
+        merge = True
+    if merge and base is not None:  # the final's own rows come from the final itself
+        opened.append(Source(out, base, label_map(base.classes, plan.classes)))
+        for row, p in enumerate(base.paths):
+            where[p] = (len(opened) - 1, row)
+    for p in order:
+        skipped.pop(p, None)
+    return [where[p] for p in order], list(skipped.items()), merge

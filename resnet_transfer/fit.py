@@ -26,9 +26,24 @@ VAL_NOTE = (
 )
 
 
-@dataclass
+def head_parameter_names() -> list[str]:
+    """The :class:`SoftmaxHead` parameters (its ``__init__`` signature, the one place they are declared)."""
+    from .head_estimator import SoftmaxHead
+
+    return list(SoftmaxHead().get_params(deep=False))
+
+
+# set by fit-head itself from the cache and the config, not by the caller
+_OWNED_BY_FIT = ("num_classes", "seed", "val_fraction")
+
+
+@dataclass(init=False)
 class FitHeadConfig:
-    """Everything `rt fit-head` needs; the CLI fills it from its options."""
+    """Everything `rt fit-head` needs; the CLI fills it from its options.
+
+    Besides the options of the command itself, any :class:`SoftmaxHead` parameter (``solver``, ``l2``,
+    ``hidden``, ``lr``, ...) may be given by keyword; it lands in :attr:`head` and is passed through to
+    the estimator, whose ``__init__`` holds the defaults (they are not repeated here)."""
 
     cache: Path
     out: Path
@@ -36,20 +51,39 @@ class FitHeadConfig:
     val: Path | None = None
     val_fraction: float = 0.2
     seed: int = 0
-    solver: str = "lbfgs"
-    l2: float | None = None
-    hidden: int = 0
-    dropout: float = 0.0
-    class_weight: str | None = None  # None | "balanced"
-    label_smoothing: float = 0.0
-    max_iter: int | None = None  # None: by problem size (see SoftmaxHead)
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 1e-3
-    patience: int = 5
     max_memory_gb: float | None = None  # above this, stream from the cache (adamw); default: 40% of RAM
     overwrite: bool = False
     plot: bool = True
+    head: dict[str, Any] = field(default_factory=dict)  # SoftmaxHead parameters given explicitly
+
+    def __init__(
+        self,
+        cache: Path,
+        out: Path,
+        *,
+        classes: int | None = None,
+        val: Path | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        max_memory_gb: float | None = None,
+        overwrite: bool = False,
+        plot: bool = True,
+        head: dict[str, Any] | None = None,
+        **head_params: Any,
+    ) -> None:
+        self.cache, self.out, self.classes, self.val = cache, out, classes, val
+        self.val_fraction, self.seed, self.max_memory_gb = val_fraction, seed, max_memory_gb
+        self.overwrite, self.plot = overwrite, plot
+        self.head = {**(head or {}), **head_params}
+        known = head_parameter_names()
+        for name in self.head:
+            if name not in known or name in _OWNED_BY_FIT:
+                allowed = ", ".join(n for n in known if n not in _OWNED_BY_FIT)
+                raise UsageError(f"fit-head: unknown head parameter {name!r}", f"use one of: {allowed}")
+
+    def estimator_params(self, num_classes: int) -> dict[str, Any]:
+        """The one mapping the estimator is built from: the given parameters, plus what fit-head sets."""
+        return {**self.head, "num_classes": num_classes, "seed": self.seed}
 
 
 @dataclass
@@ -57,6 +91,17 @@ class FitHeadResult:
     out: Path
     report: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationRows:
+    """Which rows train and which validate (a split of the cache, or a separate --val cache)."""
+
+    train_rows: np.ndarray  # cache rows used for training
+    X_val: np.ndarray | None
+    y_val: np.ndarray | None
+    description: str
+    val_rows: np.ndarray | None = None  # cache rows held out (a split of --cache), else None
 
 
 def _memory_budget_bytes(cfg: FitHeadConfig) -> float:
@@ -91,15 +136,9 @@ def _check_classes(cfg: FitHeadConfig, cache: Any) -> list[str]:
     return classes
 
 
-def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
-    """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
-    from .cache import FeatureCache
-    from .head import SoftmaxHead, stratified_split
-    from .modeldir import META, write_model_dir
-    from .report import classification_metrics, plot_confusion
+def _check_out(cfg: FitHeadConfig) -> Path:
+    from .modeldir import META
 
-    rep = get_reporter()
-    warn_start = len(rep.warnings)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "give a directory name, e.g. --out my-head/")
@@ -109,123 +148,140 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         raise UsageError(f"--out {out} exists and is not empty", "choose a new or empty directory")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise UsageError(f"--val-fraction {cfg.val_fraction} must be between 0 and 1", "use e.g. 0.2")
+    return out
 
-    t0 = time.perf_counter()
-    cache = FeatureCache(cfg.cache)
-    with cache:
-        classes = _check_classes(cfg, cache)
-        k = len(classes)
-        labelled = cache.labelled
-        labels = cache.labels[labelled]
-        counts = np.bincount(labels, minlength=k)
-        for i, c in enumerate(classes):
-            if counts[i] == 0:
-                rep.warn(f"class {c!r} has no images in {cache.path}: the head will never predict it")
 
-        # validation rows: a separate cache, or a stratified split with a fixed seed
-        X_val = y_val = None
-        if cfg.val is not None:
-            vcache = FeatureCache(cfg.val)
-            with vcache:
-                vcache.check_identity(cache.identity, f"the training cache {cache.path}")
-                vrows, y_val = vcache.labelled_as(
-                    classes,
-                    f"--val {cfg.val} (classes of {cache.path})",
-                    "use a validation cache extracted from a folder with the same class folders",
-                )
-                X_val = vcache.features(vrows)
-            train_rows = labelled
-            val_desc = str(cfg.val)
-        else:
-            tr, va = stratified_split(labels, cfg.val_fraction, cfg.seed)
-            small = [classes[i] for i in range(k) if 0 < counts[i] < 2]
-            if small:
-                rep.warn(
-                    f"class(es) {', '.join(repr(c) for c in small)} have a single image: none of it is held out "
-                    "for validation (the validation figures do not cover them)"
-                )
-            if len(va) < 2 or len(np.unique(labels[va])) < 2:
-                rep.warn(
-                    f"too few images ({len(labelled)}) for a validation split: fitting on all of them with "
-                    f"{'l2=' + str(cfg.l2) if cfg.l2 is not None else 'the default l2'} and reporting no accuracy"
-                )
-                tr, va = np.arange(len(labelled)), np.zeros(0, np.int64)
-            train_rows = labelled[tr]
-            val_desc = f"stratified {cfg.val_fraction:g} split of {cfg.cache} (seed {cfg.seed})"
-            if len(va):
-                X_val, y_val = cache.features(labelled[va]), labels[va]
+def _validation_rows(cfg: FitHeadConfig, cache: Any, classes: list[str]) -> ValidationRows:
+    """A separate cache's labelled rows, or a stratified split of ``cache``'s labelled rows (fixed seed)."""
+    from .cache import FeatureCache
+    from .data import stratified_split
 
-        head = SoftmaxHead(
-            cfg.solver,
-            l2=cfg.l2,
-            hidden=cfg.hidden,
-            dropout=cfg.dropout,
-            class_weight=cfg.class_weight,
-            label_smoothing=cfg.label_smoothing,
-            max_iter=cfg.max_iter,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            patience=cfg.patience,
-            num_classes=k,
-            seed=cfg.seed,
+    rep = get_reporter()
+    labelled = cache.labelled
+    labels = cache.labels[labelled]
+    if cfg.val is not None:
+        with FeatureCache(cfg.val) as vcache:
+            vcache.check_identity(cache.identity, f"the training cache {cache.path}")
+            vrows, y_val = vcache.labelled_as(
+                classes,
+                f"--val {cfg.val} (classes of {cache.path})",
+                "use a validation cache extracted from a folder with the same class folders",
+            )
+            X_val = vcache.features(vrows)
+        return ValidationRows(labelled, X_val, y_val, str(cfg.val))
+    counts = np.bincount(labels, minlength=len(classes))
+    tr, va = stratified_split(labels, cfg.val_fraction, cfg.seed)
+    small = [c for i, c in enumerate(classes) if 0 < counts[i] < 2]
+    if small:
+        rep.warn(
+            f"class(es) {', '.join(repr(c) for c in small)} have a single image: none of it is held out "
+            "for validation (the validation figures do not cover them)"
         )
-        y_train = cache.labels[train_rows]
-        need = len(train_rows) * cache.dim * 4 * (1.5 if cfg.solver == "lbfgs" else 1.0)
-        streamed = need > _memory_budget_bytes(cfg)
-        if streamed:
-            if cfg.solver != "adamw":
-                rep.warn(
-                    f"{len(train_rows)} x {cache.dim} features need ~{need / 1e9:.1f} GB, over the memory budget "
-                    f"(--max-memory-gb): streaming from the cache with --solver adamw instead of {cfg.solver}"
-                )
-                head.set_params(solver="adamw")
-            rep.info(f"streaming {len(train_rows)} rows from {cache.path} in chunks (AdamW)")
-            rows_sorted = np.sort(train_rows)
-            head.fit_chunks(
-                lambda e: cache.iter_chunks(rows_sorted, shuffle=e >= 0, seed=cfg.seed * 1000 + max(e, 0)),
-                X_val,
-                y_val,
-                num_features=cache.dim,
-            )
-        else:
-            rep.info(
-                f"fitting a {'MLP (' + str(cfg.hidden) + ' hidden)' if cfg.hidden else 'linear'} head on "
-                f"{len(train_rows)} rows x {cache.dim} features, {k} classes, solver {head.solver}"
-            )
-            head.fit(cache.features(train_rows), y_train, X_val, y_val)
-        identity = cache.identity
-        cache_path = str(cache.path)
+    if len(va) < 2 or len(np.unique(labels[va])) < 2:
+        l2 = cfg.head.get("l2")
+        rep.warn(
+            f"too few images ({len(labelled)}) for a validation split: fitting on all of them with "
+            f"{'l2=' + str(l2) if l2 is not None else 'the default l2'} and reporting no accuracy"
+        )
+        tr, va = np.arange(len(labelled)), np.zeros(0, np.int64)
+    desc = f"stratified {cfg.val_fraction:g} split of {cfg.cache} (seed {cfg.seed})"
+    if not len(va):
+        return ValidationRows(labelled[tr], None, None, desc, labelled[va])
+    return ValidationRows(labelled[tr], cache.features(labelled[va]), labels[va], desc, labelled[va])
 
-    train_seconds = float(head.fit_seconds_)
+
+def _fit(cfg: FitHeadConfig, head: Any, cache: Any, split: ValidationRows) -> bool:
+    """Fit ``head`` in memory, or streamed from the cache (AdamW) over the memory budget; True if streamed."""
+    rep = get_reporter()
+    rows = split.train_rows
+    solver = head.solver
+    need = len(rows) * cache.dim * 4 * (1.5 if solver == "lbfgs" else 1.0)
+    if need <= _memory_budget_bytes(cfg):
+        hidden = head.hidden
+        rep.info(
+            f"fitting a {'MLP (' + str(hidden) + ' hidden)' if hidden else 'linear'} head on "
+            f"{len(rows)} rows x {cache.dim} features, {len(cache.classes)} classes, solver {solver}"
+        )
+        head.fit(cache.features(rows), cache.labels[rows], split.X_val, split.y_val)
+        return False
+    if solver != "adamw":
+        rep.warn(
+            f"{len(rows)} x {cache.dim} features need ~{need / 1e9:.1f} GB, over the memory budget "
+            f"(--max-memory-gb): streaming from the cache with --solver adamw instead of {solver}"
+        )
+        head.set_params(solver="adamw")
+    rep.info(f"streaming {len(rows)} rows from {cache.path} in chunks (AdamW)")
+    rows_sorted = np.sort(rows)
+    head.fit_chunks(
+        lambda e: cache.iter_chunks(rows_sorted, shuffle=e >= 0, seed=cfg.seed * 1000 + max(e, 0)),
+        split.X_val,
+        split.y_val,
+        num_features=cache.dim,
+    )
+    return True
+
+
+def _report(
+    cfg: FitHeadConfig, head: Any, split: ValidationRows, classes: list[str], labels: np.ndarray, cache_path: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from .report import classification_metrics
+
     metrics = None
-    if X_val is not None and y_val is not None:
-        pred = head.decision_function(X_val).argmax(1)
-        metrics = classification_metrics(y_val, pred, classes)
+    if split.X_val is not None and split.y_val is not None:
+        metrics = classification_metrics(split.y_val, head.logits(split.X_val).argmax(1), classes)
     report: dict[str, Any] = {
         "kind": "fit-head",
         "accuracy": metrics["accuracy"] if metrics else None,
-        "n_train": len(train_rows),
-        "n_val": len(y_val) if y_val is not None else 0,
-        "validation": val_desc if metrics else None,
+        "n_train": len(split.train_rows),
+        "n_val": len(split.y_val) if split.y_val is not None else 0,
+        "validation": split.description if metrics else None,
         "solver": head.solver,
-        "streamed": streamed,
+        "streamed": False,
         "l2": head.l2_,
         "l2_path": head.path_,
         "history": head.history_,
         "iterations": getattr(head, "n_iter_", None),
-        "class_weight": cfg.class_weight,
-        "label_smoothing": cfg.label_smoothing,
+        "class_weight": head.class_weight,
+        "label_smoothing": head.label_smoothing,
         "head": head.module_.config,
-        "seconds": round(train_seconds, 4),
+        "seconds": round(float(head.fit_seconds_), 4),
         "total_seconds": None,
         "cache": cache_path,
         "class_counts": _class_counts(labels, classes),
         "note": VAL_NOTE if metrics else "no validation rows: no accuracy measured",
     }
     if metrics:
-        report.update({k2: metrics[k2] for k2 in ("per_class", "macro_f1", "balanced_accuracy", "confusion_matrix")})
+        report.update({k: metrics[k] for k in ("per_class", "macro_f1", "balanced_accuracy", "confusion_matrix")})
     report["classes"] = classes
+    return report, metrics
+
+
+def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
+    """Fit a head on ``cfg.cache`` and write the head directory ``cfg.out``; returns the report."""
+    from .cache import FeatureCache
+    from .head_estimator import SoftmaxHead
+    from .modeldir import write_model_dir
+    from .report import plot_confusion
+
+    rep = get_reporter()
+    warn_start = len(rep.warnings)
+    out = _check_out(cfg)
+    t0 = time.perf_counter()
+    with FeatureCache(cfg.cache) as cache:
+        classes = _check_classes(cfg, cache)
+        labels = cache.labels[cache.labelled]
+        counts = np.bincount(labels, minlength=len(classes))
+        for i, c in enumerate(classes):
+            if counts[i] == 0:
+                rep.warn(f"class {c!r} has no images in {cache.path}: the head will never predict it")
+        split = _validation_rows(cfg, cache, classes)
+        head = SoftmaxHead(**cfg.estimator_params(len(classes)))
+        streamed = _fit(cfg, head, cache, split)
+        identity = cache.identity
+        cache_path = str(cache.path)
+
+    report, metrics = _report(cfg, head, split, classes, labels, cache_path)
+    report["streamed"] = streamed
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_model_dir(
         out,
@@ -245,5 +301,5 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     report["total_seconds"] = round(time.perf_counter() - t0, 4)
     atomic_write_json(out / "report.json", report)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
-    rep.info(f"wrote {out}: {acc}; l2={head.l2_:g}; trained in {train_seconds:.2f}s")
+    rep.info(f"wrote {out}: {acc}; l2={head.l2_:g}; trained in {head.fit_seconds_:.2f}s")
     return FitHeadResult(out, report, list(report["warnings"]))

@@ -3,6 +3,7 @@
 Every file the package writes (caches, chunks, checkpoints, model directories, reports, exports) goes
 through :func:`atomic_path` or one of the ``atomic_write_*`` helpers, so a kill at any moment leaves the
 previous file or the new one, never a torn one. A full disk is reported as such (:class:`DiskFullError`).
+:class:`FileLock` keeps a second writer of the same output out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import RtError
+from .errors import CacheError, RtError
 
 
 class DiskFullError(RtError):
@@ -107,3 +108,50 @@ def file_digest(path: str | Path) -> str:
         while chunk := f.read(_READ):
             h.update(chunk)
     return h.hexdigest()
+
+
+class FileLock:
+    """An exclusive, non-blocking ``flock`` on ``<target>.lock``; released when the process dies.
+
+    A second holder gets a :class:`CacheError` naming ``target`` and the pid that holds it."""
+
+    def __init__(self, target: str | Path, what: str = "`rt extract`") -> None:
+        target = Path(target)
+        self.target = target
+        self.what = what
+        self.path = target.with_name(target.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CacheError(
+                f"{self.target}: another {self.what} (pid {other}) is writing this cache",
+                "wait for it to finish, or write to another --out",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

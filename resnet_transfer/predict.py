@@ -30,6 +30,7 @@ class LoadedModel:
     md: Any  # modeldir.ModelDir
     backbone: Any  # backbones.Backbone
     head: Any  # head.HeadModule
+    classifier: Any = None  # classifier.Classifier over backbone.net and head (honours a head's `features`)
 
     @property
     def classes(self) -> list[str]:
@@ -37,47 +38,11 @@ class LoadedModel:
 
 
 def load_model(model_dir: str | Path, weights: str | None = None) -> LoadedModel:
-    """Read ``model_dir`` and build its backbone and head (CPU, eval mode)."""
-    from .backbones import Backbone, _with_transform, backbone_from_identity, build_backbone
-    from .errors import IdentityMismatch
-    from .head import build_head_module
-    from .modeldir import HEAD_FILE, read_model_dir
+    """Read ``model_dir`` and build its backbone and head (CPU, eval mode): :func:`modeldir.load_classifier`."""
+    from .modeldir import load_classifier
 
-    md = read_model_dir(model_dir)
-    if md.kind == "finetuned":
-        if weights is not None:
-            raise UsageError(
-                f"{model_dir} is a finetuned model: it carries its own backbone, --weights does not apply",
-                "drop --weights",
-            )
-        bb = build_backbone(md.identity.model, weights=str(md.path))
-        if bb.identity.arch != md.identity.arch or bb.identity.num_features != md.identity.num_features:
-            raise IdentityMismatch(
-                f"{md.path}: its backbone file holds {bb.identity.arch} ({bb.identity.num_features} features), "
-                f"meta.json says {md.identity.arch} ({md.identity.num_features})",
-                "re-run `rt finetune` to write the directory again",
-            )
-        bb = Backbone(net=bb.net, identity=_with_transform(bb.identity, md.identity.transform), stages=bb.stages)
-    elif md.kind == "head":
-        bb = backbone_from_identity(md.identity, weights)
-    else:
-        raise UsageError(f"{md.path}: unknown model kind {md.kind!r}", "use a directory from rt fit-head / finetune")
-    head = build_head_module(md.head_config)
-    try:
-        head.load_state_dict(md.load_tensors(HEAD_FILE))
-    except (RuntimeError, KeyError) as exc:
-        from .errors import ModelDirError
-
-        raise ModelDirError(
-            f"{md.path / HEAD_FILE}: does not fit the head recorded in meta.json ({str(exc)[:200]})",
-            "re-run the command that wrote the directory",
-        ) from exc
-    if head.in_features != bb.num_features:
-        raise IdentityMismatch(
-            f"{md.path}: the head takes {head.in_features} features, the backbone gives {bb.num_features}",
-            "re-run the command that wrote the directory",
-        )
-    return LoadedModel(md, bb, head.eval())
+    clf, md = load_classifier(model_dir, weights)
+    return LoadedModel(md, clf.backbone, clf.head, clf)
 
 
 def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: bool) -> Any:

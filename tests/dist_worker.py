@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from resnet_transfer.cache import CacheWriter
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.cli import main
 
 
@@ -39,12 +39,12 @@ def _install_hooks() -> None:
 
     CacheWriter.write_part = write_part  # type: ignore[method-assign]
 
-    from resnet_transfer import finetune
+    from resnet_transfer import checkpoints, freeze
 
     if os.environ.get("RT_TEST_BN_EVAL") == "1":
         from torch import nn
 
-        real_mode = finetune.FreezePolicy.train_mode
+        real_mode = freeze.FreezePolicy.train_mode
 
         def train_mode(self: Any, epoch: int) -> None:
             real_mode(self, epoch)
@@ -54,17 +54,17 @@ def _install_hooks() -> None:
                         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
                             bn.eval()
 
-        finetune.FreezePolicy.train_mode = train_mode  # type: ignore[method-assign]
+        freeze.FreezePolicy.train_mode = train_mode  # type: ignore[method-assign]
     kill_epoch = int(os.environ.get("RT_TEST_KILL_AFTER_EPOCH", "0"))
     if kill_epoch:
-        real_save = finetune._atomic_torch_save
+        real_save = checkpoints.atomic_torch_save
 
         def save(obj: Any, path: Path) -> None:
             real_save(obj, path)
-            if path.name == finetune.LAST_CKPT and obj.get("epoch") == kill_epoch and rank == 0:
+            if path.name == checkpoints.LAST_CKPT and obj.get("epoch") == kill_epoch and rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        finetune._atomic_torch_save = save
+        checkpoints.atomic_torch_save = save
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import FORMAT_VERSION, CacheWriter, FeatureCache
+from resnet_transfer.cache import FORMAT_VERSION, FeatureCache
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.errors import CacheError, IdentityMismatch
 
 DIM = 6

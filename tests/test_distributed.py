@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from resnet_transfer.cache import FeatureCache
-from resnet_transfer.distributed import RankReporter, _runs, dist_env, shard_block, shard_files, shard_path
+from resnet_transfer.cache_writer import runs, shard_files, shard_path
+from resnet_transfer.distributed import RankReporter, dist_env, shard_block
 from resnet_transfer.errors import CacheError
 from resnet_transfer.extract import ExtractConfig, extract
 from resnet_transfer.report import Reporter
@@ -125,7 +126,7 @@ def test_shard_names_and_runs(tmp_path: Path) -> None:
         "f.h5.shard-00000-of-00002.h5",
         "f.h5.shard-00001-of-00002.h5",
     ]
-    assert _runs([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 4)]) == [
+    assert runs([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 4)]) == [
         (0, 0, 0, 2),
         (1, 0, 2, 2),
         (0, 2, 4, 1),
@@ -151,12 +152,12 @@ def test_env_detection_and_rank_reporter(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_virtual_cache_with_a_missing_shard_is_refused(image_folder: Path, tmp_path: Path) -> None:
     """The VDS writer on two shards made in-process (no torchrun), then one shard removed."""
-    from resnet_transfer.distributed import _label_map, _Source, _write_final
+    from resnet_transfer.cache_writer import Source, label_map, write_assembled
 
     a = reference(image_folder, tmp_path / "a.h5")
-    sources = [_Source(tmp_path / "a.h5", a, _label_map(a.classes, a.classes))]
+    sources = [Source(tmp_path / "a.h5", a, label_map(a.classes, a.classes))]
     rows = [(0, i) for i in range(a.n)][::-1]  # reversed: one run per row
-    _write_final(tmp_path / "v.h5", sources, rows, [], a.classes, [], merge=False)
+    write_assembled(tmp_path / "v.h5", sources, rows, [], a.classes, [], merge=False)
     v = FeatureCache(tmp_path / "v.h5")
     assert v.paths == a.paths[::-1] and is_virtual(tmp_path / "v.h5")
     np.testing.assert_array_equal(v.features(), a.features()[::-1])

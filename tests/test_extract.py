@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.cache import FeatureCache
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.cli import app
 from resnet_transfer.extract import ExtractConfig, extract
 from tests.conftest import make_image_folder

@@ -13,18 +13,11 @@ from conftest import CLASSES
 from safetensors.torch import load_file
 
 from resnet_transfer.backbones import build_backbone, save_backbone
+from resnet_transfer.classifier import Classifier
+from resnet_transfer.data import stratified_split
 from resnet_transfer.errors import DataError, RtError, UsageError
-from resnet_transfer.finetune import (
-    AUTO_RULE_TEXT,
-    Classifier,
-    FinetuneConfig,
-    FreezePolicy,
-    auto_unfreeze,
-    finetune,
-    load_checkpoint,
-    lr_factor,
-    stratified_split,
-)
+from resnet_transfer.finetune import FinetuneConfig, finetune, load_checkpoint
+from resnet_transfer.freeze import AUTO_RULE_TEXT, FreezePolicy, auto_unfreeze, lr_factor
 from resnet_transfer.head import HeadModule
 from resnet_transfer.modeldir import read_model_dir, write_model_dir
 from resnet_transfer.report import Reporter, set_reporter
@@ -339,3 +332,16 @@ def test_finetuned_dir_is_weights_for_extract(scratch_model, image_folder, tmp_p
         with torch.no_grad():
             ref = bb.net.eval()(x[None]).numpy()[0]
         assert np.allclose(c.features([0])[0], ref, rtol=2e-3, atol=2e-3)
+
+
+def test_head_on_stage_features_is_refused(tmp_path):
+    """A head fitted on other stages' pooled features (`features` in its config) cannot be finetuned yet."""
+    bb = _backbone()
+    head = HeadModule(256 + 512, len(CLASSES))
+    config = {**head.config, "features": ["layer3", "layer4"]}
+    hd = write_model_dir(
+        tmp_path / "h", "head", bb.identity, list(CLASSES), config, {"head.safetensors": head.state_dict()}
+    )
+    with pytest.raises(UsageError, match="final pooled features") as e:
+        finetune(_cfg(tmp_path / "out", head=hd, data=tmp_path, epochs=1))
+    assert "layer3, layer4" in str(e.value) and "rt fit-head" in e.value.hint

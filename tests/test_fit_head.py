@@ -16,7 +16,8 @@ from conftest import make_image_folder
 from typer.testing import CliRunner
 
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.cache import FeatureCache
+from resnet_transfer.cache_writer import CacheWriter
 from resnet_transfer.cli import app
 from resnet_transfer.errors import DataError, IdentityMismatch, UsageError
 from resnet_transfer.extract import ExtractConfig, extract

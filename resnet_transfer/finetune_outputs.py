@@ -1,0 +1,168 @@
+"""What a finished `rt finetune` run writes: the model directory (backbone + head, for predict / evaluate /
+export, and as ``--weights DIR``), report.json and curves.png; and the check that ``--out`` may be written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+from .fsutil import atomic_write_json
+from .report import get_reporter
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneResult, Run
+
+CURVES_PNG = "curves.png"
+REPORT_JSON = "report.json"
+
+
+def check_out(out: Path, overwrite: bool, checkpoint_dir: str, last_ckpt: str) -> None:
+    """Refuse an ``--out`` that holds a model or an unfinished run (unless ``overwrite``: then the old model
+    stops being one before the new run starts)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file", "give a directory name")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if (out / "meta.json").exists():
+            raise UsageError(f"--out {out} already holds a model", "choose another --out, or pass --overwrite")
+        if (out / checkpoint_dir / last_ckpt).exists():
+            raise UsageError(
+                f"--out {out} holds an unfinished finetune run",
+                f"continue it with `rt finetune --resume {out}`, or pass --overwrite to start over",
+            )
+    if overwrite and out.is_dir():
+        (out / "meta.json").unlink(missing_ok=True)
+        shutil.rmtree(out / checkpoint_dir, ignore_errors=True)
+
+
+def write_outputs(run: Run, seconds: float) -> FinetuneResult:
+    """Write the model directory (meta.json last), report.json and curves.png of a finished run."""
+    import torch
+
+    from .backbones import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
+    from .finetune import FinetuneResult
+    from .modeldir import HEAD_FILE, write_model_dir
+
+    cfg, state, model = run.cfg, run.state, run.model
+    out = Path(cfg.out)
+    model.net.cpu().to(memory_format=torch.contiguous_format)
+    model.head.cpu()
+    ident = run.start.backbone.identity
+    save_backbone(model.net, out / BACKBONE_FILE, ident)
+    identity = BackboneIdentity(
+        model=ident.model,
+        arch=ident.arch,
+        weights=str(out),
+        weights_id="sha256:" + sha256_file(out / BACKBONE_FILE),
+        transform=ident.transform,
+        num_features=ident.num_features,
+    )
+    history = state.history
+    best_row = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
+    report = _report(run, best_row, seconds)
+    png = plot_training_curves(
+        history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {run.target}", state.best_epoch
+    )
+    atomic_write_json(out / REPORT_JSON, report)
+    write_model_dir(
+        out,
+        "finetuned",
+        identity,
+        run.feeding.classes,
+        model.head.config,
+        {HEAD_FILE: model.head.state_dict()},
+        extra_meta={"finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch}},
+        extra_files=[BACKBONE_FILE],
+    )
+    get_reporter().info(
+        f"wrote {out}: best epoch {state.best_epoch + 1}"
+        + (
+            f", val acc {best_row['val_acc']:.3f}, val loss {best_row['val_loss']:.4f}"
+            if best_row["val_acc"] is not None
+            else ""
+        )
+        + f"; curves in {png.name}"
+    )
+    best = {k: best_row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
+    return FinetuneResult(out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history)
+
+
+def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
+    cfg, state, feed = run.cfg, run.state, run.feed
+    history = state.history
+    return {
+        "kind": "finetune",
+        "accuracy": best_row["val_acc"],
+        "val_loss": best_row["val_loss"],
+        "n_train": feed.n_train,
+        "n_val": feed.n_val,
+        "seconds": round(seconds, 2),
+        "best_epoch": state.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": state.stopped,
+        "unfreeze": run.target,
+        "unfreeze_auto": run.start.auto_reason,
+        "schedule": cfg.schedule,
+        "plan": [{"part": p.name, "from_epoch": p.start, "lr": p.lr} for p in run.policy.plans],
+        "unfreeze_events": [{"epoch": r["epoch"], "stages": r["unfrozen"]} for r in history if r["unfrozen"]],
+        "cached_stage": run.feeding.cut,
+        "start": {"head": run.start.head_source, "backbone": run.start.backbone.identity.to_dict()},
+        "precision": run.precision,
+        "device": run.device.type,
+        "config": json.loads(cfg.to_json()),
+        "history": history,
+    }
+
+
+def plot_training_curves(
+    history: Sequence[dict[str, Any]], path: Path, title: str = "finetune", best_epoch: int | None = None
+) -> Path:
+    """Loss and accuracy per epoch (train and validation), with a dashed line where stages were unfrozen
+    (labelled with their names) and a marker on the best epoch. Saved as a PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        for ax, key in zip(axes, ("loss", "acc")):
+            ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"train {key}")
+            val = [(e, r[f"val_{key}"]) for e, r in zip(epochs, history) if r[f"val_{key}"] is not None]
+            if val:
+                ax.plot([e for e, _ in val], [v for _, v in val], "s-", label=f"val {key}")
+            for r in history:
+                if r["unfrozen"]:
+                    x = r["epoch"] + 0.5  # the stage trains from this epoch's first step
+                    ax.axvline(x, color="grey", linestyle="--", linewidth=1)
+                    ax.text(
+                        x,
+                        0.98,
+                        " +" + ",".join(r["unfrozen"]),
+                        transform=ax.get_xaxis_transform(),
+                        va="top",
+                        fontsize=8,
+                        color="dimgrey",
+                        rotation=90,
+                    )
+            if best_epoch is not None and 0 <= best_epoch < len(history):
+                ax.axvline(best_epoch + 1, color="tab:green", alpha=0.4, linewidth=3, label="best (kept)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy" if key == "acc" else "cross-entropy")
+            if key == "acc":
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best", fontsize=8, framealpha=0.6)
+        fig.suptitle(title + " (dashed: stage unfrozen)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,9 +1,9 @@
 """HDF5 cache I/O: write and read MB/s of the feature cache, and whether minibatch reads can starve head
 training.
 
-- **cache write**: the real writer path, ``CacheWriter.write_part`` (one fsync'ed ``.npz`` per 256-row
-  chunk, as `rt extract` commits them) then ``finalize`` (the HDF5 file, 1024-row chunks), for float16 and
-  float32. MB/s counts the feature bytes stored.
+- **cache write**: the real writer path, ``CacheWriter.write_part`` (one fsync'ed HDF5 chunk file per 256
+  rows, as `rt extract` commits them) then ``finalize`` (the index over them), for float16 and float32.
+  MB/s counts the feature bytes stored.
 - **layout context**: plain h5py writes of the same array with the cache's chunking and compression none,
   lzf and gzip-1, their file sizes, and random-minibatch read times (why the cache is uncompressed).
 - **reads**: ``FeatureCache.features()`` (everything), ``iter_chunks`` (whole-chunk streaming, what

@@ -8,12 +8,11 @@ strict load proves the two architectures match. Stage names come from the model'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from torch import nn
 
 from .errors import UsageError, WeightsError
 from .fsutil import atomic_path
+from .identity import BackboneIdentity, sha256_file
+from .transforms import TransformConfig
 
 TV_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # torchvision's best ImageNet weights per ResNet (what `--model tv:resnetNN` loads with --weights imagenet)
@@ -34,93 +35,6 @@ TV_DEFAULT_WEIGHTS = {
 }
 BACKBONE_FILE = "backbone.safetensors"
 INIT_SEED = 0  # `--weights none` is a fixed random init, so extract and predict see the same function
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """The eval preprocessing: resize the short side to ``resize_size``, center-crop ``input_size``,
-    scale to [0, 1], normalise with ``mean``/``std``. ``draft``: JPEGs at least twice ``resize_size`` on
-    the short side are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL ``draft``), never below
-    ``resize_size`` (identities recorded before the field existed decoded in full: ``False``)."""
-
-    input_size: int = 224
-    resize_size: int = 256
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    draft: bool = True
-
-    def draft_target(self) -> int | None:
-        """The ``draft=`` for :func:`data.load_image` / ``ImageDataset``: the short side to stay above."""
-        return self.resize_size if self.draft else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TransformConfig:
-        return cls(
-            input_size=int(d["input_size"]),
-            resize_size=int(d["resize_size"]),
-            interpolation=str(d["interpolation"]),
-            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
-            draft=bool(d.get("draft", False)),
-        )
-
-    def with_size(self, image_size: int) -> TransformConfig:
-        """The same crop ratio at another input size (``--image-size``)."""
-        ratio = self.input_size / self.resize_size
-        return TransformConfig(image_size, max(image_size, round(image_size / ratio)), *self._rest())
-
-    def _rest(self) -> tuple[str, tuple[float, float, float], tuple[float, float, float], bool]:
-        return self.interpolation, self.mean, self.std, self.draft
-
-
-@dataclass(frozen=True)
-class BackboneIdentity:
-    """What a cache, head or model directory records so consumers can check they match.
-
-    ``model`` is the name as resolved (``timm:resnet50.a1_in1k``, ``tv:resnet50``), ``arch`` the timm
-    architecture built, ``weights`` what the user asked for, ``weights_id`` what was actually loaded (a
-    pretrained tag, ``sha256:...`` of a file, or ``random:seed=0``)."""
-
-    model: str
-    arch: str
-    weights: str
-    weights_id: str
-    transform: TransformConfig
-    num_features: int
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["transform"] = self.transform.to_dict()
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BackboneIdentity:
-        return cls(
-            model=str(d["model"]),
-            arch=str(d["arch"]),
-            weights=str(d["weights"]),
-            weights_id=str(d["weights_id"]),
-            transform=TransformConfig.from_dict(d["transform"]),
-            num_features=int(d["num_features"]),
-        )
-
-    def differences(self, other: BackboneIdentity) -> list[str]:
-        """Human-readable differences that change the features (``weights`` as typed does not)."""
-        out = []
-        for key in ("arch", "weights_id", "num_features"):
-            a, b = getattr(self, key), getattr(other, key)
-            if a != b:
-                out.append(f"{key}: {a} != {b}")
-        if self.transform != other.transform:
-            out.append(f"transform: {self.transform.to_dict()} != {other.transform.to_dict()}")
-        return out
 
 
 @dataclass
@@ -456,14 +370,6 @@ def _load_torchvision(arch: str) -> tuple[Any, TransformConfig, str]:
     return net, transform, f"torchvision:{enum}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_state_file(path: str | Path) -> tuple[dict[str, Any], str, dict[str, str]]:
     """Load a state dict safely (safetensors, or ``torch.load(weights_only=True)``: no pickled code runs).
 
@@ -553,3 +459,27 @@ def save_backbone(net: Any, path: Path, identity: BackboneIdentity) -> None:
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+
+
+def pooled_stage_features(backbone: Backbone, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass of ``backbone.net`` over ``x``: the globally average-pooled output of each stage in
+    ``stages`` (``(N, C_stage)`` float32 tensors), keyed by stage name.
+
+    A stage named twice is computed once; a name that is not a stage is a :class:`UsageError`. The same
+    pooling as ``rt extract --pool-stages`` (mean over H and W of the stage's output)."""
+    names = [backbone.check_stage(s, "stage") for s in dict.fromkeys(stages)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _inp: Any, output: torch.Tensor) -> None:
+            captured[name] = output.float().mean(dim=(2, 3))
+
+        return hook
+
+    hooks = [backbone.net.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        backbone.net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: captured[n] for n in names}

@@ -1,17 +1,21 @@
 """Reading the HDF5 feature cache: :class:`FeatureCache` (identity checks, chunked reads, summary).
 
-Writing is :mod:`resnet_transfer.cache_writer`'s job, the only writer of the format. Layout (see
+Writing is :mod:`resnet_transfer.cache_writer`'s job, the only writer of the format. Layout (version 2, see
 docs/cache-format.md)::
 
-    /features        (N, D) float16|float32, chunked along N
+    /features        (N, D) float16|float32 (virtual over <out>.chunks/*.h5, or real in a merged file)
     /labels          (N,) int64, -1 = unlabelled
     /paths           (N,) utf-8, relative to the data root
-    /stages/<name>   (N, C, H, W) float16, one image per chunk (only with --cut)
-    /skipped         (M, 2) utf-8: path, reason
-    attrs            format, format_version, identity (JSON), classes (JSON), ...
+    /keys            (N,) utf-8, the content key of each row's file
+    /stages/<name>   (N, C, H, W) float16 (only with --cut)
+    /pooled/<stage>  (N, C) pooled features of a stage (only with --pool-stages)
+    /skipped         (M, 2) utf-8: path, reason (+ /skipped_keys)
+    /stat, /index    the stat check and the row -> chunk-file mapping
+    attrs            format, format_version, identity (JSON), precision, classes (JSON), last_run, ...
 
-A reader keeps the file it opened open, so it keeps seeing that version even when a writer renames a new
-one over it.
+A reader keeps the index it opened open, so it keeps seeing that version when a writer renames a new one
+over it; the chunk files an update no longer needs are deleted, so a reader that outlives an update of
+its cache may find rows of edited or deleted images gone (it reads NaN there): reopen after an update.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
 from .errors import CacheError, IdentityMismatch
+from .identity import BackboneIdentity
 
 FORMAT = "resnet_transfer.cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows keyed by content, features held in immutable chunk files (docs/cache-format.md)
 FEATURE_CHUNK_ROWS = 1024
+NO_STAT = (-1, -1, -1)  # (size, mtime_ns, inode) of a row whose file was not stat'ed (a synthetic cache)
+
+
+def chunk_dir(out: str | Path) -> Path:
+    """``<out>.chunks/``: the folder of immutable chunk files a cache's virtual datasets read from."""
+    out = Path(out)
+    return out.with_name(out.name + ".chunks")
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -56,9 +67,10 @@ class FeatureCache:
                 )
             version = int(attrs.get("format_version", 0))
             if version != FORMAT_VERSION:
+                older = " (an older rt: rows keyed by path, not by content)" if version < FORMAT_VERSION else ""
                 raise CacheError(
-                    f"{self.path}: cache layout version {version}, this rt reads version {FORMAT_VERSION}",
-                    "rebuild it with `rt extract ... --overwrite`",
+                    f"{self.path}: cache layout version {version}{older}, this rt reads version {FORMAT_VERSION}",
+                    "rebuild it with the same `rt extract ...` command plus --overwrite",
                 )
             self.identity = BackboneIdentity.from_dict(json.loads(attrs["identity"]))
             self.classes: list[str] = json.loads(attrs["classes"])
@@ -67,10 +79,16 @@ class FeatureCache:
             self.dim = int(f["features"].shape[1])
             self.labels = f["labels"][:].astype(np.int64)
             self.paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
+            self.keys: list[str] = [_s(k) for k in f["keys"][:]]
             self.stages = {k: tuple(v.shape[1:]) for k, v in f["stages"].items()} if "stages" in f else {}
+            self.pooled = {k: int(v.shape[1]) for k, v in f["pooled"].items()} if "pooled" in f else {}
+            self.pooled_stages: list[str] = json.loads(attrs.get("pooled", "[]"))
             sk = f["skipped"][:] if "skipped" in f else np.zeros((0, 2), dtype=object)
             self.skipped = [(_s(a), _s(b)) for a, b in sk]
+            self.skipped_keys: list[str] = [_s(k) for k in f["skipped_keys"][:]]
             self.feature_dtype = str(f["features"].dtype)
+            self.precision = str(attrs.get("precision", ""))
+            self.last_run: dict[str, Any] = json.loads(attrs.get("last_run", "{}"))
             _check_virtual_sources(f, self.path)
         except CacheError:
             self.close()
@@ -80,7 +98,7 @@ class FeatureCache:
             raise CacheError(
                 f"{self.path}: cannot read the cache ({type(exc).__name__}: {str(exc)[:150]}); it is truncated, "
                 "corrupt or not HDF5",
-                "delete it and run `rt extract` again (finished chunks in *.parts/ are reused)",
+                "run the same `rt extract` with --overwrite (or delete it and run again)",
             ) from exc
 
     def __len__(self) -> int:
@@ -101,6 +119,32 @@ class FeatureCache:
     def dataset(self, name: str) -> Any:
         """The open h5py dataset ``name`` (e.g. ``"features"``, ``"stages/layer3"``), for block copies."""
         return self._file()[name]
+
+    def file_stats(self) -> dict[str, tuple[tuple[int, int, int], str]]:
+        """``path -> ((size, mtime_ns, inode), key)`` recorded for every row and skipped file: a file whose
+        stat is unchanged keeps its key without being read again."""
+        f = self._file()
+        out: dict[str, tuple[tuple[int, int, int], str]] = {}
+        for paths, keys, name in (
+            (self.paths, self.keys, "stat"),
+            ([p for p, _ in self.skipped], self.skipped_keys, "skipped_stat"),
+        ):
+            stats = f[name][:] if name in f else np.full((len(paths), 3), -1, dtype=np.int64)
+            for p, k, st in zip(paths, keys, stats):
+                out[p] = ((int(st[0]), int(st[1]), int(st[2])), k)
+        return out
+
+    def locations(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Where each row's arrays are stored: chunk file names (relative to :func:`chunk_dir`, ``""`` = this
+        file itself, a merged cache), and per row the index into those names and the row in that file."""
+        g = self._file()["index"]
+        names = [_s(x) for x in g["chunk_files"][:]]
+        return names, g["chunk"][:].astype(np.int64), g["row"][:].astype(np.int64)
+
+    def chunk_rows(self) -> dict[str, int]:
+        """Rows of each chunk file the index reads (``""``: this file itself)."""
+        g = self._file()["index"]
+        return {_s(x): int(n) for x, n in zip(g["chunk_files"][:], g["chunk_rows"][:])}
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -123,23 +167,45 @@ class FeatureCache:
         """Indices of labelled rows."""
         return np.flatnonzero(self.labels >= 0)
 
-    def features(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """Pooled features as float32: all rows, or the given ones (in the given order)."""
-        ds = self._file()["features"]
+    def features(
+        self, rows: Sequence[int] | np.ndarray | None = None, stage: str | Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Pooled features as float32: all rows, or the given ones (in the given order).
+
+        ``stage=None``: the backbone's final pooled features (``/features``); a stage name: that stage's
+        globally average-pooled features (``/pooled/<stage>``, stored by ``rt extract --pool-stages``); a
+        list of names: their concatenation in that order."""
+        if stage is not None and not isinstance(stage, str):
+            return np.concatenate([self.features(rows, s) for s in stage], axis=1)
+        ds = self._file()[self._pooled_name(stage)]
         if rows is None:
-            out = np.empty(ds.shape, dtype=np.float32)
-            if ds.dtype == np.float32:
-                ds.read_direct(out)
-                return out
-            # whole chunks into one reused buffer, converted block by block: no second full-size copy
-            step = FEATURE_CHUNK_ROWS * 4
-            buf = np.empty((min(step, ds.shape[0]), ds.shape[1]), dtype=ds.dtype)
-            for lo in range(0, ds.shape[0], step):
-                hi = min(ds.shape[0], lo + step)
-                ds.read_direct(buf, np.s_[lo:hi], np.s_[0 : hi - lo])
-                out[lo:hi] = buf[: hi - lo]
-            return out
+            return self._read_all(ds)
         return self._take(ds, rows).astype(np.float32, copy=False)
+
+    def _pooled_name(self, stage: str | None) -> str:
+        if stage is None:
+            return "features"
+        if stage not in self.pooled:
+            raise CacheError(
+                f"{self.path} holds no pooled {stage!r} features (it has: {', '.join(self.pooled) or 'none'})",
+                f"re-extract with `rt extract ... --pool-stages {stage}` (plus --overwrite)",
+            )
+        return f"pooled/{stage}"
+
+    @staticmethod
+    def _read_all(ds: Any) -> np.ndarray:
+        out = np.empty(ds.shape, dtype=np.float32)
+        if ds.dtype == np.float32:
+            ds.read_direct(out)
+            return out
+        # whole chunks into one reused buffer, converted block by block: no second full-size copy
+        step = FEATURE_CHUNK_ROWS * 4
+        buf = np.empty((min(step, ds.shape[0]), ds.shape[1]), dtype=ds.dtype)
+        for lo in range(0, ds.shape[0], step):
+            hi = min(ds.shape[0], lo + step)
+            ds.read_direct(buf, np.s_[lo:hi], np.s_[0 : hi - lo])
+            out[lo:hi] = buf[: hi - lo]
+        return out
 
     def stage(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Feature maps of stage ``name`` for ``rows`` (float32, N x C x H x W)."""
@@ -221,6 +287,8 @@ class FeatureCache:
         if unl:
             counts["(unlabelled)"] = unl
         size = self.path.stat().st_size
+        if chunk_dir(self.path).is_dir():
+            size += sum(p.stat().st_size for p in chunk_dir(self.path).glob("*.h5"))
         return {
             "path": str(self.path),
             "rows": self.n,
@@ -228,7 +296,9 @@ class FeatureCache:
             "feature_dtype": self.feature_dtype,
             "classes": counts,
             "stages": {k: list(v) for k, v in self.stages.items()},
+            "pooled_stages": {k: self.pooled[k] for k in self.pooled_stages},
             "skipped": len(self.skipped),
+            "last_run": self.last_run.get("summary"),
             "identity": self.identity.to_dict(),
             "created": self.attrs.get("created"),
             "precision": self.attrs.get("precision"),
@@ -244,17 +314,18 @@ def _s(x: Any) -> str:
 
 
 def _check_virtual_sources(f: Any, path: Path) -> None:
-    """A cache written by a sharded `rt extract` is a virtual dataset over shard files; a missing shard would
-    read as NaN rows, so refuse it up front."""
-    names = ["features", *(f"stages/{k}" for k in f.get("stages", []))]
+    """A cache's arrays are virtual datasets over chunk files; a missing chunk file would read as NaN rows, so
+    refuse it up front."""
+    names = ["features", *(f"stages/{k}" for k in f.get("stages", [])), *(f"pooled/{k}" for k in f.get("pooled", []))]
     for name in names:
         if not f[name].is_virtual:
             continue
-        for src in f[name].virtual_sources():
-            shard = Path(src.file_name)
-            shard = shard if shard.is_absolute() else path.parent / shard
-            if not shard.exists():
+        for src in {s.file_name for s in f[name].virtual_sources()}:
+            chunk = Path(src)
+            chunk = chunk if chunk.is_absolute() else path.parent / chunk
+            if not chunk.exists():
                 raise CacheError(
-                    f"{path}: its shard file {shard} is missing (the cache is a virtual dataset over shards)",
-                    "keep the shard files next to the cache, or re-run the extract with --merge for one file",
+                    f"{path}: its chunk file {chunk} is missing (the cache is a virtual dataset over chunk files)",
+                    f"keep {chunk.parent.name}/ next to the cache (or make one file with `rt extract ... --merge`), "
+                    "or rebuild it with --overwrite",
                 )

@@ -1,188 +1,81 @@
-"""The only writer of the HDF5 cache format (docs/cache-format.md): one function per element, the crash-safe
-:class:`CacheWriter` (chunks, resume, finalize) and the assembly of a cache from several sources (a sharded
-run's final file, virtual or merged).
+"""The only writer of the HDF5 cache format (docs/cache-format.md), with :mod:`resnet_transfer.cache_format`
+(its elements and chunk files): :class:`CacheWriter` (lock, identity checks, resume, the index file), for
+single-process and sharded runs alike.
 
-Every element of the format is written by exactly one function here (``write_features``, ``write_labels``,
-``write_paths``, ``write_stage``, ``write_skipped``, ``write_attrs``), and each dataset carries the name and
-version of its element as attributes (``element``, ``element_version``), the way anndata's ``_io/specs``
-records an encoding per element. Single-process and sharded runs both go through these functions, so the
-layout is decided in one place. Reading is :mod:`resnet_transfer.cache`'s job.
+Layout (format version 2): the arrays of computed images live in immutable *chunk files*
+``<out>.chunks/chunk-*.h5`` (one per ``--chunk-rows`` images, each renamed into place whole); ``<out>`` is a
+small *index* whose ``features``, ``stages/<name>`` and ``pooled/<stage>`` are HDF5 virtual datasets mapping
+each row to a row of a chunk file, next to real ``labels``, ``paths``, ``keys`` (content digests),
+``skipped`` and the file stats that let a no-op run skip hashing. An incremental run writes new chunk files
+for the images it computes and a new index; nothing else is rewritten. The index is replaced by rename, so
+a kill at any moment leaves the previous cache or the new one; finished chunk files of a killed run are
+found by key and reused by the next one.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
-import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneIdentity
-from .cache import FEATURE_CHUNK_ROWS, FORMAT, FORMAT_VERSION, FeatureCache
-from .errors import CacheError, IdentityMismatch
-from .fsutil import FileLock, atomic_write_json, fsync_file, temp_name
+from .cache import FEATURE_CHUNK_ROWS, FeatureCache
+from .cache_format import (
+    CacheSpec,
+    Chunk,
+    ChunkStore,
+    Piece,
+    Row,
+    SkippedFile,
+    Stat,
+    cache_attrs,
+    commit_file,
+    disk_full,
+    is_disk_full,
+    path_key,
+    write_attrs,
+    write_features,
+    write_index,
+    write_keys,
+    write_labels,
+    write_paths,
+    write_pooled,
+    write_skipped,
+    write_stage,
+    write_stats,
+)
+from .errors import CacheError
+from .fsutil import FileLock, temp_name
+from .identity import BackboneIdentity
 
-#: version of each element's encoding; bumped when that element's layout changes
-ELEMENT_VERSIONS = {"features": 1, "labels": 1, "paths": 1, "stage": 1, "skipped": 1}
-
-
-def str_dtype() -> Any:
-    """The UTF-8 variable-length string dtype every string dataset of the format uses."""
-    import h5py
-
-    return h5py.string_dtype(encoding="utf-8")
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software that wrote a cache (the ``versions`` attribute)."""
-    import h5py
-    import timm
-    import torch
-
-    from . import __version__
-
-    return {
-        "resnet_transfer": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "h5py": h5py.__version__,
-    }
-
-
-# ------------------------------------------------------------------------------------- one per element
-
-
-def _tag(ds: Any, element: str) -> Any:
-    ds.attrs["element"] = element
-    ds.attrs["element_version"] = ELEMENT_VERSIONS[element]
-    return ds
-
-
-def _virtual(f: Any, name: str, shape: tuple[int, ...], dtype: Any, pieces: Sequence[VirtualPiece]) -> Any:
-    import h5py
-
-    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-    for p in pieces:
-        vsrc = h5py.VirtualSource(p.file, p.dataset, shape=p.source_shape, dtype=dtype)
-        layout[p.dest : p.dest + p.rows] = vsrc[p.start : p.start + p.rows]
-    # a missing source reads as NaN, never as plausible zeros (FeatureCache also checks)
-    return f.create_virtual_dataset(name, layout, fillvalue=np.nan)
-
-
-@dataclass(frozen=True)
-class VirtualPiece:
-    """Rows ``start:start+rows`` of dataset ``dataset`` in ``file`` (relative to the cache's folder) land at
-    rows ``dest:dest+rows`` of a virtual dataset."""
-
-    file: str
-    dataset: str
-    source_shape: tuple[int, ...]
-    start: int
-    dest: int
-    rows: int
-
-
-def write_features(f: Any, n: int, dim: int, dtype: Any, pieces: Sequence[VirtualPiece] | None = None) -> Any:
-    """``/features`` (N, D): a real chunked dataset to fill (``pieces=None``) or a virtual one over pieces."""
-    if pieces is not None and n:
-        return _tag(_virtual(f, "features", (n, dim), dtype, pieces), "features")
-    ds = f.create_dataset("features", (n, dim), dtype=dtype, chunks=(max(1, min(FEATURE_CHUNK_ROWS, n)), dim))
-    return _tag(ds, "features")
-
-
-def write_stage(
-    f: Any,
-    name: str,
-    n: int,
-    shape: tuple[int, ...],
-    dtype: Any = "float16",
-    pieces: Sequence[VirtualPiece] | None = None,
-) -> Any:
-    """``/stages/<name>`` (N, C, H, W) feature maps, one image per chunk (or virtual over pieces)."""
-    if pieces is not None and n:
-        return _tag(_virtual(f, f"stages/{name}", (n, *shape), dtype, pieces), "stage")
-    return _tag(f.create_dataset(f"stages/{name}", (n, *shape), dtype=dtype, chunks=(1, *shape)), "stage")
-
-
-def write_labels(f: Any, labels: np.ndarray) -> Any:
-    """``/labels`` (N,) int64, -1 = unlabelled."""
-    return _tag(f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64)), "labels")
-
-
-def write_paths(f: Any, paths: Sequence[str]) -> Any:
-    """``/paths`` (N,) UTF-8, relative to the data root."""
-    return _tag(f.create_dataset("paths", data=np.asarray(list(paths), dtype=object), dtype=str_dtype()), "paths")
-
-
-def write_skipped(f: Any, skipped: Sequence[tuple[str, str]]) -> Any:
-    """``/skipped`` (M, 2) UTF-8: path, reason."""
-    data = np.asarray(list(skipped), dtype=object).reshape(-1, 2)
-    return _tag(f.create_dataset("skipped", data=data, dtype=str_dtype()), "skipped")
-
-
-def cache_attrs(
-    identity: BackboneIdentity, classes: Sequence[str], stages: Sequence[str], extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The file's attributes: format and version, identity (and quick-read copies), classes, cut, versions."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "identity": identity.to_json(),
-        "model": identity.model,
-        "weights_id": identity.weights_id,
-        "transform": json.dumps(identity.transform.to_dict()),
-        "image_size": identity.transform.input_size,
-        "classes": json.dumps(list(classes)),
-        "cut": json.dumps(sorted(stages)),
-        "versions": json.dumps(versions()),
-        "created": _now(),
-        **{k: v for k, v in (extra or {}).items() if v is not None},
-    }
-
-
-def write_attrs(f: Any, attrs: dict[str, Any]) -> None:
-    """The file's attributes (see :func:`cache_attrs`)."""
-    for k, v in attrs.items():
-        f.attrs[k] = v
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _disk_full(path: Path, exc: OSError) -> CacheError:
-    return CacheError(
-        f"disk full while writing {path} ({exc.strerror})",
-        "free some space and run the same command again: finished chunks are kept, the previous cache is intact",
-    )
-
-
-def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc)
-
-
-def commit_file(tmp: Path, out: Path) -> None:
-    """fsync ``tmp`` and rename it over ``out`` (the last step of every cache write)."""
-    fsync_file(tmp)
-    os.replace(tmp, out)
-
+__all__ = [
+    "CacheSpec",
+    "CacheWriter",
+    "Chunk",
+    "ChunkStore",
+    "Row",
+    "SkippedFile",
+    "Stat",
+    "label_map",
+    "path_key",
+    "runs",
+]
 
 # ------------------------------------------------------------------------------------------ the writer
 
 
 class CacheWriter:
-    """Crash-safe writer. Use as a context manager (it holds the lock)::
+    """Crash-safe writer of one cache. Use as a context manager (it holds the lock)::
 
-    with CacheWriter(out, identity, classes, stage_shapes) as w:
-        done = w.done_paths()
-        w.write_part(paths, labels, features, {"layer3": maps}, skipped)
-        w.finalize()
+    with CacheWriter(out, identity, classes, stage_shapes, attrs={"precision": "fp32"}) as w:
+        have = w.known()                      # content key -> where its arrays are stored
+        w.write_part(paths, labels, features, {"layer3": maps}, skipped, keys=keys)
+        w.finalize(rows, skipped_files)      # the new index; rows=None: existing rows + new chunks' rows
+
+    ``lock=False`` is for the ranks of a sharded run other than 0: they only write chunk files.
     """
 
     def __init__(
@@ -194,6 +87,8 @@ class CacheWriter:
         dtype: str = "float16",
         overwrite: bool = False,
         attrs: dict[str, Any] | None = None,
+        pooled_dims: dict[str, int] | None = None,
+        lock: bool = True,
     ) -> None:
         if dtype not in ("float16", "float32"):
             raise CacheError(f"--dtype {dtype!r} is not supported", "use float16 or float32")
@@ -201,82 +96,97 @@ class CacheWriter:
         self.identity = identity
         self.classes = list(classes)
         self.stage_shapes = dict(stage_shapes or {})
+        self.attrs = dict(attrs or {})
+        self.spec = CacheSpec(identity, self.attrs.get("precision"), dtype, self.stage_shapes, dict(pooled_dims or {}))
         self.dtype = dtype
         self.overwrite = overwrite
-        self.attrs = dict(attrs or {})
-        self.parts_dir = self.out.with_name(self.out.name + ".parts")
-        self._lock = FileLock(self.out)
+        self.store = ChunkStore(self.out, self.spec)
+        self.parts_dir = self.store.dir
+        self._lock = FileLock(self.out) if lock else None
         self.existing: FeatureCache | None = None
-        self._next_part = 0
+        self._chunks: dict[str, Chunk] | None = None
 
     # -- lifecycle
     def __enter__(self) -> CacheWriter:
-        self._lock.acquire()
+        if self._lock is not None:
+            self._lock.acquire()
         try:
-            self._open()
+            if self._lock is not None:
+                self._open()
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.existing is not None:
             self.existing.close()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
-    def _spec(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "identity": self.identity.to_dict(),
-            "stages": sorted(self.stage_shapes),
-            "dtype": self.dtype,
-        }
+    def inspect(self) -> None:
+        """Open the existing cache read-only and check it against this run's spec (for a dry run: no lock,
+        nothing created or written). Pair with :meth:`close`."""
+        if self.out.exists() and not self.overwrite:
+            self.existing = FeatureCache(self.out)
+            self.spec.check(self.existing)
+
+    def close(self) -> None:
+        if self.existing is not None:
+            self.existing.close()
 
     def _open(self) -> None:
-        # a run killed while assembling leaves its temporary file; we hold the lock, so it is stale
+        # a run killed while writing the index leaves its temporary file; we hold the lock, so it is stale
         for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
             stale.unlink(missing_ok=True)
         if self.overwrite:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            shutil.rmtree(self.store.dir, ignore_errors=True)
             self.out.unlink(missing_ok=True)
         if self.out.exists():
             self.existing = FeatureCache(self.out)
-            self.existing.check_identity(self.identity, "this run")
-            check_same_stages(self.out, list(self.existing.stages), list(self.stage_shapes))
-        spec_file = self.parts_dir / "run.json"
-        if spec_file.exists():
-            try:
-                old = json.loads(spec_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != json.loads(json.dumps(self._spec())):
-                raise IdentityMismatch(
-                    f"{self.parts_dir} holds unfinished work from a run with other settings",
-                    "repeat that run's command to finish it, or pass --overwrite to start over",
-                )
-        else:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(spec_file, self._spec(), indent=None)
-        self._next_part = 1 + max([-1, *(int(p.stem.split("-")[1]) for p in self._part_files())])
+            self.spec.check(self.existing)
+        self.store.prepare()
 
-    def _part_files(self) -> list[Path]:
-        if not self.parts_dir.exists():
-            return []
-        out = []
-        for p in self.parts_dir.glob("part-*.npz"):
-            try:
-                int(p.stem.split("-")[1])
-                out.append(p)
-            except (IndexError, ValueError):
-                continue
-        return sorted(out, key=lambda p: int(p.stem.split("-")[1]))
+    # -- what is there
+    def _indexed(self) -> set[str]:
+        if self.existing is None:
+            return set()
+        names, _, _ = self.existing.locations()
+        return set(names)
 
-    def _read_part(self, p: Path) -> Any:
-        try:
-            return np.load(p, allow_pickle=False)
-        except Exception:
-            p.unlink(missing_ok=True)
-            return None
+    def chunks(self) -> list[Chunk]:
+        """Finished chunk files no index row reads yet (an interrupted run's, or other ranks'), by name."""
+        if self._chunks is None:
+            self._chunks = {}
+        indexed = self._indexed()
+        for name in self.store.names():
+            if name not in indexed and name not in self._chunks and (c := self.store.read(name)) is not None:
+                self._chunks[name] = c
+        return [self._chunks[k] for k in sorted(self._chunks) if (self.store.dir / k).exists()]
+
+    def known(self) -> dict[str, tuple[str, int]]:
+        """Content key -> (chunk file, row) for every key whose arrays are stored (index first)."""
+        out: dict[str, tuple[str, int]] = {}
+        if self.existing is not None:
+            names, chunk, row = self.existing.locations()
+            for k, c, r in zip(self.existing.keys, chunk, row):
+                out.setdefault(k, (names[c], int(r)))
+        for c in self.chunks():
+            for r, row_ in enumerate(c.rows):
+                out.setdefault(row_.key, (c.name, r))
+        return out
+
+    def known_skips(self) -> dict[str, str]:
+        """Content key -> reason for every file content found unreadable (not retried until its bytes change)."""
+        out: dict[str, str] = {}
+        if self.existing is not None:
+            out.update(zip(self.existing.skipped_keys, (r for _, r in self.existing.skipped)))
+        for c in self.chunks():
+            out.update((s.key, s.reason) for s in c.skipped)
+        return out
 
     def done_paths(self) -> set[str]:
         """Paths already in the cache, in finished chunks, or recorded as skipped."""
@@ -284,17 +194,16 @@ class CacheWriter:
         if self.existing is not None:
             done.update(self.existing.paths)
             done.update(p for p, _ in self.existing.skipped)
-        for p in self._part_files():
-            part = self._read_part(p)
-            if part is not None:
-                done.update(str(x) for x in part["paths"])
-                done.update(str(row[0]) for row in part["skipped"])
+        for c in self.chunks():
+            done.update(r.path for r in c.rows)
+            done.update(s.path for s in c.skipped)
         return done
 
     @property
     def pending_parts(self) -> int:
-        return len(self._part_files())
+        return len(self.chunks())
 
+    # -- writing
     def write_part(
         self,
         paths: Sequence[str],
@@ -302,158 +211,93 @@ class CacheWriter:
         features: np.ndarray,
         stages: dict[str, np.ndarray] | None = None,
         skipped: Sequence[tuple[str, str]] = (),
+        keys: Sequence[str] | None = None,
+        pooled: dict[str, np.ndarray] | None = None,
+        skipped_keys: Sequence[str] | None = None,
     ) -> Path:
-        """Commit one finished chunk atomically (write to a temp name, fsync, rename)."""
-        stages = stages or {}
-        if sorted(stages) != sorted(self.stage_shapes):
-            raise ValueError(f"stages {sorted(stages)} != {sorted(self.stage_shapes)}")
-        arrays: dict[str, np.ndarray] = {
-            "paths": np.asarray(list(paths), dtype=np.str_),
-            "labels": np.asarray(list(labels), dtype=np.int64),
-            "features": np.asarray(features).astype(self.dtype, copy=False),
-            "skipped": np.asarray(list(skipped), dtype=np.str_).reshape(-1, 2),
-        }
-        for name, maps in stages.items():
-            arrays[f"stage:{name}"] = np.asarray(maps).astype(np.float16, copy=False)
-        path = self.parts_dir / f"part-{self._next_part:06d}.npz"
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(tmp, exc) from exc
-            raise
-        self._next_part += 1
-        return path
+        """Commit one finished chunk file atomically. ``keys`` default to :func:`path_key` of the paths (a
+        synthetic cache); ``rt extract`` passes content keys."""
+        keys = list(keys) if keys is not None else [path_key(p) for p in paths]
+        sk_keys = list(skipped_keys) if skipped_keys is not None else [path_key(p) for p, _ in skipped]
+        rows = [Row(p, int(lab), k) for p, lab, k in zip(paths, labels, keys)]
+        skips = [SkippedFile(p, r, k) for (p, r), k in zip(skipped, sk_keys)]
+        name = self.store.write(rows, features, stages or {}, pooled or {}, skips)
+        return self.store.dir / name
 
-    def finalize(self) -> tuple[int, int]:
-        """Write the complete cache (existing rows, then finished chunks in order) under a temporary name
-        and rename it over ``out``. Returns ``(rows, new_rows)``. A no-op when nothing new was added."""
-        parts = [d for p in self._part_files() if (d := self._read_part(p)) is not None]
-        if not parts and self.existing is not None:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+    def finalize(
+        self,
+        rows: Sequence[Row] | None = None,
+        skipped: Sequence[SkippedFile] | None = None,
+        extra_attrs: dict[str, Any] | None = None,
+        merge: bool = False,
+    ) -> tuple[int, int]:
+        """Write the new index (temp name, fsync, rename over ``out``) for ``rows`` and ``skipped``, then delete
+        the chunk files it no longer reads. ``rows=None``: the existing rows, then the rows of the finished
+        chunks in order (a path committed twice is kept once). Returns ``(rows, new_rows)``; writes nothing
+        when the index would not change."""
+        if rows is None:
+            rows, skipped = self._appended()
+        skipped = list(skipped or [])
+        same_kind = self.existing is not None and (not merge or not self.existing.is_virtual)
+        if same_kind and self._same_as_existing(rows, skipped):
+            self.store.collect(self._indexed())
             return self.existing.n, 0
-        seen = set(self.existing.paths) if self.existing is not None else set()
-        keep: list[tuple[Any, np.ndarray]] = []
-        for d in parts:  # a path committed twice (a kill between two renames) is kept once
-            mask = np.array([str(x) not in seen for x in d["paths"]], dtype=bool)
-            seen.update(str(x) for x in d["paths"])
-            keep.append((d, mask))
-        new = int(sum(m.sum() for _, m in keep))
-        old_skips = set(self.existing.skipped) if self.existing is not None else set()
-        new_skips = {(str(a), str(b)) for d, _ in keep for a, b in d["skipped"]} - old_skips
-        if self.existing is not None and new == 0 and not new_skips:
-            # only duplicates of committed rows (a kill after the rename, before the clean-up)
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            return self.existing.n, 0
+        old = set(zip(self.existing.paths, self.existing.keys)) if self.existing is not None else set()
         tmp = temp_name(self.out)
         try:
-            n = self._write_file(tmp, keep, old_skips)
+            used = write_cache_index(self, tmp, list(rows), skipped, extra_attrs or {}, merge)
             if self.existing is not None:
                 self.existing.close()
             commit_file(tmp, self.out)
-        except OSError as exc:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            if _is_disk_full(exc):
-                raise _disk_full(self.out, exc) from exc
+            if is_disk_full(exc):
+                raise disk_full(self.out, exc) from exc  # type: ignore[arg-type]
             raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        if merge:
+            shutil.rmtree(self.store.dir, ignore_errors=True)
+        else:
+            self.store.collect(used)
+        self._chunks = None
         self.existing = FeatureCache(self.out)
-        return n, new
+        return len(rows), sum((r.path, r.key) not in old for r in rows)
 
-    def _write_file(self, tmp: Path, keep: list[tuple[Any, np.ndarray]], old_skips: set[tuple[str, str]]) -> int:
-        """The whole cache at ``tmp``: the existing rows, then the new rows of each part. Returns N."""
-        import h5py
+    def _appended(self) -> tuple[list[Row], list[SkippedFile]]:
+        rows: list[Row] = []
+        skipped: list[SkippedFile] = []
+        if self.existing is not None:
+            e = self.existing
+            stats = e.file_stats()
+            remap = label_map(e.classes, self.classes)
+            rows = [
+                Row(p, int(remap[lab]) if lab >= 0 else -1, k, stats[p][0])
+                for p, lab, k in zip(e.paths, e.labels, e.keys)
+            ]
+            skipped = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
+        seen = {r.path for r in rows} | {s.path for s in skipped}
+        for c in self.chunks():
+            for r in c.rows:
+                if r.path not in seen:
+                    rows.append(r)
+                    seen.add(r.path)
+            for s in c.skipped:
+                if s.path not in seen:
+                    skipped.append(s)
+                    seen.add(s.path)
+        return rows, skipped
 
-        have = self.existing.n if self.existing is not None else 0
-        n = have + int(sum(m.sum() for _, m in keep))
-        labels = np.empty(n, dtype=np.int64)
-        paths: list[str] = []
-        skipped: list[tuple[str, str]] = []
-        with h5py.File(tmp, "w") as f:
-            feats = write_features(f, n, self.identity.num_features, self.dtype)
-            stage_ds = {name: write_stage(f, name, n, shape) for name, shape in self.stage_shapes.items()}
-            row = 0
-            if self.existing is not None:
-                for lo in range(0, have, FEATURE_CHUNK_ROWS):
-                    hi = min(have, lo + FEATURE_CHUNK_ROWS)
-                    feats[lo:hi] = self.existing.dataset("features")[lo:hi]
-                    for name in stage_ds:
-                        stage_ds[name][lo:hi] = self.existing.dataset(f"stages/{name}")[lo:hi]
-                labels[:have] = self.existing.labels
-                paths += self.existing.paths
-                skipped += self.existing.skipped
-                row = have
-            for d, mask in keep:
-                k = int(mask.sum())
-                if k:
-                    feats[row : row + k] = d["features"][mask]
-                    labels[row : row + k] = d["labels"][mask]
-                    for name in stage_ds:
-                        stage_ds[name][row : row + k] = d[f"stage:{name}"][mask]
-                    paths += [str(x) for x in d["paths"][mask]]
-                    row += k
-                skipped += [(str(a), str(b)) for a, b in d["skipped"] if (str(a), str(b)) not in old_skips]
-            write_labels(f, labels)
-            write_paths(f, paths)
-            write_skipped(f, skipped)
-            write_attrs(f, cache_attrs(self.identity, self.classes, list(self.stage_shapes), self.attrs))
-        return n
-
-
-def check_same_stages(out: Path, have: list[str], want: list[str]) -> None:
-    """A cache keeps the feature maps it was made with: another ``--cut`` is refused (``--overwrite``)."""
-    if sorted(have) != sorted(want):
-        raise IdentityMismatch(
-            f"{out} holds feature maps for [{', '.join(have)}], this run asks for [{', '.join(want)}]",
-            "pass the same --cut as before, or --overwrite to rebuild the cache",
-        )
-
-
-# -------------------------------------------------------------------------- assembly from several sources
-
-
-def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
-    """``<out>.shard-00002-of-00004.h5``: rank 2 of 4's shard cache, next to ``out``."""
-    out = Path(out)
-    return out.with_name(f"{out.name}.shard-{rank:05d}-of-{world_size:05d}.h5")
-
-
-def shard_files(out: str | Path) -> list[Path]:
-    """Shard caches of ``out`` on disk (any world size), sorted by (world size, rank)."""
-    out = Path(out)
-    found = []
-    for p in out.parent.glob(f"{out.name}.shard-*-of-*.h5"):
-        tail = p.name[len(out.name) + len(".shard-") : -len(".h5")]
-        try:
-            rank, world = (int(x) for x in tail.split("-of-"))
-        except ValueError:
-            continue
-        found.append(((world, rank), p))
-    return [p for _, p in sorted(found)]
-
-
-def remove_cache(path: Path) -> None:
-    """Delete a cache file and its unfinished work."""
-    path.unlink(missing_ok=True)
-    shutil.rmtree(path.with_name(path.name + ".parts"), ignore_errors=True)
-
-
-@dataclass
-class Source:
-    """A cache whose rows an assembled cache takes, and how its label ids map to the assembled classes."""
-
-    path: Path
-    cache: FeatureCache
-    label_map: np.ndarray  # source label index -> final label index
+    def _same_as_existing(self, rows: Sequence[Row], skipped: Sequence[SkippedFile]) -> bool:
+        e = self.existing
+        assert e is not None
+        if e.classes != self.classes or len(rows) != e.n or len(skipped) != len(e.skipped):
+            return False
+        stats = e.file_stats()
+        remap = label_map(e.classes, self.classes)
+        old_rows = [
+            Row(p, int(remap[lab]) if lab >= 0 else -1, k, stats[p][0]) for p, lab, k in zip(e.paths, e.labels, e.keys)
+        ]
+        old_skips = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
+        return old_rows == list(rows) and old_skips == list(skipped)
 
 
 def label_map(have: Sequence[str], want: Sequence[str]) -> np.ndarray:
@@ -475,66 +319,114 @@ def runs(rows: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
     return found
 
 
-def write_assembled(
-    out: Path,
-    sources: list[Source],
-    rows: list[tuple[int, int]],
-    stages: list[str],
-    classes: list[str],
-    skipped: list[tuple[str, str]],
-    merge: bool,
-) -> None:
-    """Write ``out`` (temp name, fsync, atomic rename) from ``rows`` = (source, row) pairs: features and
-    stage maps as virtual datasets over the sources, or copied (``merge``); labels, paths and skipped always
-    as real datasets; the attributes of the first source with ``classes`` and ``created`` renewed."""
+# ------------------------------------------------------------------------------------------ the index
+
+
+def write_cache_index(
+    w: CacheWriter, tmp: Path, rows: list[Row], skipped: list[SkippedFile], extra: dict[str, Any], merge: bool
+) -> set[str]:
+    """The index file at ``tmp``: every row's arrays as virtual datasets over the chunk files holding its key
+    (or copied into the file itself, ``merge``). Returns the chunk files it reads."""
     import h5py
 
-    n = len(rows)
-    merge = merge or n == 0  # an empty virtual layout is not allowed; an empty real dataset is
-    first = sources[rows[0][0]].cache if rows else sources[0].cache
-    found = runs(rows)
-    labels = np.empty(n, dtype=np.int64)
-    for s, r0, d0, k in found:
-        src = sources[s]
-        raw = src.cache.labels[r0 : r0 + k]
-        labels[d0 : d0 + k] = np.where(raw >= 0, src.label_map[np.maximum(raw, 0)], -1)
-    paths = [sources[s].cache.paths[r] for s, r in rows]
-    tmp = temp_name(out)
+    known = w.known()
+    lost = [r.path for r in rows if r.key not in known]
+    if lost:
+        raise CacheError(
+            f"{len(lost)} image(s) are in no chunk file (first: {lost[0]})",
+            "run the same command again (finished chunks are reused); under torchrun put --out on a file "
+            "system every rank shares",
+        )
+    if not merge and any(known[r.key][0] == "" for r in rows):
+        known = _rechunk(w, rows, known)
+    names: list[str] = []
+    slot: dict[str, int] = {}
+    where: list[tuple[int, int]] = []
+    for r in rows:
+        name, row = known[r.key]
+        if name not in slot:
+            slot[name] = len(names)
+            names.append(name)
+        where.append((slot[name], row))
+    sizes = _chunk_sizes(w, names)
+    found = runs(where)
+    spec, n = w.spec, len(rows)
+    rel = os.path.relpath(w.store.dir, w.out.parent)
+    pieces = None if merge else [Piece(f"{rel}/{names[s]}", sizes[s], r0, d0, k) for s, r0, d0, k in found]
+    with h5py.File(tmp, "w") as f:
+        arrays = [write_features(f, n, spec.identity.num_features, spec.dtype, pieces)]
+        arrays += [write_stage(f, s, n, shape, pieces) for s, shape in spec.stage_shapes.items()]
+        arrays += [write_pooled(f, s, n, dim, spec.dtype, pieces) for s, dim in spec.pooled_dims.items()]
+        if merge:
+            _copy_rows(w, arrays, names, found)
+        write_labels(f, np.asarray([r.label for r in rows], dtype=np.int64))
+        write_paths(f, [r.path for r in rows])
+        write_keys(f, [r.key for r in rows])
+        write_stats(f, [r.stat for r in rows])
+        write_skipped(f, skipped)
+        chunk = np.asarray([s for s, _ in where], dtype=np.int64)
+        row = np.asarray([r for _, r in where], dtype=np.int64)
+        if merge:
+            chunk, row, names, sizes = np.zeros(n, np.int64), np.arange(n, dtype=np.int64), [""], [n]
+        write_index(f, names, sizes, chunk, row)
+        write_attrs(f, cache_attrs(spec, w.classes, {**w.attrs, **extra}))
+    return set() if merge else set(names)
+
+
+def _chunk_sizes(w: CacheWriter, names: list[str]) -> list[int]:
+    import h5py
+
+    have = w.existing.chunk_rows() if w.existing is not None else {}
+    have.update({c.name: len(c.rows) for c in (w._chunks or {}).values()})
+    out = []
+    for name in names:
+        if name not in have:
+            with h5py.File(w.store.dir / name, "r") as f:
+                have[name] = int(f["features"].shape[0])
+        out.append(have[name])
+    return out
+
+
+def _source(w: CacheWriter, name: str, handles: dict[str, Any]) -> Any:
+    import h5py
+
+    if name == "":
+        assert w.existing is not None
+        return w.existing.dataset("/")
+    if name not in handles:
+        handles[name] = h5py.File(w.store.dir / name, "r")
+    return handles[name]
+
+
+def _copy_rows(w: CacheWriter, arrays: list[Any], names: list[str], found: list[tuple[int, int, int, int]]) -> None:
+    """Fill real datasets from the chunk files (a merged cache), block by block."""
+    handles: dict[str, Any] = {}
     try:
-        with h5py.File(tmp, "w") as f:
-            for key in ["features", *(f"stages/{name}" for name in stages)]:
-                ref = first.dataset(key)
-                shape = tuple(ref.shape[1:])
-                pieces = None
-                if not merge:
-                    pieces = [
-                        VirtualPiece(
-                            os.path.relpath(sources[s].path, out.parent),
-                            key,
-                            tuple(sources[s].cache.dataset(key).shape),
-                            r0,
-                            d0,
-                            k,
-                        )
-                        for s, r0, d0, k in found
-                    ]
-                if key == "features":
-                    ds = write_features(f, n, shape[0], ref.dtype, pieces)
-                else:
-                    ds = write_stage(f, key.split("/", 1)[1], n, shape, ref.dtype, pieces)
-                if merge:
-                    for s, r0, d0, k in found:
-                        src_ds = sources[s].cache.dataset(key)
-                        for lo in range(0, k, FEATURE_CHUNK_ROWS):
-                            hi = min(k, lo + FEATURE_CHUNK_ROWS)
-                            ds[d0 + lo : d0 + hi] = src_ds[r0 + lo : r0 + hi]
-            write_labels(f, labels)
-            write_paths(f, paths)
-            write_skipped(f, skipped)
-            attrs = dict(first.attrs)
-            attrs.update(classes=json.dumps(classes), created=_now())
-            write_attrs(f, attrs)
-        commit_file(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for s, r0, d0, k in found:
+            src = _source(w, names[s], handles)
+            for ds in arrays:
+                for lo in range(0, k, FEATURE_CHUNK_ROWS):
+                    hi = min(k, lo + FEATURE_CHUNK_ROWS)
+                    ds[d0 + lo : d0 + hi] = src[ds.name][r0 + lo : r0 + hi]
+    finally:
+        for h in handles.values():
+            h.close()
+
+
+def _rechunk(w: CacheWriter, rows: list[Row], known: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
+    """Rows stored inside a merged cache move into chunk files before that file is replaced by an index
+    (a one-time copy: an incremental run on a ``--merge`` cache)."""
+    assert w.existing is not None
+    src = w.existing.dataset("/")
+    inside = sorted({known[r.key][1]: r for r in rows if known[r.key][0] == ""}.items())
+    known = dict(known)
+    for lo in range(0, len(inside), FEATURE_CHUNK_ROWS):
+        block = inside[lo : lo + FEATURE_CHUNK_ROWS]
+        idx = np.asarray([i for i, _ in block], dtype=np.int64)
+        stages = {s: src[f"stages/{s}"][idx] for s in w.spec.stage_shapes}
+        pooled = {s: src[f"pooled/{s}"][idx] for s in w.spec.pooled_dims}
+        name = w.store.write([r for _, r in block], src["features"][idx], stages, pooled)
+        w._chunks = w._chunks or {}
+        w._chunks[name] = Chunk(name, [r for _, r in block], [])
+        known.update({r.key: (name, j) for j, (_, r) in enumerate(block)})
+    return known

@@ -1,23 +1,40 @@
 """The `rt` command line: parse options, build a config, call the library, turn errors into one line.
 
-Imports of torch/timm happen inside the commands, so `rt --help` and argument errors answer at once.
-Exit codes: 0 success; 2 an error you can fix (message says how); 3 finished but some images were skipped.
+Start-up stays cheap: this module imports typer and nothing heavy; torch, timm, scikit-learn and matplotlib
+are imported by the library calls that need them (`rt --help`, `--version` and `rt info` never load torch).
+Exit codes: 0 success; 2 an error you can fix (message says how); 3 finished but some images were skipped;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from .runtime import tune_process
 
+
+class _Group(TyperGroup):
+    """The root command group: Ctrl-C anywhere in a command (inside a library call or not) exits 130."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
     name="rt",
+    cls=_Group,
     help=(
         "Transfer learning with pretrained ResNets.\n\n"
         "The small-data workflow: `rt extract` runs the frozen backbone once and caches its features; "
@@ -25,7 +42,7 @@ app = typer.Typer(
         "when you have more data; `rt predict` / `rt evaluate` use the result on new images."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
@@ -34,21 +51,44 @@ _STATE = {"debug": False, "quiet": False}
 T = TypeVar("T")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"rt (resnet_transfer) {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     _STATE["debug"] = debug
     _STATE["quiet"] = quiet
 
 
+def _progress_interval() -> float:
+    """Seconds between progress lines in logs: ``RT_PROGRESS_INTERVAL`` (default 10; 0: every step)."""
+    from .report import DEFAULT_PROGRESS_INTERVAL
+
+    try:
+        return max(0.0, float(os.environ.get("RT_PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)))
+    except ValueError:
+        return DEFAULT_PROGRESS_INTERVAL
+
+
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a library call with a console reporter; RtError -> one line on stderr and exit code 2."""
+    """Run a library call with a console reporter; RtError -> one line on stderr and its exit code (2, or
+    130 for an interrupt the library turned into a message saying how to resume)."""
     from .errors import RtError
     from .report import Reporter, set_reporter
 
-    previous = set_reporter(Reporter(verbose=not _STATE["quiet"]))
+    previous = set_reporter(Reporter(verbose=not _STATE["quiet"], progress_interval=_progress_interval()))
     try:
         return fn(*args, **kwargs)
     except RtError as exc:
@@ -155,15 +195,29 @@ def extract(
         bool,
         typer.Option(
             "--merge",
-            help="Under torchrun: write one real HDF5 file and delete the shards (default: a virtual dataset "
-            "over the per-rank shard files).",
+            help="Write one self-contained HDF5 file (real datasets, no <out>.chunks/ folder). Default: a small "
+            "index whose datasets are virtual over immutable chunk files, so an update writes only what changed.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what would change (added, changed, removed, ...) and compute nothing."),
+    ] = False,
+    pool_stages: Annotated[
+        str | None,
+        typer.Option(
+            "--pool-stages",
+            help="Also store the globally average-pooled features of these stages (e.g. layer3,layer4), "
+            "from the same forward pass, as /pooled/<stage>.",
+        ),
+    ] = None,
 ) -> None:
     """Run the frozen backbone over the images once and cache pooled features (and --cut maps).
 
-    Interrupted runs resume; running again adds only new images. Images that cannot be read are
-    skipped, listed, and make the exit code 3 (--strict: fail instead).
+    Rows are keyed by the images' content: running again computes only new content (edited or added
+    images) and updates moved, relabelled and deleted ones without a forward pass; interrupted runs
+    resume. Images that cannot be read are skipped, listed, and make the exit code 3 (--strict: fail
+    instead; a repaired file is retried).
 
     Examples:
 
@@ -196,11 +250,13 @@ def extract(
         max_pixels=max_pixels,
         chunk_rows=chunk_rows,
         merge=merge,
+        dry_run=dry_run,
+        pool_stages=[x.strip() for x in (pool_stages or "").split(",") if x.strip()],
     )
     result = _call(run_extract, cfg)
     from .distributed import launched
 
-    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+    if result.skipped and not launched() and not dry_run:  # torchrun reports any non-zero exit as a crash
         raise typer.Exit(3)
 
 
@@ -252,6 +308,15 @@ def fit_head_cmd(
         float, typer.Option("--val-fraction", help="Stratified share of --cache held out for validation.")
     ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, subsample and minibatch order.")] = 0,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="Which pooled features the head reads: `auto` (choose on validation among the final ones, each "
+            "stage the cache stores and their concatenation; the final ones when it stores none), `final`, a "
+            "stage (`layer3`) or stages joined by + (`layer3+layer4`).",
+        ),
+    ] = "auto",
     solver: Annotated[
         str,
         typer.Option(
@@ -296,6 +361,8 @@ def fit_head_cmd(
         rt fit-head --cache pets.h5 --classes 3 --class-weight balanced --out cat-head/
 
         rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
+
+        rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
     """
     from .fit import FitHeadConfig
     from .fit import fit_head as run_fit_head
@@ -308,6 +375,7 @@ def fit_head_cmd(
         val=val,
         val_fraction=val_fraction,
         seed=seed,
+        features=features,
         solver=solver,
         l2=l2,
         hidden=hidden,
@@ -350,6 +418,10 @@ def predict(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    min_confidence: Annotated[
+        float | None,
+        typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
+    ] = None,
     compile: CompileOpt = "auto",
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
@@ -376,8 +448,10 @@ def predict(
         weights=weights,
         batch_size=batch_size,
         device=device,
+        min_confidence=min_confidence,
         compile=compile,
     )
+    marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:
         _echo_json(
             {
@@ -391,20 +465,22 @@ def predict(
 
         w = csv.writer(sys.stdout)
         k = max((len(r["top"]) for r in res.rows), default=0)
-        w.writerow(["path"] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        pcol = ["prediction"] if marked else []
+        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
         for r in res.rows:
-            w.writerow([r["path"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+            pval = [r["prediction"]] if marked else []
+            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from .report import print_table
 
-        t = Table(title=f"{len(res.rows)} image(s)", title_justify="left")
-        t.add_column("image")
-        for i in range(min(top, len(res.classes))):
-            t.add_column(f"#{i + 1}")
-        for r in res.rows:
-            t.add_row(r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]])
-        Console(highlight=False, soft_wrap=True).print(t)
+        columns = ["image", *(["prediction"] if marked else [])] + [
+            f"#{i + 1}" for i in range(min(top, len(res.classes)))
+        ]
+        rows = [
+            [r["path"], *([r["prediction"]] if marked else []), *[f"{c} {p:.3f}" for c, p in r["top"]]]
+            for r in res.rows
+        ]
+        print_table(columns, rows, title=f"{len(res.rows)} image(s)")
     if res.skipped:
         raise typer.Exit(3)
 
@@ -426,8 +502,21 @@ def evaluate(
     weights: HeadWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    worst: Annotated[
+        int, typer.Option("--worst", help="Write OUT/worst.png: the N most confidently wrong images.")
+    ] = 0,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Show a cosine kNN beside the head (--cache).")] = True,
+    knn_cache: Annotated[
+        Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="With --cache and --worst: the folder it was extracted from.")
+    ] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Also log-loss and expected calibration error at T=1 and at the head's temperature (OUT/reliability.png),
+    and, on a cache, a kNN on the same features beside the head.
 
     Examples:
 
@@ -449,24 +538,33 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         out=out,
+        worst=worst,
+        knn=knn,
+        knn_cache=knn_cache,
+        root=root,
     )
     r = res.report
     if as_json:
         _echo_json(r)
     else:
-        from .report import metrics_rows
+        from .metrics import metrics_rows
+        from .report import format_table
 
         typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
         if r.get("balanced_accuracy") is not None:
             typer.echo(f"balanced accuracy: {r['balanced_accuracy']:.4f}   macro F1: {r['macro_f1']:.4f}")
         cols, rows = metrics_rows(r)
-        widths = [max(len(str(x)) for x in [c, *[row[i] for row in rows]]) for i, c in enumerate(cols)]
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for row in rows:
-            typer.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        typer.echo(format_table(cols, [[str(x) for x in row] for row in rows]))
         typer.echo("confusion matrix (rows: true, columns: predicted):")
-        for c, line in zip(r["classes"], r["confusion_matrix"]):
-            typer.echo(f"  {c[:20]:>20} " + " ".join(f"{v:5d}" for v in line))
+        names = [str(c) for c in r["classes"]]
+        width = max(len(c) for c in names)
+        cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
+        for c, line in zip(names, cells):
+            typer.echo(f"  {c:>{width}} " + " ".join(line))
+        from .insights import summary_lines
+
+        for line in summary_lines(r):
+            typer.echo(line)
     if res.skipped:
         raise typer.Exit(3)
 
@@ -571,13 +669,15 @@ def finetune(
         bool,
         typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
     ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 
     Starts from a fitted head (`rt fit-head`), so the head is never random when the backbone starts
     moving. Writes a model directory for `rt predict` / `rt evaluate` / `rt export` (its backbone also
     works as `--weights DIR`), with report.json, curves.png and per-epoch checkpoints. Defaults and the
-    `auto` rule: docs/finetune.md.
+    `auto` rule: docs/finetune.md. Images that cannot be read are skipped, listed in report.json, and make
+    the exit code 3 (--strict: fail instead).
 
     Examples:
 
@@ -597,7 +697,7 @@ def finetune(
     from .finetune import finetune as run_finetune
 
     if resume is not None:
-        _call(run_finetune, FinetuneConfig(out=resume), resume=resume)
+        _exit_3_if_skipped(_call(run_finetune, FinetuneConfig(out=resume), resume=resume))
         return
     cfg = FinetuneConfig(
         out=out,
@@ -634,8 +734,16 @@ def finetune(
         workers=workers,
         overwrite=overwrite,
         sync_bn=sync_bn,
+        strict=strict,
     )
-    _call(run_finetune, cfg)
+    _exit_3_if_skipped(_call(run_finetune, cfg))
+
+
+def _exit_3_if_skipped(result: Any) -> None:
+    from .distributed import launched
+
+    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -682,3 +790,152 @@ def main() -> None:
             err=True,
         )
         raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------- cache tools: suggest / audit / curve
+# (h-tools; self-contained block: the library calls live in suggest.py, audit.py, curve.py)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """``"5,10,all"`` -> ``[5, 10, 0]`` (0 = all rows); a bad entry is a usage error naming ``option``."""
+    try:
+        return [0 if x.lower() == "all" else int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        typer.echo(f"error: {option} {text!r}: give integers separated by commas, e.g. 5,10,20", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def suggest(
+    head: Annotated[Path, typer.Option("--head", help="The head directory that scores the pool.")],
+    pool: Annotated[
+        Path,
+        typer.Option(
+            "--pool",
+            help="Unlabelled images: a cache (its rows with an empty label), or a folder / manifest of images "
+            "(extracted first; only images not cached yet are computed).",
+        ),
+    ],
+    n: Annotated[int, typer.Option("-n", "--n", help="How many images to suggest.")] = 50,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The CSV manifest to write (path,label with empty labels).")
+    ] = Path("to-label.csv"),
+    strategy: Annotated[str, typer.Option("--strategy", help="Uncertainty: margin | entropy | least.")] = "margin",
+    candidates: Annotated[
+        float, typer.Option("--candidates", help="Diversify among the candidates x n most uncertain images.")
+    ] = 5.0,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Folder the pool cache's paths are relative to (its --data).")
+    ] = None,
+    pool_cache: Annotated[
+        Path | None, typer.Option("--pool-cache", help="Where a folder/manifest pool is cached (default OUT.pool.h5).")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Also write OUT.png, the picks as a grid.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the clustering.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the suggestions as JSON.")] = False,
+) -> None:
+    """Which unlabelled images to label next: the most uncertain, spread over the feature space.
+
+    Writes a CSV manifest to fill in (paths relative to it), OUT.json with the scores and OUT.png.
+    After labelling: `rt extract --data OUT` (the cache reuses the pool's rows).
+
+    Examples:
+
+        rt suggest --head cat-head/ --pool unlabelled.h5 -n 50 --out to-label.csv
+
+        rt suggest --head cat-head/ --pool ./new-photos -n 20
+    """
+    from .suggest import SuggestConfig
+    from .suggest import suggest as run_suggest
+
+    cfg = SuggestConfig(
+        head=head,
+        pool=pool,
+        out=out,
+        n=n,
+        strategy=strategy,
+        candidates=candidates,
+        root=root,
+        pool_cache=pool_cache,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_suggest, cfg)
+    if as_json:
+        _echo_json(res.rows)
+
+
+@app.command()
+def audit(
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="The labelled training cache to audit.")],
+    test: Annotated[Path | None, typer.Option("--test", help="A test cache: look for train/test leakage.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for audit.json and audit.png.")] = Path("audit"),
+    near: Annotated[
+        float, typer.Option("--near", help="Cosine (mean-centred features) from which two images are near duplicates.")
+    ] = 0.95,
+    top: Annotated[int, typer.Option("--top", help="Findings shown per kind.")] = 10,
+    root: Annotated[Path | None, typer.Option("--root", help="Folder --cache's paths are relative to.")] = None,
+    test_root: Annotated[
+        Path | None, typer.Option("--test-root", help="Folder --test's paths are relative to.")
+    ] = None,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write audit.png of the images found.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Audit a dataset from its cache: exact and near duplicates, train/test leakage, likely label errors,
+    class imbalance and outliers. Writes OUT/audit.json and OUT/audit.png (the images in question).
+
+    Examples:
+
+        rt audit --cache pets.h5 --test pets-test.h5
+
+        rt audit --cache pets.h5 --near 0.9 --out audit/ --json
+    """
+    from .audit import AuditConfig
+    from .audit import audit as run_audit
+
+    cfg = AuditConfig(
+        cache=cache,
+        test=test,
+        out=out,
+        near_threshold=near,
+        top=top,
+        root=root,
+        test_root=test_root,
+        sheet=sheet,
+        seed=seed,
+    )
+    res = _call(run_audit, cfg)
+    if as_json:
+        _echo_json(res.report)
+
+
+@app.command()
+def curve(
+    train: Annotated[Path, typer.Option("--train", help="Labelled training cache to draw k-subsets from.")],
+    test: Annotated[Path, typer.Option("--test", help="Labelled test cache (same backbone and classes).")],
+    k: Annotated[str, typer.Option("--k", help="Images per class, comma-separated; `all` = every row.")] = "5,10,20,50",
+    seeds: Annotated[int, typer.Option("--seeds", help="Draws of each k-subset (the interval is over them).")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for curve.json and curve.png.")] = Path("curve"),
+    l2: Annotated[
+        float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit, as fit-head).")
+    ] = None,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Also the cosine kNN baseline.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Label-efficiency curve: test accuracy of the linear probe (and a kNN) against labelled images per
+    class, mean and 95% t-interval over seeds of the k-subset. Head fits only: seconds.
+
+    Examples:
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 5,10,20,50 --seeds 10
+
+        rt curve --train pets.h5 --test pets-test.h5 --k 1,2,5,all --seeds 20 --out curve/
+    """
+    from .curve import CurveConfig
+    from .curve import curve as run_curve
+
+    cfg = CurveConfig(train=train, test=test, ks=_int_list(k, "--k"), seeds=seeds, out=out, l2=l2, knn=knn)
+    res = _call(run_curve, cfg)
+    if as_json:
+        _echo_json(res.report)

@@ -1,4 +1,4 @@
-"""Finding images (folder or CSV manifest), decoding them robustly, and the transforms.
+"""Finding images (folder or CSV manifest), class order, decoding them robustly, and batching them.
 
 An :class:`ImageList` is the plain description of a dataset: a root, paths relative to it, integer labels
 (-1 for unlabelled) and class names. Decoding never raises anything but :class:`ImageDecodeError`, whose
@@ -19,8 +19,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .backbones import TransformConfig
 from .errors import DataError, UsageError
+from .transforms import (  # noqa: F401  (re-exported: the transforms lived here before transforms.py)
+    ResizeCenterCrop,
+    TransformConfig,
+    _interpolation,
+    eval_transform,
+    eval_transform_uint8,
+    normalize_batch,
+    to_uint8_tensor,
+    train_transform,
+    tta_transform,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx"})
@@ -129,7 +139,7 @@ def _from_folder(root: Path, classes: Sequence[str] | None) -> ImageList:
         per_class[d] = files
     if loose:
         notes.append(f"{len(loose)} images directly in {root} (not in a class folder) are unlabelled")
-    class_names = _class_order(
+    class_names = class_order(
         per_class,
         classes,
         f"{root}: class folder(s)",
@@ -171,7 +181,7 @@ def _from_manifest(path: Path, classes: Sequence[str] | None, allow_outside: boo
         label = row[1].strip() if len(row) > 1 else ""
         paths.append(_manifest_path(path, root, rel, lineno, allow_outside))
         names.append(label)
-    class_names = _class_order(
+    class_names = class_order(
         {n for n in names if n}, classes, f"{path}: label(s)", "fix the labels or train a head on these classes"
     )
     index = {c: i for i, c in enumerate(class_names)}
@@ -179,14 +189,40 @@ def _from_manifest(path: Path, classes: Sequence[str] | None, allow_outside: boo
     return ImageList(Path(root), paths, labels, class_names, "manifest")
 
 
-def _class_order(found: Any, classes: Sequence[str] | None, what: str, hint: str) -> list[str]:
-    """``classes`` when given (a model's order; anything found outside it is an error), else sorted."""
+def class_order(
+    found: Any, classes: Sequence[str] | None = None, what: str = "class(es)", hint: str | None = None
+) -> list[str]:
+    """The class order of a dataset: ``classes`` when given (a model's order; anything in ``found`` outside it
+    is a :class:`DataError` starting with ``what``), else ``found`` sorted."""
     if classes is None:
         return sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{what} {', '.join(unknown[:10])} are not classes of the model ({', '.join(classes)})", hint)
     return list(classes)
+
+
+def extended_class_order(known: Sequence[str], found: Sequence[str]) -> list[str]:
+    """``known`` first (an existing cache's order, so its label ids stay), then the new classes of ``found``
+    sorted: the order of an incremental `rt extract`."""
+    return list(known) + sorted(set(found) - set(known))
+
+
+def class_index_map(have: Sequence[str], want: Sequence[str]) -> np.ndarray:
+    """``map[i]`` = the index in ``want`` of the class ``have[i]`` (-1 where ``want`` lacks it): translates
+    labels in one class order (a cache's) into another (a model's). See :func:`remap_labels`."""
+    index = {c: i for i, c in enumerate(want)}
+    return np.asarray([index.get(c, -1) for c in have], dtype=np.int64)
+
+
+def remap_labels(labels: Any, have: Sequence[str], want: Sequence[str]) -> np.ndarray:
+    """``labels`` (indices into ``have``, -1 unlabelled) as indices into ``want``; a label whose class
+    ``want`` lacks becomes -1 (check with :func:`class_order` first where that is an error)."""
+    y = np.asarray(labels, dtype=np.int64)
+    table = class_index_map(have, want)
+    if not len(table):
+        return np.full(y.shape, -1, np.int64)
+    return np.where(y >= 0, table[np.clip(y, 0, len(table) - 1)], -1)
 
 
 def _manifest_path(manifest: Path, root: Path, rel: str, lineno: int, allow_outside: bool) -> str:
@@ -260,158 +296,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
-
-
-# ------------------------------------------------------------------------------------------ transforms
-
-_INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}
-_SUPPORT = {1: 3.0, 2: 1.0, 3: 2.0, 5: 1.0}  # PIL filter support (lanczos, bilinear, bicubic, hamming)
-_FUSED = frozenset(_SUPPORT)  # nearest and box pick pixels on knife edges: keep the two-step path
-
-
-def _interpolation(name: str) -> Any:
-    from torchvision.transforms import InterpolationMode
-
-    return {
-        "bilinear": InterpolationMode.BILINEAR,
-        "bicubic": InterpolationMode.BICUBIC,
-        "nearest": InterpolationMode.NEAREST,
-        "lanczos": InterpolationMode.LANCZOS,
-        "box": InterpolationMode.BOX,
-        "hamming": InterpolationMode.HAMMING,
-    }.get(name.lower(), InterpolationMode.BILINEAR)
-
-
-class ResizeCenterCrop:
-    """``Resize(resize_size)`` then ``CenterCrop(input_size)`` (torchvision's semantics) at about half the
-    cost: PIL's ``resize(box=...)`` computes only the pixels the crop keeps, with the same sample positions
-    and filter support as resizing the whole image (pixels outside the crop still feed the filter).
-
-    Not bit-identical: PIL rounds to 8 bits between its horizontal and vertical passes and, for a whole
-    image, picks the pass order by a cost heuristic (which has changed between Pillow versions); this
-    always runs horizontal first. On photos that is at most 2 grey levels, on a few percent of the pixels
-    (about a fifth, by 1, for tall images where PIL runs the vertical pass first; tests/test_data.py).
-    Inputs that would need padding, and the nearest/box filters, take torchvision's two steps."""
-
-    def __init__(self, resize_size: int, input_size: int, interpolation: str = "bilinear"):
-        self.resize_size = int(resize_size)
-        self.input_size = int(input_size)
-        self.interpolation = interpolation
-        self.resample = _INTERP.get(interpolation.lower(), 2)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        s, c = self.resize_size, self.input_size
-        # torchvision's output size: the short side becomes s, the long side int(s * long / short)
-        if w <= h:
-            new_w, new_h = s, int(s * h / w)
-        else:
-            new_w, new_h = int(s * w / h), s
-        if new_w < c or new_h < c or self.resample not in _FUSED:
-            from torchvision import transforms as T
-
-            resized = T.Resize(s, interpolation=_interpolation(self.interpolation))(img)
-            return T.CenterCrop(c)(resized)
-        top = round((new_h - c) / 2.0)
-        left = round((new_w - c) / 2.0)
-        sx, sy = w / new_w, h / new_h  # source pixels per output pixel, per axis
-        # One pass per call, horizontal first (PIL's usual order for a whole image; given a box it may
-        # choose the other): the source rows the vertical filter reaches (plus a margin), resized
-        # horizontally to the crop's columns, then vertically to the crop's rows.
-        reach = _SUPPORT[self.resample] * max(sy, 1.0) + 2.0
-        y0 = max(0, int(top * sy - reach))
-        y1 = min(h, int((top + c) * sy + reach) + 1)
-        band = img if (y0, y1) == (0, h) else img.crop((0, y0, w, y1))
-        rows = band.resize((c, y1 - y0), self.resample, box=(left * sx, 0, (left + c) * sx, y1 - y0))
-        return rows.resize((c, c), self.resample, box=(0, top * sy - y0, c, (top + c) * sy - y0))
-
-    def __repr__(self) -> str:
-        return f"ResizeCenterCrop({self.resize_size}, {self.input_size}, {self.interpolation})"
-
-
-def to_uint8_tensor(img: Image.Image) -> Any:
-    """An RGB PIL image -> a ``uint8`` (3, H, W) tensor, with numpy only (no torch kernel runs, so
-    decode threads never start OpenMP teams of their own)."""
-    import torch
-
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def eval_transform(cfg: TransformConfig) -> Any:
-    """Resize the short side to ``resize_size``, center-crop ``input_size``, tensor, normalise."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            ResizeCenterCrop(cfg.resize_size, cfg.input_size, cfg.interpolation),
-            T.ToTensor(),
-            T.Normalize(cfg.mean, cfg.std),
-        ]
-    )
-
-
-def eval_transform_uint8(cfg: TransformConfig) -> Any:
-    """:func:`eval_transform` without the last two steps: a ``uint8`` (3, H, W) tensor. Batches of these
-    are normalised at once with :func:`normalize_batch` (on the device): a quarter of the bytes to move,
-    and one vectorised op per batch instead of two small float ops per image."""
-    from torchvision import transforms as T
-
-    return T.Compose([ResizeCenterCrop(cfg.resize_size, cfg.input_size, cfg.interpolation), to_uint8_tensor])
-
-
-def normalize_batch(x: Any, cfg: TransformConfig, memory_format: Any = None) -> Any:
-    """A ``uint8`` (N, 3, H, W) batch from :func:`eval_transform_uint8` -> the float32 batch
-    :func:`eval_transform` would give (``(x / 255 - mean) / std``, equal to within float32 rounding)."""
-    import torch
-
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255.0
-    # x * (1/std) + (-mean/std) in the batch's own layout, then one layout change: measured 3x faster
-    # than converting to channels_last first and normalising in place (docs/performance.md).
-    out = torch.addcmul(-mean / std, x.to(torch.float32), 1.0 / std)
-    return out.contiguous(memory_format=memory_format) if memory_format is not None else out
-
-
-def train_transform(
-    cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08, hflip: bool = True
-) -> Any:
-    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter; ``hflip=False``
-    for images whose mirror image is another thing, e.g. text and digits)."""
-    from torchvision import transforms as T
-
-    steps: list[Any] = [
-        T.RandomResizedCrop(cfg.input_size, scale=(scale_min, 1.0), interpolation=_interpolation(cfg.interpolation)),
-    ]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
-    if color_jitter > 0:
-        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
-    return T.Compose(steps)
-
-
-def tta_transform(cfg: TransformConfig, mode: str) -> Any:
-    """Test-time augmentation: ``flip`` -> (2, C, H, W) per image; ``tencrop`` -> (10, C, H, W)."""
-    import torch
-    from torchvision import transforms as T
-
-    norm = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-    if mode == "flip":  # the plain eval view (the same crop extract caches) and its mirror image
-        center = ResizeCenterCrop(cfg.resize_size, cfg.input_size, cfg.interpolation)
-
-        def flip(img: Image.Image) -> Any:
-            c = center(img)
-            return torch.stack([norm(c), norm(c.transpose(Image.FLIP_LEFT_RIGHT))])
-
-        return flip
-    if mode == "tencrop":
-        resize = T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation))
-        ten = T.Compose([resize, T.TenCrop(cfg.input_size)])
-        return lambda img: torch.stack([norm(c) for c in ten(img)])
-    raise DataError(f"--tta {mode!r} is not known", "use --tta flip or --tta tencrop")
 
 
 class ImageDataset:
@@ -525,6 +409,60 @@ def iter_batches(
             yield take(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def normalized_batches(
+    images: ImageList,
+    transform: TransformConfig,
+    batch_size: int,
+    device: Any,
+    *,
+    view: str | None = None,
+    workers: int = 0,
+    max_pixels: int | None = None,
+) -> Iterator[tuple[Any, list[int], list[str]]]:
+    """The one image feed of extract, predict and evaluate: ``(x, indices, errors)`` per batch of
+    ``images``, in order. ``x`` is the float32 batch of the readable images, normalised with ``transform``'s
+    mean/std, channels-last, on ``device`` (None when none of the batch could be read); ``indices`` index
+    ``images``; ``errors[j]`` is ``""`` or why ``indices[j]`` was skipped.
+
+    ``view`` ``None`` is the eval view: uint8 crops decoded by threads of this process one batch ahead
+    (:func:`iter_batches`) or by ``workers`` DataLoader processes, normalised per batch on the device. ``flip``
+    / ``tencrop`` are test-time views (made by torch ops, in this thread): ``x`` then holds each image's views
+    one after another (``len(indices ok) * views`` rows; :data:`transforms.VIEWS`), and ``batch_size`` counts
+    images."""
+    import torch
+
+    from .runtime import decode_threads
+    from .transforms import view_transform
+
+    dataset = ImageDataset(
+        images, view_transform(transform, view), transform.draft_target(), max_pixels or DEFAULT_MAX_PIXELS
+    )
+    if workers > 0:
+        loader: Any = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=getattr(device, "type", str(device)) == "cuda",
+            persistent_workers=False,
+        )
+    else:
+        loader = iter_batches(dataset, batch_size, 0 if view else decode_threads())
+    try:
+        for xs, idx, errors in loader:
+            if xs is not None:
+                if view:  # (n, views, C, H, W) -> (n * views, C, H, W), already normalised
+                    xs = xs.reshape(-1, *xs.shape[2:]).to(device, non_blocking=True)
+                    xs = xs.contiguous(memory_format=torch.channels_last)
+                else:
+                    xs = normalize_batch(xs.to(device, non_blocking=True), transform, torch.channels_last)
+            yield xs, idx, errors
+    finally:
+        if hasattr(loader, "close"):  # stop the decode threads now, not when the generator is collected
+            loader.close()
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels

@@ -43,3 +43,9 @@ class IdentityMismatch(RtError):
 
 class ModelDirError(RtError):
     """A head or model directory that is missing files or was edited."""
+
+
+class Interrupted(RtError):
+    """Ctrl-C: the work finished so far is kept and the message says how to continue. Exit code 130."""
+
+    exit_code = 130

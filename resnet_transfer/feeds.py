@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ from .report import get_reporter
 
 class Feed:
     kind: str
+    input_shape: tuple[int, ...]  # one training input (3, S, S) or a map (C, H, W)
+    skipped: dict[str, str]  # unreadable images (path -> reason); always empty for cached maps
     """What both feeds share: the number of optimiser steps in an epoch (a final partial batch is dropped
     when there is more than one batch)."""
 
@@ -48,6 +51,7 @@ class ImageFeed(Feed):
         from .runtime import train_workers
 
         self.kind = "images"
+        self.input_size = int(tcfg.input_size)
         self.train_list = images.subset(train_idx.tolist())
         self.val_list = val_images
         self.workers = train_workers(device) if cfg.workers is None else cfg.workers
@@ -59,11 +63,18 @@ class ImageFeed(Feed):
         val_ok = val_images is not None and len(val_images)
         self.val_ds = ImageDataset(val_images, make_eval(tcfg), tcfg.draft_target()) if val_ok else None
         self.drop_last = len(self.train_list) > cfg.batch_size
-        self.skipped: set[str] = set()
+        self.strict = bool(getattr(cfg, "strict", False))
+        self.root = Path(images.root)
+        self.skipped: dict[str, str] = {}  # path (as listed) -> why it could not be read
 
     @property
     def n_train(self) -> int:
         return len(self.train_list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training input: (3, S, S)."""
+        return (3, self.input_size, self.input_size)
 
     @property
     def n_val(self) -> int:
@@ -87,13 +98,21 @@ class ImageFeed(Feed):
 
         for xs, idx, errors in loader:
             for i, e in zip(idx, errors):
-                if e and ds.images.paths[i] not in self.skipped:
-                    self.skipped.add(ds.images.paths[i])
-                    get_reporter().warn(f"{ds.images.paths[i]}: {e} (skipped)")
+                if e:
+                    self._skip(ds.images.paths[i], e)
             if xs is None:
                 continue
             y = torch.tensor([ds.images.labels[i] for i, e in zip(idx, errors) if not e], dtype=torch.long)
             yield xs, y
+
+    def _skip(self, path: str, reason: str) -> None:
+        """An unreadable image: with ``--strict`` the run fails; otherwise it is left out, warned about
+        once, and listed in report.json."""
+        if self.strict:
+            raise DataError(f"{self.root / path}: {reason}", "fix or remove the file, or drop --strict")
+        if path not in self.skipped:
+            self.skipped[path] = reason
+            get_reporter().warn(f"{path}: {reason} (skipped)")
 
     def train_batches(self, generator: Any) -> Any:
         return self._batches(self.train_ds, self._loader(self.train_ds, True, generator, self.drop_last))
@@ -119,6 +138,7 @@ class MapFeed(Feed):
         val: MapFeed._Rows | None = None,
     ):
         self.kind = "maps"
+        self.skipped = {}
         self.cut = cut
         self.batch_size = batch_size
         self.train = self._Rows(cache, cut, train_rows, label_map)
@@ -156,6 +176,11 @@ class MapFeed(Feed):
     def n_val(self) -> int:
         return len(self.val) if self.val is not None else 0
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training input: a map at the cut, (C, H, W)."""
+        return tuple(int(d) for d in self.train.cache.stages[self.cut])
+
     def train_batches(self, generator: Any) -> Any:
         import torch
 
@@ -184,6 +209,7 @@ class Feeding:
     classes: list[str]
     per_class: float
     cut: str | None = None
+    split: dict[str, Any] | None = None  # the split used, by content key (split.json); None without keys
 
 
 def build_feed(cfg: Any, backbone: Any, classes: list[str] | None, device: Any) -> Feeding:
@@ -231,6 +257,7 @@ def _image_feed(cfg: Any, backbone: Any, classes: list[str] | None, device: Any)
     labels = np.asarray(images.labels)
     if (labels < 0).any():
         rep.warn(f"{int((labels < 0).sum())} unlabelled image(s) in {cfg.data} are not used for training")
+    keys = _keys(images)
     if cfg.val is not None:
         val_list = list_images(cfg.val)
         extra = sorted(set(val_list.classes) - set(classes))
@@ -242,13 +269,16 @@ def _image_feed(cfg: Any, backbone: Any, classes: list[str] | None, device: Any)
         val_list = list_images(cfg.val, classes=classes)
         val_list = val_list.subset([i for i, y in enumerate(val_list.labels) if y >= 0])
         train_idx = np.flatnonzero(labels >= 0)
+        val_keys = _keys(val_list)
     else:
-        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = split_rows(keys, labels, cfg)
         val_list = images.subset(val_idx.tolist())
+        val_keys = [keys[i] for i in val_idx]
     if len(train_idx) == 0:
         raise DataError(f"--data {cfg.data}: no labelled images to train on", "put images in class folders")
     feed = ImageFeed(images, train_idx, val_list, cfg, backbone.transform, device)
-    return Feeding(feed, classes, _median_per_class(labels, len(classes)))
+    split = _record(cfg, [keys[i] for i in train_idx], val_keys)
+    return Feeding(feed, classes, _median_per_class(labels, len(classes)), None, split)
 
 
 def _label_map(have: Sequence[str], want: Sequence[str]) -> np.ndarray:
@@ -292,8 +322,81 @@ def _map_feed(cfg: Any, backbone: Any, classes: list[str] | None) -> Feeding:
         train_rows = np.flatnonzero(labels >= 0)
         val = MapFeed._Rows(vcache, cut, vcache.labelled, _label_map(vcache.classes, classes))
     else:
-        train_rows, val_rows = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        keys = list(cache.keys) if hasattr(cache, "keys") else None  # content-keyed caches (issue 13)
+        train_rows, val_rows = split_rows(keys, labels, cfg)
         if len(val_rows):
             val = MapFeed._Rows(cache, cut, val_rows, label_map)
     feed = MapFeed(cache, cut, train_rows, label_map, cfg.batch_size, val)
-    return Feeding(feed, classes, _median_per_class(labels, len(classes)), cut)
+    split = None
+    if cfg.val is None and keys is not None:
+        split = _record(cfg, [keys[i] for i in train_rows], [keys[i] for i in val_rows])
+    return Feeding(feed, classes, _median_per_class(labels, len(classes)), cut, split)
+
+
+# ---------------------------------------------------------------------------------- the recorded split
+
+
+def split_rows(keys: Sequence[str | None] | None, labels: np.ndarray, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` rows: the starting head's recorded split (``split.json``) where it has one and the
+    rows have content keys, else the seeded stratified split of :func:`data.stratified_split`."""
+    from .modeldir import read_split
+
+    record = read_split(cfg.head) if cfg.head is not None else None
+    if record is None:
+        return stratified_split(labels, cfg.val_fraction, cfg.seed)
+    if keys is None:
+        get_reporter().warn(
+            f"{cfg.head} recorded its train/validation split by content key, but {cfg.cache} has no keys "
+            "(an older cache layout): the data are split anew, so validation may include images the head "
+            "was trained on; re-extract the cache to keep the head's split"
+        )
+        return stratified_split(labels, cfg.val_fraction, cfg.seed)
+    return keep_recorded_split(keys, labels, record, cfg.val_fraction, cfg.seed)
+
+
+def keep_recorded_split(
+    keys: Sequence[str | None], labels: Sequence[int], record: dict[str, Any], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` row indices that keep a recorded split: a row whose key the head trained on goes to
+    train (never to validation), one it validated on to val; only rows the head never saw (added since,
+    or skipped then) are split anew, stratified and seeded (``fraction``, ``seed``). Unlabelled rows
+    (label < 0) are in neither."""
+    y = np.asarray(labels)
+    train_keys, val_keys = set(record["train"]), set(record["val"])
+    was_train = np.asarray([k is not None and k in train_keys for k in keys], dtype=bool)
+    was_val = np.asarray([k is not None and k in val_keys for k in keys], dtype=bool) & ~was_train
+    labelled = y >= 0
+    new = labelled & ~was_train & ~was_val
+    new_tr, new_va = stratified_split(np.where(new, y, -1), fraction, seed)
+    train = np.union1d(np.flatnonzero(labelled & was_train), new_tr).astype(np.int64)
+    val = np.union1d(np.flatnonzero(labelled & was_val), new_va).astype(np.int64)
+    kept = int((labelled & (was_train | was_val)).sum())
+    get_reporter().info(
+        f"kept the head's recorded split for {kept} image(s) ({int((labelled & was_train).sum())} train, "
+        f"{int((labelled & was_val).sum())} val); {int(new.sum())} new one(s) split anew ({len(new_va)} to val)"
+    )
+    return train, val
+
+
+def _keys(images: Any) -> list[str | None]:
+    """Content keys (``fsutil.file_digest``) of listed images; ``None`` for a file that cannot be read
+    (it is skipped when decoded)."""
+    from .fsutil import file_digest
+
+    root = Path(images.root)
+    keys: list[str | None] = []
+    for p in images.paths:
+        try:
+            keys.append(file_digest(root / p))
+        except OSError:
+            keys.append(None)
+    return keys
+
+
+def _record(cfg: Any, train: list[str | None], val: list[str | None]) -> dict[str, Any]:
+    return {
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "train": [k for k in train if k is not None],
+        "val": [k for k in val if k is not None],
+    }

@@ -39,7 +39,7 @@ from .checkpoints import (
     save_best,
     save_checkpoint,
 )
-from .errors import DataError, RtError, UsageError
+from .errors import DataError, Interrupted, UsageError
 from .report import get_reporter
 
 # ------------------------------------------------------------------------------------------------ config
@@ -84,6 +84,7 @@ class FinetuneConfig:
     workers: int | None = None
     overwrite: bool = False
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
+    strict: bool = False  # fail on the first unreadable image (default: skip it, list it in report.json)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -111,6 +112,7 @@ class FinetuneResult:
     unfreeze: str
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -126,6 +128,9 @@ class TrainState:
     bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
+    precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
+    precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -249,13 +254,12 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     from .feeds import build_feed
     from .freeze import FreezePolicy, default_lr_mult, default_probe_epochs, resolve_target
     from .head import HeadModule
-    from .runtime import resolve_device, resolve_precision
+    from .runtime import resolve_device
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     start = load_start(cfg)
     bb = start.backbone
     feeding = build_feed(cfg, bb, start.classes, device)
@@ -280,13 +284,14 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     if cfg.sync_bn:
         distributed.convert_sync_batchnorm(policy, bb.net, device)
     train_forward = distributed.TrainForward(model, device, cfg.batch_size)
+    steps = feeding.feed.steps_per_epoch()
+    if steps < 1:
+        raise DataError("no training batches", "add images or lower --batch-size")
+    precision, choice = _train_precision(cfg, ckpt, device, model, policy, feeding.feed, cfg.epochs * steps)
 
     policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
     groups = policy.param_groups(cfg.weight_decay)
     optimizer = _adamw(groups, cfg.lr, device)
-    steps = feeding.feed.steps_per_epoch()
-    if steps < 1:
-        raise DataError("no training batches", "add images or lower --batch-size")
     lambdas = policy.lr_lambdas(groups, steps, cfg.lr_schedule, cfg.warmup_epochs)
     run = Run(
         cfg, start, feeding, model, policy, target, optimizer,
@@ -296,9 +301,36 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     )  # fmt: skip
     if ckpt is not None:
         restore_checkpoint(run, ckpt)
+        run.feed.skipped.update(run.state.skipped)  # warned about before the interruption
     else:
         run.ck_dir.mkdir(parents=True, exist_ok=True)
+    run.state.precision, run.state.precision_choice = precision, choice
     return run
+
+
+def _train_precision(
+    cfg: FinetuneConfig, ckpt: dict[str, Any] | None, device: Any, model: Any, policy: Any, feed: Any, steps: int
+) -> tuple[str, dict[str, Any]]:
+    """The train step's precision: a resumed run keeps its own; ``--precision auto`` on a CPU with bf16
+    times both on this run's shape (precision_probe.py); rank 0 decides for all under torchrun."""
+    from .precision_probe import choose_train_precision
+    from .runtime import resolve_precision
+
+    if ckpt is not None:
+        saved = TrainState.from_json(ckpt["state"])
+        if saved.precision:
+            return saved.precision, saved.precision_choice
+        return resolve_precision(cfg.precision, device), {"mode": "rule", "reason": "checkpoint of an earlier version"}
+    precision, choice = distributed.broadcast_object(
+        choose_train_precision(cfg.precision, device, model, policy, feed.input_shape, cfg.batch_size, steps)
+    )
+    if choice["mode"] == "probe":
+        ms = choice["median_ms"]
+        get_reporter().info(
+            f"--precision auto: a train step of {cfg.batch_size} takes {ms['fp32']:.0f} ms in fp32 and "
+            f"{ms['bf16']:.0f} ms in bf16 autocast here (medians of a short probe) -> {precision}"
+        )
+    return precision, choice
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float, device: Any) -> Any:
@@ -437,17 +469,20 @@ def finetune(
         run.state.history.append(row)
         track_best(run, row, epoch)
         run.state.epoch = epoch + 1
+        run.state.skipped.update(run.feed.skipped)
         _report_epoch(run, row, epoch)
         save_checkpoint(run)
         if on_epoch_end is not None:
             try:
                 on_epoch_end(epoch, row)
             except KeyboardInterrupt:
-                raise RtError(
+                raise Interrupted(
                     f"interrupted after epoch {epoch + 1}: checkpoint saved in {run.ck_dir}",
                     f"continue with `rt finetune --resume {cfg.out}`",
                 ) from None
     seconds = seconds_before + time.perf_counter() - t_start
+    for part in distributed.all_gather_object(run.feed.skipped):  # torchrun: each rank read its own images
+        run.state.skipped.update(part)
 
     def finish() -> FinetuneResult:  # rank 0 only under torchrun; the others get its result
         if run.feed.n_val and (run.ck_dir / BEST_CKPT).exists():

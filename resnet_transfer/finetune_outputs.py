@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .fsutil import atomic_write_json
+from .metrics import plot_training_curves
 from .report import get_reporter
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
 
     from .backbones import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
     from .finetune import FinetuneResult
-    from .modeldir import HEAD_FILE, write_model_dir
+    from .modeldir import HEAD_FILE, write_model_dir, write_split
 
     cfg, state, model = run.cfg, run.state, run.model
     out = Path(cfg.out)
@@ -68,6 +68,9 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {run.target}", state.best_epoch
     )
     atomic_write_json(out / REPORT_JSON, report)
+    if run.feeding.split is not None:  # a later `rt finetune` from this directory keeps the same split
+        sp = run.feeding.split
+        write_split(out, sp["seed"], sp["val_fraction"], sp["train"], sp["val"])
     write_model_dir(
         out,
         "finetuned",
@@ -78,7 +81,8 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         extra_meta={"finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch}},
         extra_files=[BACKBONE_FILE],
     )
-    get_reporter().info(
+    rep = get_reporter()
+    rep.info(
         f"wrote {out}: best epoch {state.best_epoch + 1}"
         + (
             f", val acc {best_row['val_acc']:.3f}, val loss {best_row['val_loss']:.4f}"
@@ -87,8 +91,15 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         )
         + f"; curves in {png.name}"
     )
+    skipped = sorted(state.skipped.items())
+    if skipped:
+        rep.warn(f"{len(skipped)} image(s) could not be read and were skipped (listed in {out / REPORT_JSON}):")
+        for p, reason in skipped[:20]:
+            rep.warn(f"  {p}: {reason}")
     best = {k: best_row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
-    return FinetuneResult(out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history)
+    return FinetuneResult(
+        out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history, skipped
+    )
 
 
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -112,57 +123,9 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "cached_stage": run.feeding.cut,
         "start": {"head": run.start.head_source, "backbone": run.start.backbone.identity.to_dict()},
         "precision": run.precision,
+        "precision_choice": state.precision_choice,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
+        "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],
         "history": history,
     }
-
-
-def plot_training_curves(
-    history: Sequence[dict[str, Any]], path: Path, title: str = "finetune", best_epoch: int | None = None
-) -> Path:
-    """Loss and accuracy per epoch (train and validation), with a dashed line where stages were unfrozen
-    (labelled with their names) and a marker on the best epoch. Saved as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [r["epoch"] + 1 for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    try:
-        for ax, key in zip(axes, ("loss", "acc")):
-            ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"train {key}")
-            val = [(e, r[f"val_{key}"]) for e, r in zip(epochs, history) if r[f"val_{key}"] is not None]
-            if val:
-                ax.plot([e for e, _ in val], [v for _, v in val], "s-", label=f"val {key}")
-            for r in history:
-                if r["unfrozen"]:
-                    x = r["epoch"] + 0.5  # the stage trains from this epoch's first step
-                    ax.axvline(x, color="grey", linestyle="--", linewidth=1)
-                    ax.text(
-                        x,
-                        0.98,
-                        " +" + ",".join(r["unfrozen"]),
-                        transform=ax.get_xaxis_transform(),
-                        va="top",
-                        fontsize=8,
-                        color="dimgrey",
-                        rotation=90,
-                    )
-            if best_epoch is not None and 0 <= best_epoch < len(history):
-                ax.axvline(best_epoch + 1, color="tab:green", alpha=0.4, linewidth=3, label="best (kept)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("accuracy" if key == "acc" else "cross-entropy")
-            if key == "acc":
-                ax.set_ylim(-0.02, 1.02)
-            ax.grid(alpha=0.3)
-            ax.legend(loc="best", fontsize=8, framealpha=0.6)
-        fig.suptitle(title + " (dashed: stage unfrozen)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path

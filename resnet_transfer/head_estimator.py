@@ -127,6 +127,8 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
     label_smoothing: in [0, 1).
     max_iter, path_iter: L-BFGS iterations of the final fit and per grid point; ``None``: 100 / 30 for
         small problems, 8 / 5 (warm-started) when rows x features >= 10M, where each iteration is costly.
+    path_patience: the L2 walk stops after this many grid points in a row worse than the best; ``None``
+        walks the whole grid (what cross-validation over the grid needs).
     precision: ``auto`` (bf16 matmuls for large linear L-BFGS fits on CPUs with native bf16), ``fp32``,
         ``bf16``.
     epochs, batch_size, lr, patience: AdamW settings (early stopping after ``patience`` epochs without a
@@ -151,6 +153,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         label_smoothing: float = 0.0,
         max_iter: int | None = None,
         path_iter: int | None = None,
+        path_patience: int | None = 2,
         precision: str = "auto",
         epochs: int = 100,
         batch_size: int = 256,
@@ -170,6 +173,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.label_smoothing = label_smoothing
         self.max_iter = max_iter
         self.path_iter = path_iter
+        self.path_patience = path_patience
         self.precision = precision
         self.epochs = epochs
         self.batch_size = batch_size
@@ -214,7 +218,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
             )
         if self.precision not in ("auto", "fp32", "bf16"):
             return f"--precision {self.precision!r} is not known", "use auto, fp32 or bf16"
-        for name in ("max_iter", "path_iter", "epochs", "batch_size", "patience"):
+        for name in ("max_iter", "path_iter", "path_patience", "epochs", "batch_size", "patience"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 return f"{name}={getattr(self, name)} must be at least 1", None
         if not self.lr > 0:
@@ -276,8 +280,12 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         """Fit on ``X`` (n, d) and labels ``y``. ``X_val``/``y_val`` (optional) choose ``l2`` and drive early
         stopping; without them a stratified ``val_fraction`` of ``X`` is held out when needed."""
         self._validate_hyperparameters()
-        t0 = time.perf_counter()
         X = check_features(X, "X")
+        with hs.threads_for(X.size):
+            return self._fit_arrays(X, y, X_val, y_val, sample_weight)
+
+    def _fit_arrays(self, X: np.ndarray, y: Any, X_val: Any, y_val: Any, sample_weight: Any) -> SoftmaxHead:
+        t0 = time.perf_counter()
         y = check_labels(y, "y", len(X))
         self._set_classes(y)
         yi = self.encode(y, "y")
@@ -318,6 +326,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
                     val,
                     grid=self.l2_grid,
                     path_iter=hs.iteration_budget(len(train_rows) * X.shape[1], True, self.path_iter),
+                    patience=self.path_patience,
                     seed=self.seed,
                 )
             self.l2_ = float(DEFAULT_L2 if l2 is None else l2)

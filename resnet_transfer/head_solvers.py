@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,27 @@ SELECT_ROWS = 4096  # L2 is selected on at most this many training rows, then fi
 # (warm-started) above it, where each evaluation is two passes over a large matrix
 LARGE = 10_000_000
 ITER_SMALL, ITER_LARGE, PATH_ITER_SMALL, PATH_ITER_LARGE = 100, 8, 30, 5
+
+
+SMALL_PROBLEM = 1 << 20  # feature values below which a fit runs on one thread
+
+
+@contextmanager
+def threads_for(values: int) -> Iterator[None]:
+    """One torch thread for a small problem (``values`` = rows x features), the caller's setting otherwise.
+
+    A tiny fit is thousands of sub-millisecond ops; with two threads each op waits for the other thread
+    at an OpenMP barrier, which on a busy machine costs milliseconds (measured here: 6 ms per addmm +
+    log_softmax of a 29 x 8 problem with 2 threads, 0.04 ms with 1), so a 36-row fit took seconds."""
+    before = torch.get_num_threads()
+    if values >= SMALL_PROBLEM or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def iteration_budget(values: int, path: bool, given: int | None = None) -> int:
@@ -339,12 +361,13 @@ def l2_path(
     *,
     grid: Iterable[float],
     path_iter: int,
+    patience: int | None = 2,
     seed: int = 0,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Choose the L2 strength on ``val``: walk ``grid`` strong -> weak with warm starts on (a stratified
     subsample of at most ``SELECT_ROWS`` of) the training ``rows``; keep the strength with the best
-    validation accuracy (ties: lower validation loss), stopping after two grid points in a row worse than
-    the best. ``module`` is left at the chosen point. Returns ``(l2, path)``, one entry per point tried."""
+    validation accuracy (ties: lower validation loss), stopping after ``patience`` grid points in a row
+    worse than the best (``None``: the whole grid). ``module`` is left at the chosen point. Returns ``(l2, path)``, one entry per point tried."""
     if len(rows) > SELECT_ROWS:
         sub, _ = stratified_split(y[rows], 1.0 - SELECT_ROWS / len(rows), seed)
         rows = rows[sub]
@@ -362,7 +385,7 @@ def l2_path(
             best_state = {k: v.clone() for k, v in module.state_dict().items()}
         else:
             worse += 1
-            if worse >= 2:
+            if patience is not None and worse >= patience:
                 break
     assert best_state is not None and best_l2 is not None and best is not None
     module.load_state_dict(best_state)

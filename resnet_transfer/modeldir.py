@@ -6,6 +6,9 @@ Layout::
                          sha256 of every weights file (an edited or swapped file is refused)
     head.safetensors     the softmax head (linear or MLP) weights
     backbone.safetensors the finetuned backbone (kind = finetuned only; `--weights DIR` loads it)
+    split.json           the train/validation split the run used, by image content key
+                         (``{"seed", "val_fraction", "train": [keys], "val": [keys]}``, keys from
+                         ``fsutil.file_digest``); `rt finetune` from the directory keeps it
     report.json, *.png   what the run measured (not needed to predict)
 
 Weights are safetensors only, so loading a directory never runs code. :func:`load_classifier` is the one
@@ -20,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backbones import BackboneIdentity, sha256_file
 from .errors import IdentityMismatch, ModelDirError, UsageError
 from .fsutil import atomic_path, atomic_write_json
+from .identity import BackboneIdentity, sha256_file
 
 FORMAT = "resnet_transfer.model"
 FORMAT_VERSION = 1
 META = "meta.json"
 HEAD_FILE = "head.safetensors"
+SPLIT_JSON = "split.json"
 
 
 @dataclass
@@ -198,3 +202,30 @@ def head_features(head_config: dict[str, Any]) -> list[str] | None:
     """The stages whose pooled features (concatenated) are the head's input; ``None``: the final ones."""
     features = head_config.get("features")
     return [str(s) for s in features] if features else None
+
+
+# ------------------------------------------------------------------------------------- the recorded split
+
+
+def write_split(out: str | Path, seed: int, val_fraction: float, train: list[str], val: list[str]) -> Path:
+    """Record a run's train/validation split by content key (``split.json``, atomically)."""
+    path = Path(out) / SPLIT_JSON
+    atomic_write_json(path, {"seed": int(seed), "val_fraction": float(val_fraction), "train": train, "val": val})
+    return path
+
+
+def read_split(model_dir: str | Path) -> dict[str, Any] | None:
+    """A directory's recorded split (``None`` if it has none); a damaged file is a :class:`ModelDirError`."""
+    path = Path(model_dir) / SPLIT_JSON
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        record = {"train": [str(k) for k in d["train"]], "val": [str(k) for k in d["val"]]}
+        record.update({k: d[k] for k in ("seed", "val_fraction") if k in d})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelDirError(
+            f"{path}: unreadable or edited ({type(exc).__name__}: {exc})",
+            "restore it, or delete it to split the data anew",
+        ) from exc
+    return record

@@ -46,7 +46,11 @@ def load_model(model_dir: str | Path, weights: str | None = None) -> LoadedModel
 
 
 def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: bool) -> Any:
-    """One :class:`ImageList` (absolute paths) for files, folders and manifests given together."""
+    """One :class:`ImageList` for files, folders and manifests given together. Its paths are written as
+    the user gave them (an image file as typed; a folder's or manifest's images joined to the folder or the
+    manifest's folder as typed), so relative inputs stay relative; the root is the working directory."""
+    import os
+
     from .data import ImageList, list_images
 
     if not inputs:
@@ -58,14 +62,17 @@ def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: 
     for inp in inputs:
         il = list_images(inp, classes=classes, allow_outside=allow_outside)
         notes += il.notes
-        root = Path(il.root).resolve()
-        for rel, lab in zip(il.paths, il.labels):
-            p = Path(rel)
-            paths.append(str(p if p.is_absolute() else root / p))
-            labels.append(lab)
+        given = os.fspath(inp)
+        if il.source == "file":
+            paths.append(given)
+            labels += il.labels
+        else:
+            base = given if il.source == "folder" else os.path.dirname(given)
+            paths += [rel if os.path.isabs(rel) else os.path.join(base, rel) for rel in il.paths]
+            labels += il.labels
         if classes is None and il.classes:
             class_names = class_names or list(il.classes)
-    return ImageList(Path("/"), paths, labels, class_names, "inputs", notes)
+    return ImageList(Path("."), paths, labels, class_names, "inputs", notes)
 
 
 def _probabilities(
@@ -78,19 +85,12 @@ def _probabilities(
     max_pixels: int | None,
     compile: str = "auto",
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``."""
+    """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``.
+    The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability."""
     import torch
 
-    from .compiled import compiled_forward
-    from .data import (
-        DEFAULT_MAX_PIXELS,
-        ImageDataset,
-        eval_transform_uint8,
-        iter_batches,
-        normalize_batch,
-        tta_transform,
-    )
-    from .runtime import decode_threads, resolve_device, resolve_precision
+    from .forward import forward_images
+    from .runtime import resolve_device, resolve_precision
 
     mode = None if tta in (None, "none") else tta
     if mode not in TTA_MODES:
@@ -99,43 +99,34 @@ def _probabilities(
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    tcfg = model.backbone.transform
-    # plain prediction: uint8 crops decoded by threads, normalised per batch on the device (as extract);
-    # TTA views are float tensors made by torch ops, which stay in this thread
-    transform = tta_transform(tcfg, mode) if mode else eval_transform_uint8(tcfg)
-    views = {None: 1, "flip": 2, "tencrop": 10}[mode]
-    per_batch = max(1, batch_size // views)
-    dataset = ImageDataset(images, transform, tcfg.draft_target(), max_pixels or DEFAULT_MAX_PIXELS)
-    loader = iter_batches(dataset, per_batch, 0 if mode else decode_threads())
-    net = model.backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     head = model.head.to(dev).eval()
-    fwd = compiled_forward(net, dev, prec, compile, len(images) * views, model.backbone.identity.to_json())
+    # a head on several stages' pooled features: the classifier's own pooling (else the backbone's forward)
+    pooled = model.classifier.pooled if getattr(model.classifier, "features", None) else None
     probs: list[np.ndarray] = []
     good: list[int] = []
     skipped: list[tuple[str, str]] = []
-    rep = get_reporter()
-    with rep.progress("predict", total=len(images), unit="img") as bar, torch.inference_mode():
-        for xs, idx, errors in loader:
-            for i, e in zip(idx, errors):
-                if e:
-                    skipped.append((images.paths[i], e))
-            if xs is not None:
-                n = xs.shape[0]
-                if mode:  # (n, views, C, H, W) -> (n * views, C, H, W)
-                    xs = xs.reshape(-1, *xs.shape[2:])
-                xs = xs.to(dev)
-                xs = (
-                    xs.contiguous(memory_format=torch.channels_last)
-                    if mode
-                    else normalize_batch(xs, tcfg, memory_format=torch.channels_last)
-                )
-                feats = fwd(xs)
-                p = torch.softmax(head(feats).float(), 1)
+    batches = forward_images(
+        model.backbone,
+        images,
+        batch_size=batch_size,
+        device=dev,
+        precision=prec,
+        view=mode,
+        pooled=pooled,
+        max_pixels=max_pixels,
+        compile=compile,
+    )
+    with get_reporter().progress("predict", total=len(images), unit="img") as bar, torch.inference_mode():
+        for b in batches:
+            skipped += [(images.paths[i], e) for i, e in b.skipped]
+            if b.features is not None:
+                feats = b.features.reshape(-1, b.features.shape[-1])
+                p = head.predict_proba(feats)  # softmax(logits / the head's temperature)
                 if mode:
-                    p = p.reshape(n, views, -1).mean(1)
-                probs.append(p.cpu().numpy())
-                good += [i for i, e in zip(idx, errors) if not e]
-            bar.advance(len(idx))
+                    p = p.reshape(len(b.ok), -1, p.shape[-1]).mean(1)
+                probs.append(p.float().cpu().numpy())
+                good += b.ok
+            bar.advance(len(b.indices))
     k = len(model.classes)
     return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32)), good, skipped
 
@@ -165,11 +156,14 @@ def predict(
     precision: str = "auto",
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    min_confidence: float | None = None,
     compile: str = "auto",
 ) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
-    Unreadable images are skipped and listed in the result (and as warnings), never fatal."""
+    Unreadable images are skipped and listed in the result (and as warnings), never fatal. With
+    ``min_confidence``, rows whose top probability is below it are marked ``uncertain`` (see
+    :func:`calibration.mark_uncertain`)."""
     if top < 1:
         raise UsageError(f"--top {top} must be at least 1")
     t0 = time.perf_counter()
@@ -192,10 +186,10 @@ def predict(
                 "top": [(classes[j], float(probs[r, j])) for j in order],
             }
         )
-    if skipped:
-        rep.warn(f"{len(skipped)} image(s) could not be read and were skipped:")
-        for p, reason in skipped[:20]:
-            rep.warn(f"  {p}: {reason}")
+    from .calibration import mark_uncertain
+
+    mark_uncertain(rows, min_confidence)
+    rep.skipped(skipped, "image(s) could not be read and were skipped")
     return PredictResult(rows, skipped, classes, probs, time.perf_counter() - t0, images.notes)
 
 
@@ -218,63 +212,29 @@ def evaluate(
     out: str | Path | None = None,
     allow_outside: bool = False,
     max_pixels: int | None = None,
+    worst: int = 0,
+    knn: bool = True,
+    knn_cache: str | Path | None = None,
+    root: str | Path | None = None,
 ) -> EvaluateResult:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of ``model_dir`` on a labelled
     image folder / manifest (``data``) or a feature cache (``cache``, checked against the head's
-    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there."""
-    from .report import classification_metrics, plot_confusion
+    backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there. The report also
+    holds log-loss / ECE (and ``reliability.png``), the kNN beside the head (``--cache`` only) and, with
+    ``worst``, ``worst.png`` of the most confidently wrong images (:func:`insights.evaluation_extras`)."""
+    from .metrics import classification_metrics, plot_confusion
 
     if (data is None) == (cache is None):
         raise UsageError("give exactly one of --data (images) or --cache (features)", "e.g. --data ./pets-test")
     t0 = time.perf_counter()
-    rep = get_reporter()
-    skipped: list[tuple[str, str]] = []
     if cache is not None:
-        from .cache import FeatureCache
-        from .head import build_head_module, predict_logits
-        from .modeldir import HEAD_FILE, read_model_dir
-
         if tta not in (None, "none"):
             raise UsageError("--tta needs images: a cache holds one feature vector per image", "drop --tta")
-        md = read_model_dir(model_dir)
-        classes = list(md.classes)
-        with FeatureCache(cache) as fc:
-            fc.check_identity(md.identity, f"the head in {md.path}")
-            rows, y = fc.labelled_as(
-                classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
-            )
-            X = fc.features(rows)
-            source = str(fc.path)
-        head = build_head_module(md.head_config)
-        head.load_state_dict(md.load_tensors(HEAD_FILE))
-        pred = predict_logits(head, X).argmax(1)
+        ev = _scores_on_cache(model_dir, cache, root)
     else:
         assert data is not None
-        model = load_model(model_dir, weights)
-        md = model.md
-        classes = model.classes
-        images = _gather([data], classes, allow_outside)
-        for note in images.notes:
-            rep.warn(note)
-        labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
-        if not labelled:
-            raise DataError(
-                f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
-                "use `rt predict` for unlabelled images",
-            )
-        if len(labelled) < len(images):
-            rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
-        images = images.subset(labelled)
-        probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
-        if skipped:
-            rep.warn(f"{len(skipped)} image(s) could not be read and were left out:")
-            for p, reason in skipped[:20]:
-                rep.warn(f"  {p}: {reason}")
-        if not good:
-            raise DataError(f"--data {data}: none of the images could be read", "check the files")
-        y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
-        pred = probs.argmax(1)
-        source = str(data)
+        ev = _scores_on_images(model_dir, data, weights, tta, batch_size, device, precision, allow_outside, max_pixels)
+    md, classes, y, pred, logits, X, files, source, skipped = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -283,11 +243,92 @@ def evaluate(
         "tta": tta if tta not in (None, "none") else None,
         **metrics,
         "skipped": [list(s) for s in skipped],
-        "seconds": round(time.perf_counter() - t0, 3),
     }
+    from .insights import evaluation_extras
+
+    report.update(
+        evaluation_extras(
+            md,
+            y,
+            logits,
+            features=X,
+            paths=files,
+            out=out,
+            worst=worst,
+            knn=knn,
+            knn_cache=knn_cache,
+            title=f"{md.path.name} on {source}",
+        )
+    )
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     if out is not None:
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)
         atomic_write_json(od / "report.json", report)
         plot_confusion(metrics["confusion_matrix"], classes, od / "confusion.png", title=f"{md.path.name} on {source}")
     return EvaluateResult(report, skipped)
+
+
+def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path | None) -> tuple[Any, ...]:
+    """`rt evaluate --cache`: the head on a cache's labelled features (no backbone is built)."""
+    from .cache import FeatureCache
+    from .head import build_head_module, predict_logits
+    from .modeldir import HEAD_FILE, read_model_dir
+    from .sheets import image_root, resolve
+
+    md = read_model_dir(model_dir)
+    classes = list(md.classes)
+    with FeatureCache(cache) as fc:
+        fc.check_identity(md.identity, f"the head in {md.path}")
+        rows, y = fc.labelled_as(
+            classes, f"--cache {cache} (classes of the head)", "evaluate on labelled images of the head's classes"
+        )
+        X = fc.features(rows, stage=md.head_config.get("features"))
+        source = str(fc.path)
+        files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
+    head = build_head_module(md.head_config)
+    head.load_state_dict(md.load_tensors(HEAD_FILE))
+    logits = predict_logits(head, X)
+    return md, classes, y, logits.argmax(1), logits, X, files, source, []
+
+
+def _scores_on_images(
+    model_dir: str | Path,
+    data: str | Path,
+    weights: str | None,
+    tta: str | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    allow_outside: bool,
+    max_pixels: int | None,
+) -> tuple[Any, ...]:
+    """`rt evaluate --data`: the model on labelled images (unreadable ones left out and listed)."""
+    from .calibration import head_temperature, log_probabilities
+
+    rep = get_reporter()
+    model = load_model(model_dir, weights)
+    md = model.md
+    classes = model.classes
+    images = _gather([data], classes, allow_outside)
+    for note in images.notes:
+        rep.warn(note)
+    labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
+    if not labelled:
+        raise DataError(
+            f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
+            "use `rt predict` for unlabelled images",
+        )
+    if len(labelled) < len(images):
+        rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
+    images = images.subset(labelled)
+    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    rep.skipped(skipped, "image(s) could not be read and were left out")
+    if not good:
+        raise DataError(f"--data {data}: none of the images could be read", "check the files")
+    y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
+    # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
+    # constant, which is what the extras expect (they apply the head's temperature themselves)
+    logits = log_probabilities(probs) * head_temperature(md.head_config)
+    files = [Path(images.paths[i]) for i in good]
+    return md, classes, y, probs.argmax(1), logits, None, files, str(data), skipped

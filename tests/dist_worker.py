@@ -1,7 +1,7 @@
 """Entry point for multi-process tests: ``torchrun ... tests/dist_worker.py <rt arguments>``.
 
 Runs the ``rt`` CLI like ``-m resnet_transfer`` does, with two test-only hooks set by environment variables:
-``RT_TEST_PART_LOG`` (append ``"<rank> <rows>"`` for every chunk a rank commits, to see what was recomputed)
+``RT_TEST_PART_LOG`` (append ``"<rank> <rows>"`` for every chunk file a rank commits, to see what was recomputed)
 and ``RT_TEST_KILL_RANK`` / ``RT_TEST_KILL_AT_PART`` (that rank SIGKILLs itself instead of committing its
 n-th chunk: a hard crash in the middle of a shard). For finetune: ``RT_TEST_BN_EVAL=1`` keeps every BatchNorm
 in eval mode (per-rank batch statistics are the one thing that legitimately differs between a 2-process and a
@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from resnet_transfer.cache_writer import CacheWriter
+from resnet_transfer.cache_writer import ChunkStore
 from resnet_transfer.cli import main
 
 
@@ -25,19 +25,19 @@ def _install_hooks() -> None:
     log = os.environ.get("RT_TEST_PART_LOG")
     kill_rank = int(os.environ.get("RT_TEST_KILL_RANK", "-1"))
     kill_at = int(os.environ.get("RT_TEST_KILL_AT_PART", "0"))
-    real = CacheWriter.write_part
+    real = ChunkStore.write
     calls = {"n": 0}
 
-    def write_part(self: CacheWriter, paths: Any, *args: Any, **kwargs: Any) -> Path:
+    def write(self: ChunkStore, rows: Any, *args: Any, **kwargs: Any) -> str:
         calls["n"] += 1
         if rank == kill_rank and calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if log:
             with open(log, "a") as f:
-                f.write(f"{rank} {len(paths)}\n")
-        return real(self, paths, *args, **kwargs)
+                f.write(f"{rank} {len(rows)}\n")
+        return real(self, rows, *args, **kwargs)
 
-    CacheWriter.write_part = write_part  # type: ignore[method-assign]
+    ChunkStore.write = write  # type: ignore[method-assign]
 
     from resnet_transfer import checkpoints, freeze
 

@@ -45,13 +45,15 @@ def test_layout_is_plain_hdf5(tmp_path: Path) -> None:
         assert json.loads(f.attrs["classes"]) == ["a", "b", "c"]
         assert json.loads(f.attrs["identity"])["arch"] == "resnet18"
         assert f["skipped"].shape == (0, 2)
-    assert not (tmp_path / "c.h5.parts").exists()
+        assert len(f["keys"]) == 10 and len(f["keys"][0].decode()) == 32
+        assert f["features"].is_virtual  # rows read from immutable chunk files
+    assert len(list((tmp_path / "c.h5.chunks").glob("chunk-*.h5"))) == 3  # 10 rows in chunks of 4
 
 
 def test_interrupted_run_resumes_and_equals_uninterrupted(tmp_path: Path) -> None:
     write(tmp_path / "ref.h5", 11, 3)
     write(tmp_path / "c.h5", 11, 3, stop_after=2)
-    assert not (tmp_path / "c.h5").exists() and len(list((tmp_path / "c.h5.parts").glob("part-*"))) == 2
+    assert not (tmp_path / "c.h5").exists() and len(list((tmp_path / "c.h5.chunks").glob("chunk-*.h5"))) == 2
     write(tmp_path / "c.h5", 11, 3)
     a, b = FeatureCache(tmp_path / "ref.h5"), FeatureCache(tmp_path / "c.h5")
     assert a.paths == b.paths
@@ -138,12 +140,12 @@ def test_disk_full_is_reported_and_previous_cache_stays(tmp_path: Path, monkeypa
     def full(*_a: object, **_k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full)
     with CacheWriter(out, identity(), ["a", "b", "c"]) as w, pytest.raises(CacheError, match="disk full"):
+        monkeypatch.setattr(h5py, "File", full)
         w.write_part(["new.png"], [0], np.ones((1, DIM)), {})
     monkeypatch.undo()
     np.testing.assert_array_equal(FeatureCache(out).features(), before)
-    assert not list((tmp_path / "c.h5.parts").glob("*.tmp"))
+    assert not list((tmp_path / "c.h5.chunks").glob(".*tmp*"))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -219,3 +221,164 @@ def test_labelled_as_maps_into_another_class_order(tmp_path: Path) -> None:
     assert rows.tolist() == list(range(6)) and y.tolist() == [2, 1, 0, 2, 1, 0]
     with pytest.raises(DataError, match=r"--val c\.h5: class\(es\) c are not among a, b"):
         c.labelled_as(["a", "b"], "--val c.h5", "hint")
+
+
+# --------------------------------------------------------------------------- content-keyed incremental runs
+
+CLASSES = ("circle", "square", "triangle")
+
+
+class _Dataset:
+    """An image folder (optionally listed by a manifest) that the property test edits like a user would."""
+
+    def __init__(self, root: Path, manifest: bool, seed: int) -> None:
+        from tests.conftest import make_image_folder
+
+        self.root = make_image_folder(root, per_class=3, seed=seed, classes=CLASSES)
+        self.rng = np.random.default_rng(seed)
+        self.manifest = root / "list.csv" if manifest else None
+        self.labels = {str(p.relative_to(root)): p.parent.name for p in sorted(root.rglob("*.*")) if p.is_file()}
+        self.serial = 0
+        self.write_manifest()
+
+    @property
+    def data(self) -> Path:
+        return self.manifest or self.root
+
+    def files(self) -> list[str]:
+        return sorted(self.labels)
+
+    def write_manifest(self) -> None:
+        if self.manifest is not None:
+            lines = ["path,label", *(f"{p},{c}" for p, c in sorted(self.labels.items()))]
+            self.manifest.write_text("\n".join(lines) + "\n")
+
+    def new_image(self, path: Path, cls: str) -> None:
+        from tests.conftest import draw_image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_image(cls, self.rng, size=40).save(path, format="PNG")
+
+    def apply(self, op: str, i: int, c: int) -> None:
+        files = self.files()
+        if not files and op != "add":
+            return
+        rel = files[i % len(files)] if files else ""
+        cls = CLASSES[c % len(CLASSES)]
+        path = self.root / rel
+        if op == "edit":
+            self.new_image(path, self.labels[rel])
+        elif op == "delete":
+            path.unlink()
+            del self.labels[rel]
+        elif op == "move":  # to another class folder: a new path, the same bytes, the new folder's label
+            dest = f"{cls}/{Path(rel).name}"
+            if dest not in self.labels:
+                (self.root / cls).mkdir(exist_ok=True)
+                path.rename(self.root / dest)
+                del self.labels[rel]
+                self.labels[dest] = cls
+        elif op in ("add", "dup"):
+            self.serial += 1
+            dest = f"{cls}/new_{self.serial:03d}.png"
+            if op == "add":
+                self.new_image(self.root / dest, cls)
+            else:  # the same bytes under a second path
+                (self.root / dest).write_bytes(path.read_bytes())
+            self.labels[dest] = cls
+        elif op == "corrupt":
+            path.write_bytes(b"not an image " + bytes([c % 2]))
+        elif op == "repair":
+            if not path.read_bytes().startswith(b"not an image"):
+                return
+            self.new_image(path, self.labels[rel])
+        elif op == "relabel" and self.manifest is not None:
+            self.labels[rel] = cls
+        self.write_manifest()
+
+
+def _run(data: Path, out: Path, overwrite: bool = False) -> object:
+    from resnet_transfer.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        data=data,
+        out=out,
+        model="resnet18",
+        weights="none",
+        image_size=32,
+        precision="fp32",
+        dtype="float32",
+        batch_size=4,
+        chunk_rows=3,
+        workers=0,
+        overwrite=overwrite,
+    )
+    return extract(cfg)
+
+
+def _rows(c: FeatureCache) -> dict[str, tuple[str, str | None]]:
+    return {p: (k, c.classes[y] if y >= 0 else None) for p, k, y in zip(c.paths, c.keys, c.labels)}
+
+
+def _counting_backbone(mp: pytest.MonkeyPatch) -> dict[str, int]:
+    """Build the test backbone once, and count the images that go through its forward pass."""
+    import resnet_transfer.backbones as backbones
+
+    real = backbones.build_backbone
+    count = {"images": 0}
+    built: dict[tuple, object] = {}
+
+    def build(*args: object, **kwargs: object) -> object:
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            b = real(*args, **kwargs)  # type: ignore[arg-type]
+            b.net.register_forward_pre_hook(lambda _m, inp: count.__setitem__("images", count["images"] + len(inp[0])))
+            built[key] = b
+        return built[key]
+
+    mp.setattr(backbones, "build_backbone", build)
+    return count
+
+
+OPS = st.sampled_from(["edit", "delete", "move", "add", "dup", "corrupt", "repair", "relabel"])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    manifest=st.booleans(),
+    rounds=st.lists(
+        st.lists(st.tuples(OPS, st.integers(0, 20), st.integers(0, 5)), min_size=1, max_size=4), min_size=1, max_size=2
+    ),
+)
+def test_content_keyed_updates_equal_a_fresh_extraction(
+    tmp_path_factory: pytest.TempPathFactory, manifest: bool, rounds: list[list[tuple[str, int, int]]]
+) -> None:
+    """After any edits, deletions, moves between class folders, manifest relabels, additions, duplicates,
+    corruptions and repairs, re-running the same extract gives the rows of a fresh extraction (paths,
+    labels, keys, features, skipped files), and only content the cache did not hold goes through the
+    backbone."""
+    d = tmp_path_factory.mktemp("edits")
+    ds = _Dataset(d / "data", manifest, seed=len(rounds))
+    out = d / "c.h5"
+    with pytest.MonkeyPatch.context() as mp:
+        count = _counting_backbone(mp)
+        _run(ds.data, out)
+        for r, ops in enumerate(rounds):
+            for op in ops:
+                ds.apply(*op)
+            with FeatureCache(out) as before:
+                old_keys = set(before.keys) | set(before.skipped_keys)
+            count["images"] = 0
+            res = _run(ds.data, out)
+            computed = count["images"]
+            fresh_out = d / f"fresh{r}.h5"
+            _run(ds.data, fresh_out, overwrite=True)
+            with FeatureCache(out) as got, FeatureCache(fresh_out) as ref:
+                assert _rows(got) == _rows(ref)
+                assert sorted(got.skipped) == sorted(ref.skipped)
+                assert set(got.paths) | {p for p, _ in got.skipped} == set(ds.labels)
+                assert all(ds.labels[p] == c for p, (_, c) in _rows(got).items())
+                order = [ref.paths.index(p) for p in got.paths]
+                np.testing.assert_allclose(got.features(), ref.features(order), rtol=1e-4, atol=1e-5)
+                assert computed == len(set(ref.keys) - old_keys)  # unchanged content is never recomputed
+                assert res.computed == computed  # type: ignore[attr-defined]

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_transfer.backbones import TransformConfig
-from resnet_transfer.data import ImageDecodeError, eval_transform, list_images, load_image, tta_transform
+from resnet_transfer.data import ImageDecodeError, list_images, load_image
 from resnet_transfer.errors import DataError
+from resnet_transfer.transforms import TransformConfig, eval_transform, tta_transform
 from tests.odd_images import write_odd_images
 
 
@@ -176,7 +176,7 @@ def _photo(w: int, h: int, seed: int) -> Image.Image:
 def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.data import ResizeCenterCrop, _interpolation
+    from resnet_transfer.transforms import ResizeCenterCrop, _interpolation
 
     sizes = [(500, 375), (375, 500), (300, 800), (800, 300), (256, 256), (640, 481), (227, 300), (1000, 999)]
     for resize, crop in [(256, 224), (146, 128)]:
@@ -197,7 +197,7 @@ def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
 def test_fused_resize_crop_falls_back_where_it_must() -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.data import ResizeCenterCrop, _interpolation
+    from resnet_transfer.transforms import ResizeCenterCrop, _interpolation
 
     # an input smaller than the crop after resizing (padding) and the knife-edge filters: torchvision's
     # own two steps, so the result is exactly theirs
@@ -211,7 +211,7 @@ def test_fused_resize_crop_falls_back_where_it_must() -> None:
 def test_uint8_path_equals_float_path() -> None:
     import torch
 
-    from resnet_transfer.data import eval_transform_uint8, normalize_batch
+    from resnet_transfer.transforms import eval_transform_uint8, normalize_batch
 
     cfg = TransformConfig(input_size=64, resize_size=73, interpolation="bicubic")
     imgs = [_photo(120, 90, 0), _photo(90, 160, 1)]
@@ -290,3 +290,40 @@ def test_flip_tta_views_are_the_eval_view_and_its_mirror() -> None:
     plain = eval_transform(cfg)(img)
     assert torch.equal(views[0], plain)
     assert torch.equal(views[1], plain.flip(-1))
+
+
+def test_class_order_and_remapping() -> None:
+    from resnet_transfer.data import class_index_map, class_order, extended_class_order, remap_labels
+
+    assert class_order({"b", "a"}) == ["a", "b"]
+    assert class_order({"b"}, ["b", "a"]) == ["b", "a"]
+    with pytest.raises(DataError, match="labels x are not classes"):
+        class_order({"x", "a"}, ["a"], "labels")
+    assert extended_class_order(["z", "a"], ["a", "c", "b", "z"]) == ["z", "a", "b", "c"]
+    assert class_index_map(["a", "b", "c"], ["c", "a"]).tolist() == [1, -1, 0]
+    assert remap_labels([0, 2, -1, 1], ["a", "b", "c"], ["c", "a"]).tolist() == [1, 0, -1, -1]
+    assert remap_labels([-1], [], ["a"]).tolist() == [-1]
+
+
+@pytest.mark.parametrize("view", [None, "flip"])
+def test_normalized_batches_channels_last_with_errors(tmp_path: Path, view: str | None) -> None:
+    import torch
+
+    from resnet_transfer.data import normalized_batches
+    from resnet_transfer.transforms import eval_transform
+
+    for i in range(3):
+        Image.new("RGB", (40 + 7 * i, 30), (30 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1b.png").write_bytes(b"broken")
+    images = list_images(tmp_path)
+    cfg = TransformConfig(input_size=16, resize_size=20)
+    got = list(normalized_batches(images, cfg, 2, torch.device("cpu"), view=view))
+    assert [idx for _, idx, _ in got] == [[0, 1], [2, 3]]
+    assert [bool(e) for _, _, errs in got for e in errs] == [False, False, True, False]  # 1b.png is third
+    x = got[0][0]
+    assert x.shape == (2 * (2 if view else 1), 3, 16, 16) and x.dtype == torch.float32  # 2 images x views
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expected = eval_transform(cfg)(load_image(tmp_path / "0.png"))
+    assert torch.allclose(x[0], expected, atol=1e-5)
+    if view:
+        assert torch.allclose(x[1], expected.flip(-1), atol=1e-5)

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from resnet_transfer.cache import FeatureCache
-from resnet_transfer.cache_writer import runs, shard_files, shard_path
+from resnet_transfer.cache import FeatureCache, chunk_dir
+from resnet_transfer.cache_writer import runs
 from resnet_transfer.distributed import RankReporter, dist_env, shard_block
 from resnet_transfer.errors import CacheError
 from resnet_transfer.extract import ExtractConfig, extract
@@ -95,8 +95,9 @@ def assert_same_cache(a: FeatureCache, b: FeatureCache) -> None:
     for name in a.stages:
         rows = np.arange(a.n)
         np.testing.assert_allclose(a.stage(name, rows), b.stage(name, rows), rtol=2e-3, atol=2e-3)
-    same = {k for k in a.attrs if k != "created"}
-    assert same == {k for k in b.attrs if k != "created"}
+    run_only = {"created", "last_run"}  # when, and what that run computed: not part of the rows
+    same = {k for k in a.attrs if k not in run_only}
+    assert same == {k for k in b.attrs if k not in run_only}
     assert {k: a.attrs[k] for k in same} == {k: b.attrs[k] for k in same}
 
 
@@ -115,23 +116,18 @@ def test_shard_blocks_are_contiguous_and_cover_everything(n: int, world: int) ->
     assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
 
 
-def test_shard_names_and_runs(tmp_path: Path) -> None:
-    out = tmp_path / "f.h5"
-    assert shard_path(out, 2, 4).name == "f.h5.shard-00002-of-00004.h5"
-    for r, w in [(1, 2), (0, 2), (0, 1)]:
-        shard_path(out, r, w).touch()
-    (tmp_path / "f.h5.shard-x-of-y.h5").touch()
-    assert [p.name for p in shard_files(out)] == [
-        "f.h5.shard-00000-of-00001.h5",
-        "f.h5.shard-00000-of-00002.h5",
-        "f.h5.shard-00001-of-00002.h5",
-    ]
+def test_runs_of_rows() -> None:
     assert runs([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 4)]) == [
         (0, 0, 0, 2),
         (1, 0, 2, 2),
         (0, 2, 4, 1),
         (0, 4, 5, 1),
     ]
+
+
+def chunk_ranks(out: Path) -> set[str]:
+    """The ranks that wrote the chunk files of ``out`` (from their names, ``chunk-<time>-r0001-...``)."""
+    return {p.name.split("-")[2] for p in chunk_dir(out).glob("chunk-*.h5")}
 
 
 def test_env_detection_and_rank_reporter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,22 +146,14 @@ def test_env_detection_and_rank_reporter(monkeypatch: pytest.MonkeyPatch) -> Non
     assert inner.messages == [] and inner.warnings == ["[rank 1] bad file"]
 
 
-def test_virtual_cache_with_a_missing_shard_is_refused(image_folder: Path, tmp_path: Path) -> None:
-    """The VDS writer on two shards made in-process (no torchrun), then one shard removed."""
-    from resnet_transfer.cache_writer import Source, label_map, write_assembled
-
-    a = reference(image_folder, tmp_path / "a.h5")
-    sources = [Source(tmp_path / "a.h5", a, label_map(a.classes, a.classes))]
-    rows = [(0, i) for i in range(a.n)][::-1]  # reversed: one run per row
-    write_assembled(tmp_path / "v.h5", sources, rows, [], a.classes, [], merge=False)
-    v = FeatureCache(tmp_path / "v.h5")
-    assert v.paths == a.paths[::-1] and is_virtual(tmp_path / "v.h5")
-    np.testing.assert_array_equal(v.features(), a.features()[::-1])
-    v.close()
+def test_virtual_cache_with_a_missing_chunk_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    a = reference(image_folder, tmp_path / "a.h5", chunk_rows=8)
+    assert is_virtual(tmp_path / "a.h5") and a.n == 24
     a.close()
-    shutil.move(tmp_path / "a.h5", tmp_path / "gone.h5")
-    with pytest.raises(CacheError, match=r"shard file .*a\.h5 is missing"):
-        FeatureCache(tmp_path / "v.h5")
+    first = sorted(chunk_dir(tmp_path / "a.h5").glob("chunk-*.h5"))[0]
+    shutil.move(first, tmp_path / "gone.h5")
+    with pytest.raises(CacheError, match=r"chunk file .*chunk-.*\.h5 is missing"):
+        FeatureCache(tmp_path / "a.h5")
 
 
 # ------------------------------------------------------------------------------------------ torchrun
@@ -177,8 +165,9 @@ def test_two_process_extract_equals_one_process(image_folder: Path, tmp_path: Pa
     r = torchrun(2, "extract", "--data", image_folder, "--out", out, *FAST, "--batch-size", "4")
     assert r.returncode == 0, r.stdout + r.stderr
     assert is_virtual(out)
-    assert [p.name for p in shard_files(out)] == ["two.h5.shard-00000-of-00002.h5", "two.h5.shard-00001-of-00002.h5"]
+    assert chunk_ranks(out) == {"r0000", "r0001"}  # both ranks computed, into one chunk folder
     assert_same_cache(ref, FeatureCache(out))
+    assert FeatureCache(out).keys == ref.keys
 
 
 @pytest.mark.slow
@@ -190,14 +179,17 @@ def test_killed_shard_resumes_and_merge(tmp_path: Path) -> None:
     args = ["extract", "--data", data, "--out", out, *FAST, *SMALL]
     r = torchrun(2, *args, env={"RT_TEST_KILL_RANK": "1", "RT_TEST_KILL_AT_PART": "2", "RT_TEST_PART_LOG": str(log)})
     assert r.returncode != 0 and not out.exists()
-    done_by_1 = sum(int(b) for a, b in (line.split() for line in log.read_text().splitlines()) if a == "1")
-    assert done_by_1 == 2  # rank 1 committed one chunk, then died committing its second
+    logged = [line.split() for line in log.read_text().splitlines()]
+    assert (
+        sum(int(b) for a, b in logged if a == "1") == 2
+    )  # rank 1 committed one chunk, then died committing its second
+    done = sum(int(b) for _, b in logged)
     log.unlink()
     r = torchrun(2, *args, "--merge", env={"RT_TEST_PART_LOG": str(log)})
     assert r.returncode == 0, r.stdout + r.stderr
-    redone_by_1 = sum(int(b) for a, b in (line.split() for line in log.read_text().splitlines()) if a == "1")
-    assert redone_by_1 == 4  # only its 4 missing rows were computed again
-    assert not is_virtual(out) and shard_files(out) == []
+    redone = sum(int(b) for _, b in (line.split() for line in log.read_text().splitlines()))
+    assert redone == 12 - done  # only the missing rows were computed again
+    assert not is_virtual(out) and not chunk_dir(out).exists()
     assert_same_cache(ref, FeatureCache(out))
 
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from resnet_transfer.cache import FeatureCache
-from resnet_transfer.cache_writer import CacheWriter
+from resnet_transfer.cache_writer import ChunkStore
 from resnet_transfer.cli import app
 from resnet_transfer.extract import ExtractConfig, extract
 from tests.conftest import make_image_folder
@@ -61,15 +61,15 @@ def test_interrupt_then_resume_equals_uninterrupted(
     common = dict(data=image_folder, model="resnet18", weights="none", image_size=32, batch_size=4, chunk_rows=8)
     extract(ExtractConfig(out=tmp_path / "ref.h5", **common))  # type: ignore[arg-type]
     calls = {"n": 0}
-    real = CacheWriter.write_part
+    real = ChunkStore.write
 
-    def flaky(self: CacheWriter, *a: object, **k: object) -> Path:
+    def flaky(self: ChunkStore, *a: object, **k: object) -> str:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run
         return real(self, *a, **k)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(CacheWriter, "write_part", flaky)
+    monkeypatch.setattr(ChunkStore, "write", flaky)
     with pytest.raises(Exception, match="interrupted"):
         extract(ExtractConfig(out=tmp_path / "c.h5", **common))  # type: ignore[arg-type]
     monkeypatch.undo()
@@ -175,3 +175,137 @@ def test_bad_input_is_one_clear_line(image_folder: Path, tmp_path: Path, args: l
 def test_missing_data_folder(tmp_path: Path) -> None:
     r = rt("extract", "--data", tmp_path / "nope", "--out", tmp_path / "x.h5", *FAST)
     assert r.exit_code == 2 and "no such file or folder" in r.output
+
+
+# ------------------------------------------------------------------------------ content keys (issue 13)
+
+EXACT = [*FAST, "--precision", "fp32", "--dtype", "float32", "--workers", "0"]
+
+
+def test_noop_run_reads_no_image_and_a_touch_only_rehashes(
+    fresh_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from resnet_transfer import fsutil
+
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT).exit_code == 0
+    real, calls = fsutil.file_digest, []
+    monkeypatch.setattr(fsutil, "file_digest", lambda p: calls.append(p) or real(p))
+    r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT)
+    assert r.exit_code == 0 and "nothing to compute" in r.output and calls == []  # the stat check did it all
+    one = sorted(fresh_folder.rglob("*.png"))[0]
+    os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT)
+    assert r.exit_code == 0 and len(calls) == 1 and "nothing to compute" in r.output  # read once, not computed
+    calls.clear()
+    assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT).exit_code == 0 and calls == []
+
+
+def test_precision_is_part_of_the_identity(fresh_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", fresh_folder, "--out", out, *FAST, "--precision", "fp32").exit_code == 0
+    r = rt("extract", "--data", fresh_folder, "--out", out, *FAST, "--precision", "bf16")
+    assert r.exit_code == 2 and "fp32" in r.output and "bf16" in r.output and "--overwrite" in r.output
+    r = rt("extract", "--data", fresh_folder, "--out", out, *FAST, "--precision", "bf16", "--overwrite")
+    assert r.exit_code == 0 and FeatureCache(out).precision == "bf16"
+
+
+def test_dry_run_plans_without_writing_and_info_shows_the_last_run(fresh_folder: Path, tmp_path: Path) -> None:
+    from resnet_transfer.cache import chunk_dir
+
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT).exit_code == 0
+    files = sorted(p for p in fresh_folder.rglob("*") if p.is_file())
+    files[0].unlink()  # removed
+    assert files[1].parent.name == "circle"
+    files[1].rename(fresh_folder / "triangle" / "moved.png")  # moved to another class folder
+    make_image_folder(fresh_folder, per_class=1, seed=8, classes=("circle",))  # added
+    before = (out.stat().st_mtime_ns, sorted(p.name for p in chunk_dir(out).iterdir()))
+    r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in r.output
+    assert "would compute 1 image" in r.output
+    assert (out.stat().st_mtime_ns, sorted(p.name for p in chunk_dir(out).iterdir())) == before
+    r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT)
+    assert "added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in r.output
+    c = FeatureCache(out)
+    assert c.n == 12 and c.last_run["computed"] == 1 and c.last_run["moved"] == 1
+    info = rt("info", out)
+    assert "last_run: added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in info.output
+
+
+def test_merged_cache_is_one_file_and_still_updates(fresh_folder: Path, tmp_path: Path) -> None:
+    import h5py
+
+    from resnet_transfer.cache import chunk_dir
+
+    out = tmp_path / "f.h5"
+    assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT, "--cut", "layer3", "--merge").exit_code == 0
+    with h5py.File(out, "r") as f:
+        assert not f["features"].is_virtual and not f["stages/layer3"].is_virtual
+    assert not chunk_dir(out).exists()
+    make_image_folder(fresh_folder, per_class=1, seed=8)
+    assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT, "--cut", "layer3").exit_code == 0
+    ref = tmp_path / "ref.h5"
+    assert rt("extract", "--data", fresh_folder, "--out", ref, *EXACT, "--cut", "layer3").exit_code == 0
+    a, b = FeatureCache(out), FeatureCache(ref)
+    assert sorted(zip(a.paths, a.keys)) == sorted(zip(b.paths, b.keys)) and a.n == 15
+    order = [b.paths.index(p) for p in a.paths]
+    np.testing.assert_allclose(a.features(), b.features(order), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.stage("layer3", range(a.n)), b.stage("layer3", order), rtol=1e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ pooled stages (issue 17)
+
+
+def test_pool_stages_stored_in_one_pass_and_kept_up_to_date(fresh_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.h5"
+    args = [
+        "extract",
+        "--data",
+        fresh_folder,
+        "--out",
+        out,
+        *EXACT,
+        "--cut",
+        "layer3",
+        "--pool-stages",
+        "layer3,layer4",
+    ]
+    r = rt(*args)
+    assert r.exit_code == 0, r.output
+    c = FeatureCache(out)
+    assert c.pooled_stages == ["layer3", "layer4"] and c.pooled == {"layer3": 256, "layer4": 512}
+    rows = np.arange(c.n)
+    np.testing.assert_allclose(c.features(stage="layer3"), c.stage("layer3", rows).mean(axis=(2, 3)), atol=2e-3)
+    np.testing.assert_allclose(c.features(stage="layer4"), c.features(), rtol=1e-5, atol=1e-6)  # resnet18: avg pool
+    both = c.features([3, 1], stage=["layer4", "layer3"])
+    assert both.shape == (2, 768)
+    np.testing.assert_array_equal(both[:, 512:], c.features([3, 1], stage="layer3"))
+    assert rt("info", out, "--json").output.count('"layer4": 512') == 1
+    with pytest.raises(Exception, match="--pool-stages layer2"):
+        c.features(stage="layer2")
+    make_image_folder(fresh_folder, per_class=1, seed=8)  # incremental runs keep the pooled stages too
+    assert rt(*args).exit_code == 0
+    c = FeatureCache(out)
+    assert c.n == 15 and np.isfinite(c.features(stage=["layer3", "layer4"])).all()
+    r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT, "--cut", "layer3", "--pool-stages", "layer4")
+    assert r.exit_code == 2 and "pooled features of [layer3, layer4]" in r.output and "--overwrite" in r.output
+
+
+def test_pooled_stage_features_match_the_stages() -> None:
+    import torch
+
+    from resnet_transfer.backbones import build_backbone, pooled_stage_features
+
+    b = build_backbone("resnet18", "none", 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = pooled_stage_features(b, x, ["layer2", "layer4", "layer2"])
+        final = b.net(x)
+    assert list(got) == ["layer2", "layer4"] and got["layer2"].shape == (2, 128)
+    torch.testing.assert_close(got["layer4"], final)
+    with pytest.raises(Exception, match="not a stage"):
+        pooled_stage_features(b, x, ["layer9"])

@@ -345,3 +345,152 @@ def test_head_on_stage_features_is_refused(tmp_path):
     with pytest.raises(UsageError, match="final pooled features") as e:
         finetune(_cfg(tmp_path / "out", head=hd, data=tmp_path, epochs=1))
     assert "layer3, layer4" in str(e.value) and "rt fit-head" in e.value.hint
+
+
+# ------------------------------------------------------------------------------- unreadable images
+
+
+def test_cli_unreadable_image_is_listed_counted_exit_3_and_strict_fails(tmp_path):
+    """Like extract: an image that cannot be decoded is skipped, listed in report.json with its reason,
+    counted at the end, and the exit code is 3; with --strict the run fails naming the file."""
+    from conftest import make_image_folder
+    from typer.testing import CliRunner
+
+    from resnet_transfer.cli import app
+
+    data = make_image_folder(tmp_path / "data", per_class=3, seed=5)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    args = ["finetune", "--data", str(data), "--model", "resnet18", "--weights", "none", "--unfreeze", "layer4",
+            "--epochs", "2", "--image-size", "32", "--batch-size", "4", "--precision", "fp32", "--workers", "0",
+            "--val-fraction", "0.3", "--patience", "0"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 3, res.output
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert [s["path"] for s in report["skipped"]] == ["circle/broken.png"]
+    assert report["skipped"][0]["reason"]
+    assert "1 image(s) could not be read" in res.output and "circle/broken.png" in res.output
+    assert read_model_dir(tmp_path / "ft").kind == "finetuned"  # the run itself finished
+
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "strict"), "--strict"])
+    assert res.exit_code == 2 and "broken.png" in res.output and "drop --strict" in res.output
+    assert not (tmp_path / "strict" / "meta.json").exists()
+
+
+# ------------------------------------------------------------------------------------ recorded split
+
+
+def test_finetune_keeps_the_heads_recorded_split(tmp_path):
+    """The head directory's split.json (content keys) is kept: after images were added, moved, deleted and
+    one made unreadable, no image the head trained on is in finetune's validation set, its validation images
+    stay there, and only the new ones are split anew (stratified). The split used is written to the
+    model directory in the same format."""
+    import shutil
+
+    from conftest import make_image_folder
+
+    from resnet_transfer.fsutil import file_digest
+
+    data = make_image_folder(tmp_path / "data", per_class=6, seed=7)
+    head_train, head_val = set(), set()
+    for cls in CLASSES:
+        files = sorted((data / cls).iterdir())
+        head_train |= {file_digest(f) for f in files[:4]}
+        head_val |= {file_digest(f) for f in files[4:]}
+    hd = _head_dir(tmp_path / "head")
+    split = {"seed": 0, "val_fraction": 0.33, "train": sorted(head_train), "val": sorted(head_val)}
+    (hd / "split.json").write_text(json.dumps(split))
+
+    # what happens to a dataset in between: additions, a move (same bytes, new name), a deletion, a corrupt file
+    first = sorted((data / "circle").iterdir())[0]  # one the head trained on
+    moved_key = file_digest(first)
+    first.rename(data / "circle" / "renamed.png")
+    deleted = sorted((data / "square").iterdir())[0]  # another one
+    deleted_key = file_digest(deleted)
+    deleted.unlink()
+    new = make_image_folder(tmp_path / "new", per_class=4, seed=8)
+    new_keys = set()
+    for cls in CLASSES:
+        for f in sorted((new / cls).iterdir()):
+            new_keys.add(file_digest(f))
+            shutil.copy(f, data / cls / f"added_{f.name}")
+    broken = data / "triangle" / "broken.png"
+    broken.write_bytes(b"not an image")
+    new_keys.add(file_digest(broken))
+
+    res = finetune(_cfg(tmp_path / "ft", head=hd, data=data, unfreeze="head", epochs=1, val_fraction=0.5))
+    used = json.loads((tmp_path / "ft" / "split.json").read_text())
+    train, val = set(used["train"]), set(used["val"])
+    assert not train & val
+    assert not val & head_train  # the head's training images never validate the finetuned model
+    assert head_train - train == {deleted_key}  # all still present stay in train, the moved one too
+    assert moved_key in head_train and moved_key in train
+    assert head_val <= val  # its validation images are still held out
+    assert train | val == (head_train - {deleted_key}) | head_val | new_keys
+    assert len(val & new_keys) == 2 * len(CLASSES)  # about half of each class's new images (4, 4 and 5)
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["n_val"] == len(val) and report["n_train"] == len(train)
+    assert [p for p, _ in res.skipped] == ["triangle/broken.png"]
+
+
+# -------------------------------------------------------------------------------- precision auto
+
+
+def test_precision_probe_picks_the_faster_and_leaves_the_run_alone(monkeypatch):
+    """`--precision auto` on a CPU times fp32 and bf16 on a copy of the model and keeps the faster by its own
+    medians; the run's parameters, requires_grad flags, train/eval modes and random streams are untouched.
+    (No timing is asserted: only that the choice follows the recorded medians.)"""
+    from resnet_transfer import precision_probe, runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4", "progressive", epochs=4, unfreeze_at=[2])
+    pol.apply(0)
+    pol.train_mode(0)
+    model = Classifier(bb.net, head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    cpu = torch.device("cpu")
+
+    prec, info = precision_probe.choose_train_precision("auto", cpu, model, pol, (3, SIZE, SIZE), 4, 10_000)
+    assert info["mode"] == "probe" and set(info["median_ms"]) == {"fp32", "bf16"}
+    assert prec == min(info["median_ms"], key=info["median_ms"].get)
+    assert all(len(v) == precision_probe.ROUNDS for v in info["samples_ms"].values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    assert precision_probe.choose_train_precision("fp32", cpu, model, pol, (3, SIZE, SIZE), 4, 10_000) == (
+        "fp32",
+        {"mode": "given"},
+    )
+    short = precision_probe.choose_train_precision("auto", cpu, model, pol, (3, SIZE, SIZE), 4, 10)
+    assert short[0] == "bf16" and short[1]["mode"] == "rule" and "too short" in short[1]["reason"]
+
+
+def test_precision_auto_choice_is_recorded_and_kept_on_resume(image_folder, tmp_path, monkeypatch):
+    from resnet_transfer import precision_probe
+
+    monkeypatch.setattr(precision_probe, "MIN_STEPS_FOR_PROBE", 0)
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
+          "epochs": 2, "patience": 0, "precision": "auto"}  # fmt: skip
+
+    def stop(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RtError, match="--resume"):
+        finetune(_cfg(tmp_path / "ft", **kw), on_epoch_end=stop)
+    state = json.loads(load_checkpoint(tmp_path / "ft")["state"])
+    assert state["precision"] in ("fp32", "bf16") and state["precision_choice"]["mode"] in ("probe", "rule")
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run keeps its precision instead of probing again")
+
+    monkeypatch.setattr(precision_probe, "probe_step_ms", no_probe)
+    finetune(FinetuneConfig(out=tmp_path / "ft"), resume=tmp_path / "ft")
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["precision"] == state["precision"] and report["precision_choice"] == state["precision_choice"]

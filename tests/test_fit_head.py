@@ -256,3 +256,58 @@ def test_cli_help_teaches() -> None:
     for cmd in ("fit-head", "predict", "evaluate"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples" in r.output and f"rt {cmd}" in r.output
+
+
+# -------------------------------------------------------------------------------------------- temperature
+
+
+def test_fit_head_calibrates_on_validation(head_dir: Path) -> None:
+    report = json.loads((head_dir / "report.json").read_text())
+    meta = json.loads((head_dir / "meta.json").read_text())
+    cal = report["calibration"]
+    assert cal["n"] == report["n_val"] == 12
+    assert cal["temperature"] == report["temperature"] == meta["head"].get("temperature", 1.0) > 0
+    assert cal["log_loss"]["after"] <= cal["log_loss"]["before"] + 1e-9  # T minimises exactly this
+    for key in ("before", "after"):
+        assert 0.0 <= cal["ece"][key] <= 1.0
+
+
+def test_an_overconfident_head_gets_a_temperature_above_one(tmp_path: Path, reporter: Reporter) -> None:
+    """Overlapping classes, a nearly unregularised head: confident on the training rows, often wrong on
+    the validation rows; the temperature must soften it and lower the validation log-loss."""
+    ident = BackboneIdentity("timm:resnet18", "resnet18", "none", "random:seed=0", TransformConfig(64, 73), 16)
+    rng = np.random.default_rng(3)
+    y = np.arange(240) % 3
+    X = np.maximum(rng.normal(size=(240, 16)) + 0.6 * np.eye(16)[y], 0).astype(np.float32)
+    with CacheWriter(tmp_path / "c.h5", ident, ["a", "b", "c"]) as w:
+        w.write_part([f"{c}/{i}.png" for i, c in enumerate(np.array(["a", "b", "c"])[y])], list(y), X)
+        w.finalize()
+    res = fit_head(FitHeadConfig(cache=tmp_path / "c.h5", out=tmp_path / "h", l2=1e-6, val_fraction=0.5))
+    cal = res.report["calibration"]
+    assert cal["temperature"] > 1.5
+    assert cal["log_loss"]["after"] < cal["log_loss"]["before"] - 0.1
+    assert cal["ece"]["after"] < cal["ece"]["before"]
+
+
+def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path, tmp_path: Path) -> None:
+    from resnet_transfer.modeldir import HEAD_FILE, read_model_dir, write_model_dir
+
+    md = read_model_dir(head_dir)
+
+    def with_temperature(t: float) -> Path:
+        return write_model_dir(
+            tmp_path / f"t{t:g}",
+            kind="head",
+            identity=md.identity,
+            classes=md.classes,
+            head_config={**md.head_config, "temperature": t},
+            tensors={HEAD_FILE: md.load_tensors(HEAD_FILE)},
+        )
+
+    files = sorted((test_folder / "circle").iterdir())[:3]
+    flat = predict(with_temperature(1000.0), files, top=3).probabilities  # unsaturated: reveals the logits
+    warm = predict(with_temperature(3.0), files, top=3).probabilities
+    z = np.log(flat) * 1000.0  # the logits up to a per-row constant
+    expect = np.exp((z - z.max(1, keepdims=True)) / 3.0)
+    np.testing.assert_allclose(warm, expect / expect.sum(1, keepdims=True), rtol=1e-3, atol=1e-5)
+    assert flat.max() < 0.5 and not np.allclose(flat, warm)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_transfer.cache import FeatureCache
+from resnet_transfer.cache import FeatureCache, chunk_dir
 from tests.conftest import make_image_folder
 
 ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--chunk-rows", "4"]
@@ -29,17 +29,19 @@ def _env() -> dict[str, str]:
 
 
 def _assert_consistent(out: Path) -> None:
-    """Whatever a kill left must be readable: a complete cache or none, and only whole part files."""
+    """Whatever a kill left must be readable: a complete cache (every row finite) or none, and only whole
+    chunk files."""
+    import h5py
+
     if out.exists():
-        FeatureCache(out).features()
-    parts = out.with_name(out.name + ".parts")
-    if parts.exists():
-        for p in parts.glob("part-*.npz"):
-            with np.load(p, allow_pickle=False) as z:
-                assert len(z["paths"]) == len(z["features"])
+        assert np.isfinite(FeatureCache(out).features()).all()
+    for p in chunk_dir(out).glob("chunk-*.h5"):
+        with h5py.File(p, "r") as f:
+            assert len(f["keys"]) == len(f["features"])
 
 
 def _reference(data: Path, tmp: Path) -> FeatureCache:
+    tmp.mkdir(exist_ok=True)
     ref = tmp / "ref.h5"
     subprocess.run(_cmd(data, ref), check=True, env=_env(), timeout=600)
     return FeatureCache(ref)
@@ -48,9 +50,11 @@ def _reference(data: Path, tmp: Path) -> FeatureCache:
 def _finish_and_compare(data: Path, out: Path, ref: FeatureCache) -> None:
     subprocess.run(_cmd(data, out), check=True, env=_env(), timeout=600)
     got = FeatureCache(out)
-    assert got.paths == ref.paths
-    np.testing.assert_array_equal(got.features(), ref.features())
-    assert not out.with_name(out.name + ".parts").exists()
+    assert sorted(zip(got.paths, got.keys, got.labels)) == sorted(zip(ref.paths, ref.keys, ref.labels))
+    order = [ref.paths.index(p) for p in got.paths]
+    np.testing.assert_array_equal(got.features(), ref.features(order))
+    referenced = set(got.locations()[0])
+    assert {p.name for p in chunk_dir(out).glob("chunk-*.h5")} == referenced  # no chunk left unused
 
 
 def test_kill_after_first_chunk_then_resume(tmp_path: Path) -> None:
@@ -58,10 +62,10 @@ def test_kill_after_first_chunk_then_resume(tmp_path: Path) -> None:
     ref = _reference(data, tmp_path)
     out = tmp_path / "c.h5"
     proc = subprocess.Popen(_cmd(data, out), env=_env())
-    first_part = out.with_name(out.name + ".parts") / "part-000000.npz"
     deadline = time.monotonic() + 300
-    while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not any(chunk_dir(out).glob("chunk-*.h5")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None  # killed in the middle: after its first chunk file, before the index
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _assert_consistent(out)
@@ -78,7 +82,17 @@ def test_repeated_random_kills(tmp_path: Path) -> None:
     full = time.monotonic() - t0
     out = tmp_path / "c.h5"
     rng = random.Random(0)
-    trials = 12
+    _kill_repeatedly(data, out, rng, 12, full)
+    _finish_and_compare(data, out, ref)
+    # then the dataset changes (edits, deletions, moves between class folders, additions) and the update is
+    # killed again and again: still readable at every step, and at the end equal to a fresh extraction
+    _edit_dataset(data, rng)
+    ref2 = _reference(data, tmp_path / "ref2")
+    _kill_repeatedly(data, out, rng, 6, full / 3)
+    _finish_and_compare(data, out, ref2)
+
+
+def _kill_repeatedly(data: Path, out: Path, rng: random.Random, trials: int, full: float) -> None:
     for _ in range(trials):
         proc = subprocess.Popen(_cmd(data, out), env=_env())
         time.sleep(rng.uniform(0.5, max(1.0, full)))
@@ -86,7 +100,22 @@ def test_repeated_random_kills(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         _assert_consistent(out)
-    _finish_and_compare(data, out, ref)
+
+
+def _edit_dataset(data: Path, rng: random.Random) -> None:
+    from tests.conftest import draw_image
+
+    files = sorted(p for p in data.rglob("*") if p.is_file())
+    picks = rng.sample(files, 12)
+    gen = np.random.default_rng(11)
+    for p in picks[:4]:  # edited in place
+        draw_image(p.parent.name, gen, size=50).save(p, format="PNG")
+    for p in picks[4:7]:  # deleted
+        p.unlink()
+    for p in picks[7:10]:  # moved to another class folder
+        other = "circle" if p.parent.name != "circle" else "square"
+        p.rename(data / other / f"moved_{p.name}")
+    make_image_folder(data, per_class=3, seed=12)  # added
 
 
 @pytest.mark.slow

@@ -126,3 +126,23 @@ def test_load_classifier_feeds_the_heads_stage_features(tmp_path: Path, monkeypa
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(UsageError, match="layer9"):
         load_classifier(_head_dir(tmp_path / "bad", ["layer9"], in_features=8))
+
+
+def test_predict_feeds_a_stage_features_head_its_stages(tmp_path: Path, image_folder: Path) -> None:
+    """`rt predict` on images goes through the Classifier, so a head on layer3+layer4 pooled features gets
+    those (not the final features, whose width would not even fit)."""
+    from resnet_transfer.backbones import pooled_stage_features
+    from resnet_transfer.data import eval_transform, load_image
+    from resnet_transfer.modeldir import load_classifier
+    from resnet_transfer.predict import predict
+
+    hd = _head_dir(tmp_path / "h", ["layer3", "layer4"], in_features=256 + 512)
+    img = sorted((image_folder / "circle").iterdir())[0]
+    res = predict(hd, [img], precision="fp32", batch_size=2)
+    clf, md = load_classifier(hd)
+    x = eval_transform(md.identity.transform)(load_image(img))[None]
+    with torch.no_grad():
+        f = pooled_stage_features(clf.backbone, x, ["layer3", "layer4"])
+        want = clf.head.predict_proba(torch.cat([f["layer3"], f["layer4"]], 1)).numpy()
+    assert res.probabilities.shape == (1, 3)
+    assert abs(res.probabilities - want).max() < 1e-3

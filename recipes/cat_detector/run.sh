@@ -43,7 +43,7 @@ if [ "$FINETUNE" = 1 ]; then
 fi
 set +x
 echo
-echo "head:            $RUN/head (rt predict $RUN/head --data NEW_IMAGES)"
+echo "head:            $RUN/head (rt predict $RUN/head NEW_IMAGES...: image files, folders or a CSV manifest)"
 echo "head accuracy:   $RUN/eval_head/report.json"
 [ "$FINETUNE" = 1 ] && echo "finetuned:       $RUN/finetuned, accuracy in $RUN/eval_finetuned/report.json"
 exit 0

@@ -39,6 +39,7 @@ class ExtractConfig:
     workers: int | None = None  # None: chosen for the device
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"  # auto | on | off: the forward compiled by inductor (compiled.compiled_forward)
     dtype: str = "float16"
     overwrite: bool = False
     allow_outside: bool = False
@@ -322,6 +323,7 @@ def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], stor
         maps=names,
         workers=setup.workers,
         max_pixels=cfg.max_pixels,
+        compile=cfg.compile,
     )
     buf = _Buffer(setup)
     t_run = time.perf_counter()

@@ -164,7 +164,10 @@ def _keys(cache: Any, rows: np.ndarray) -> list[str] | None:
     keys = getattr(cache, "keys", None)
     if not keys or callable(keys):
         return None
-    return [str(keys[int(i)]) for i in rows]
+    picked = [str(keys[int(i)]) for i in rows]
+    if not any(picked):  # "" = a row written without its file's content (a synthetic cache): no key
+        return None
+    return [k for k in picked if k]
 
 
 def _validation_rows(cfg: FitHeadConfig, cache: Any, classes: list[str]) -> ValidationRows:

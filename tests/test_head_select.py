@@ -103,7 +103,8 @@ def staged(tmp_path: Path) -> Path:
     path = tmp_path / "staged.h5"
     with CacheWriter(path, ident, classes, pooled_dims={"layer3": 8, "layer4": 6}) as w:
         paths = [f"{classes[c]}/{i}.png" for i, c in enumerate(y)]
-        w.write_part(paths, list(y), cands["final"], pooled={"layer3": cands["layer3"], "layer4": cands["layer4"]})
+        pooled = {"layer3": cands["layer3"], "layer4": cands["layer4"]}
+        w.write_part(paths, list(y), cands["final"], keys=[f"{i:032x}" for i in range(45)], pooled=pooled)
         w.finalize()
     with FeatureCache(path) as fc:
         assert fc.pooled_stages == ["layer3", "layer4"] and len(fc.keys) == 45

@@ -33,7 +33,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, emit, fmt, machine_info, make_photo_jpegs, median, ratio, run_child
+from benchmarks.common import (
+    command_line,
+    emit,
+    fmt,
+    isa_summary,
+    machine_info,
+    make_phone_jpegs,
+    make_photo_jpegs,
+    median,
+    ratio,
+    run_child,
+)
 
 NAME = "extract"
 
@@ -71,18 +82,57 @@ print(json.dumps({"seconds": dt, "images": len(ds)}))
 """
 )
 
+_TIMING = """
+import resnet_transfer.compiled as _rc
+CALLS = []  # (seconds since t0 when the forward call returned, images, compiled-in-this-call)
+_orig_call = _rc.CompiledForward.__call__
+def _timed_call(self, x):
+    before = self.compile_s
+    out = _orig_call(self, x)
+    if self.device.type == "cuda":
+        torch.cuda.synchronize()
+    CALLS.append((time.perf_counter() - t0, int(x.shape[0]), before is None and self.compile_s is not None))
+    return out
+_rc.CompiledForward.__call__ = _timed_call
+def timing(n_total):
+    # setup: clock start to the end of the cold batch (the one that compiled, else the first): model
+    # creation, listing, compile, the cold first batch. steady: the images after it over the time after it.
+    if not CALLS:
+        return {"setup_s": None, "steady_img_s": None, "compiled": False, "compile_s": None}
+    k = max([i for i, c in enumerate(CALLS) if c[2]] or [0])
+    rest = CALLS[k + 1:]
+    steady = sum(c[1] for c in rest) / (rest[-1][0] - CALLS[k][0]) if rest else None
+    comp = [i for i, c in enumerate(CALLS) if c[2]]
+    return {"setup_s": CALLS[k][0], "steady_img_s": steady, "compiled": bool(comp),
+            "compile_s": (CALLS[k][0] - (CALLS[k - 1][0] if k else 0.0)) if comp else None}
+"""
+
 OURS = (
     _PRELUDE
     + """
 import h5py, timm, torchvision  # imported before the clock, as on the baseline side
 import resnet_transfer.backbones, resnet_transfer.cache, resnet_transfer.data, resnet_transfer.report
 from resnet_transfer.extract import ExtractConfig, extract
+t0 = 0.0
+"""
+    + _TIMING
+    + """
+if ARGS.get("no_draft"):  # the benchmark's switch: full decode, recorded as such in the identity
+    import dataclasses
+    import resnet_transfer.backbones as B
+    _build = B.build_backbone
+    def _no_draft(*a, **k):
+        bb = _build(*a, **k)
+        t = dataclasses.replace(bb.transform, draft=False)
+        return B.Backbone(net=bb.net, identity=B._with_transform(bb.identity, t), stages=bb.stages)
+    B.build_backbone = _no_draft
 t0 = time.perf_counter()
 r = extract(ExtractConfig(data=ARGS["data"], out=ARGS["out"], model=ARGS["model"], weights="none",
                           image_size=ARGS.get("size"), device=ARGS["device"], overwrite=True,
-                          workers=ARGS.get("workers"), precision=ARGS.get("precision", "auto")))
+                          workers=ARGS.get("workers"), precision=ARGS.get("precision", "auto"),
+                          compile=ARGS.get("compile", "auto")))
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "images": r.rows, "loop_images_per_s": r.images_per_s}))
+print(json.dumps({"seconds": dt, "images": r.rows, "loop_images_per_s": r.images_per_s, **timing(r.rows)}))
 """
 )
 
@@ -91,7 +141,12 @@ CEILING = (
     + """
 import h5py, timm, torchvision  # imported before the clock, as on the other sides
 from resnet_transfer.backbones import build_backbone
-from resnet_transfer.runtime import autocast, resolve_device, resolve_precision
+from resnet_transfer.compiled import compiled_forward
+from resnet_transfer.runtime import resolve_device, resolve_precision
+t0 = 0.0
+"""
+    + _TIMING
+    + """
 t0 = time.perf_counter()
 dev = resolve_device(ARGS["device"])
 prec = resolve_precision(ARGS.get("precision", "auto"), dev)
@@ -101,24 +156,16 @@ s = bb.transform.input_size
 n, bs = ARGS["images"], 32
 g = torch.Generator().manual_seed(0)
 x = torch.randn(bs, 3, s, s, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-with torch.inference_mode(), autocast(dev, prec):
-    sync()
+with torch.inference_mode():
+    fwd = compiled_forward(net, dev, prec, ARGS["compile"], n, bb.identity.to_json())
     t_loop = time.perf_counter()
-    done, first = 0, None
+    done = 0
     while done < n:
         k = min(bs, n - done)
-        net(x[:k]).float().cpu()
+        fwd(x[:k]).cpu()
         done += k
-        if first is None:
-            sync()
-            first = time.perf_counter() - t_loop
-    sync()
 t1 = time.perf_counter()
-print(json.dumps({"seconds": t1 - t0, "images": n, "precision": prec, "loop_seconds": t1 - t_loop,
-                  "steady_img_s": (n - min(bs, n)) / max(t1 - t_loop - first, 1e-9) if n > bs else None}))
+print(json.dumps({"seconds": t1 - t0, "images": n, "precision": prec, "loop_seconds": t1 - t_loop, **timing(n)}))
 """
 )
 
@@ -154,17 +201,43 @@ c = bb.transform
 two_step = T.Compose([T.Resize(c.resize_size, interpolation=_interpolation(c.interpolation)),
                       T.CenterCrop(c.input_size), T.ToTensor(), T.Normalize(c.mean, c.std)])
 res["fused_vs_torchvision"] = cos(ref, feats(ARGS["data"], "fp32", transform=two_step))
-if ARGS.get("large"):
-    full = feats(ARGS["large"], "fp32")
-    ds_full = ImageDataset(list_images(ARGS["large"]), tf)
-    ds_draft = ImageDataset(list_images(ARGS["large"]), tf, draft=bb.transform.resize_size)
-    def rate(ds):
+if ARGS.get("compiled"):  # the compiled forward (bf16) vs eager bf16 on the same photos
+    from resnet_transfer.compiled import compiled_forward
+    from resnet_transfer.runtime import resolve_device
+    xs = collate([ImageDataset(list_images(ARGS["data"]), tf)[i] for i in range(64)])[0]
+    xs = xs.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        eager = compiled_forward(net, torch.device("cpu"), "bf16", "off")
+        comp = compiled_forward(net, torch.device("cpu"), "bf16", "on", 64, bb.identity.to_json())
+        res["compiled_vs_eager_bf16"] = cos(torch.cat([comp(xs[:32]), comp(xs[32:])]), eager(xs))
+if ARGS.get("phone"):  # 12 MP JPEGs: PIL full decode, PIL draft (DCT-domain downscale), torchvision's decoder
+    phone = ARGS["phone"]
+    full = feats(phone, "fp32")
+    ds_full = ImageDataset(list_images(phone), tf)
+    ds_draft = ImageDataset(list_images(phone), tf, draft=bb.transform.resize_size)
+    def rate(fn, n):
         t = time.perf_counter()
-        for i in range(len(ds)):
-            ds[i]
-        return len(ds) / (time.perf_counter() - t)
-    res["draft_vs_full"] = cos(feats(ARGS["large"], "fp32", draft=bb.transform.resize_size), full)
-    res["large_decode_img_s"] = {"full": rate(ds_full), "draft": rate(ds_draft)}
+        for i in range(n):
+            fn(i)
+        return n / (time.perf_counter() - t)
+    import torchvision.io as tio
+    import torchvision.transforms.v2.functional as TF
+    files = [ds_full.path(i) for i in range(len(ds_full))]
+    mean = torch.tensor(c.mean).view(3, 1, 1) * 255
+    std = torch.tensor(c.std).view(3, 1, 1) * 255
+    def tv(i):  # libjpeg-turbo full decode to uint8, torch's uint8 antialiased resize, crop, normalise
+        img = tio.decode_jpeg(tio.read_file(str(files[i])), mode=tio.ImageReadMode.RGB)
+        img = TF.center_crop(TF.resize(img, c.resize_size, antialias=True), c.input_size)
+        return (img.float() - mean) / std
+    k = min(len(files), 16)
+    res["draft_vs_full"] = cos(feats(phone, "fp32", draft=bb.transform.resize_size), full)
+    xs_tv = torch.stack([tv(i) for i in range(len(files))]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        res["tv_decode_vs_pil_full"] = cos(net(xs_tv).float(), full)
+    torch.set_num_threads(1)  # per-core decode cost: rt decodes in threads, one image each
+    res["phone_decode_img_s_one_core"] = {"pil_full": rate(lambda i: ds_full[i], k),
+                                          "pil_draft": rate(lambda i: ds_draft[i], k),
+                                          "tv_decode_jpeg_torch_resize": rate(tv, k)}
 print(json.dumps(res))
 """
 )
@@ -176,15 +249,130 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="GPU-sized run (2,048 images, 5 repeats, no baseline+tuned)")
     p.add_argument("--models", nargs="+", default=None, help="default: resnet18 resnet50")
     p.add_argument("--images", type=int, default=None, help="images per run (default 192)")
+    p.add_argument("--phone-images", type=int, default=None, help="12 MP JPEGs per phone run (default 48; 0: none)")
     p.add_argument("--repeats", type=int, default=None, help="runs per side (default 3); medians reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (ours and the ceiling; the baseline is on CPU)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's own, 224)")
     p.add_argument("--workers", type=int, default=None, help="ours: DataLoader workers (default: rt's choice)")
     p.add_argument("--no-baseline", action="store_true", help="skip the hand-written baselines")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the bf16 / draft feature comparison")
+    p.add_argument("--no-tuned", action="store_true", help="skip the baseline+tuned side")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled sides (ours and ceiling)")
+    p.add_argument("--no-cold", action="store_true", help="skip the compiled sides on an empty inductor cache")
+    p.add_argument("--cold-repeats", type=int, default=None, help="rounds with the cold sides (default: all)")
+    p.add_argument("--phone-compiled", action="store_true", help="also the phone workload compiled (warm cache)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the bf16 / compile / draft feature comparison")
     p.add_argument("--workdir", type=Path, default=None, help="where the images go (default: a temp dir)")
     return p.parse_args(argv)
+
+
+def _sides(args: argparse.Namespace, phone: Path | None, work: Path, model: str) -> dict[str, tuple[str, dict]]:
+    """Every side of one model's round, in run order. ``ic`` names the inductor cache each side runs with:
+    ``warm`` (one directory per model, filled by an untimed compile first), ``cold`` (a fresh one per run),
+    or the user's own (eager sides never compile)."""
+    sides: dict[str, tuple[str, dict[str, Any]]] = {}
+    if not args.no_baseline:
+        sides["baseline"] = (BASELINE, {"tune": False})
+        if not (args.full or args.no_tuned):
+            sides["baseline+tuned"] = (BASELINE, {"tune": True})
+    sides["ours"] = (OURS, {"tune": True, "workers": args.workers, "compile": "auto", "ic": "warm"})
+    sides["ceiling-eager"] = (CEILING, {"tune": True, "compile": "off"})
+    if not args.no_compile:
+        sides["ours-compiled-warm"] = (OURS, {"tune": True, "workers": args.workers, "compile": "on", "ic": "warm"})
+        sides["ceiling-compiled-warm"] = (CEILING, {"tune": True, "compile": "on", "ic": "warm"})
+        if not args.no_cold:
+            sides["ours-compiled-cold"] = (OURS, {"tune": True, "workers": args.workers, "compile": "on", "ic": "cold"})
+            sides["ceiling-compiled-cold"] = (CEILING, {"tune": True, "compile": "on", "ic": "cold"})
+    if phone is not None:
+        ph = {"tune": True, "workers": args.workers, "data": str(phone), "ic": "warm"}
+        sides["ours-phone"] = (OURS, {**ph, "compile": "auto"})
+        sides["ours-phone-no-draft"] = (OURS, {**ph, "compile": "auto", "no_draft": True})
+        if args.phone_compiled and not args.no_compile:
+            sides["ours-phone-compiled-warm"] = (OURS, {**ph, "compile": "on"})
+    return sides
+
+
+def _env(kw: dict[str, Any], work: Path, model: str, r: int, side: str) -> dict[str, str]:
+    env = {"OMP_WAIT_POLICY": ""} if not kw.get("tune") else {}
+    if kw.get("ic") == "warm":
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-warm-{model}")
+    elif kw.get("ic") == "cold":
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-cold-{model}-{side}-{r}")
+    return env
+
+
+def _ratios(med: dict[str, float], x: dict[str, float]) -> dict[str, Any]:
+    """The ceiling is the faster forward-only path by steady state (compiled or eager); ratios vs it."""
+    eager, comp = x.get("ceiling-eager:steady", float("nan")), x.get("ceiling-compiled-warm:steady", float("nan"))
+    best = "ceiling-compiled-warm" if comp == comp and comp > eager else "ceiling-eager"
+    out: dict[str, Any] = {"ceiling": best, "ceiling_steady_img_s": x.get(f"{best}:steady")}
+    for ours in ("ours", "ours-compiled-warm", "ours-phone", "ours-phone-no-draft", "ours-phone-compiled-warm"):
+        if f"{ours}:steady" in x:
+            out[f"{ours}_vs_ceiling_steady"] = ratio(x[f"{ours}:steady"], x[f"{best}:steady"])
+    pairs = [("ours", "ceiling-eager"), ("ours", best), ("ours-compiled-warm", "ceiling-compiled-warm"),
+             ("ours-compiled-cold", "ceiling-compiled-cold"), ("ours-compiled-cold", best)]  # fmt: skip
+    for a, b in pairs:
+        if a in med and b in med:
+            out[f"{a}_vs_{b}_whole_run"] = ratio(med[a], med[b])
+    for b in ("baseline", "baseline+tuned"):
+        if b in med:
+            out[f"ours_vs_{b}"] = ratio(med["ours"], med[b])
+            if "ours-compiled-warm" in med:
+                out[f"ours-compiled-warm_vs_{b}"] = ratio(med["ours-compiled-warm"], med[b])
+    return out
+
+
+def _run_model(
+    args: argparse.Namespace, model: str, common: dict, work: Path, phone: Path | None, repeats: int
+) -> dict:
+    sides = _sides(args, phone, work, model)
+    samples: dict[str, list[float]] = {k: [] for k in sides}
+    extra: dict[str, list[Any]] = {}
+    if not args.no_compile:  # fill the warm inductor cache as a user's first compiled run does: a cold sample
+        code, kw = sides["ours-compiled-warm"]
+        res = run_child(code, {**common, **kw, "model": model, "out": str(work / "prewarm.h5")},
+                        env=_env(kw, work, model, 0, "prewarm"))  # fmt: skip
+        samples["ours-compiled-cold"] = [*samples.get("ours-compiled-cold", []), res["images"] / res["seconds"]]
+        for key in ("steady_img_s", "setup_s", "compile_s"):
+            extra.setdefault(f"ours-compiled-cold:{key.removesuffix('_img_s')}", []).append(res[key])
+        print(f"  [{model} first compiled run, empty cache] ours: setup {fmt(res['setup_s'])} s", file=sys.stderr)
+    for r in range(repeats):
+        for side, (code, kw) in sides.items():
+            if kw.get("ic") == "cold" and args.cold_repeats is not None and r >= args.cold_repeats:
+                continue
+            out = str(work / f"{side}-{model}-{r}.h5")
+            res = run_child(code, {**common, **kw, "model": model, "out": out}, env=_env(kw, work, model, r, side))
+            samples[side].append(res["images"] / res["seconds"])
+            for key in ("steady_img_s", "setup_s", "compile_s", "compiled", "loop_images_per_s", "precision"):
+                if res.get(key) is not None:
+                    extra.setdefault(f"{side}:{key.removesuffix('_img_s')}", []).append(res[key])
+            print(
+                f"  [{model} run {r + 1}/{repeats}] {side}: {samples[side][-1]:.1f} img/s whole run, "
+                f"steady {fmt(res.get('steady_img_s') or float('nan'))}, setup {fmt(res.get('setup_s') or float('nan'))} s"
+                f"{', compiled' if res.get('compiled') else ''}",
+                file=sys.stderr,
+            )
+            Path(out).unlink(missing_ok=True)
+    med = {k: median(v) for k, v in samples.items()}
+    xmed = {
+        k: median(v) for k, v in extra.items() if v and isinstance(v[0], (int, float)) and not isinstance(v[0], bool)
+    }
+    entry: dict[str, Any] = {
+        "img_s_whole_run_median": med,
+        "img_s_whole_run_samples": samples,
+        "detail_median": xmed,
+        "detail_samples": extra,
+        "precision": (extra.get("ceiling-eager:precision") or [None])[0],
+        **_ratios(med, xmed),
+    }
+    if not args.no_accuracy and not args.device.startswith("cuda"):
+        acc_args = {**common, "model": model, "phone": str(phone) if phone else None, "compiled": not args.no_compile}
+        try:
+            entry["cosine"] = run_child(ACCURACY, acc_args, env=_env({"ic": "warm"}, work, model, 0, "acc"))
+        except RuntimeError as exc:  # keep the timings of this model when the comparison child fails
+            entry["cosine_error"] = str(exc)[-2000:]
+            print(f"  [{model}] accuracy child failed: {str(exc)[-2000:]}", file=sys.stderr)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -194,68 +382,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     models = args.models or (["resnet18"] if args.quick else ["resnet18", "resnet50"])
     n = args.images or (64 if args.quick else 2048 if args.full else 192)
+    n_phone = args.phone_images if args.phone_images is not None else (0 if args.quick else 48)
     repeats = args.repeats or (1 if args.quick else 5 if args.full else 3)
     threads = args.threads or cores
     size = args.image_size or (112 if args.quick else None)
-    gpu = args.device.startswith("cuda")
-    run_baseline = not args.no_baseline
     with tempfile.TemporaryDirectory(prefix="rt-bench-extract-") as tmp:
         work = Path(args.workdir or tmp)
         data = make_photo_jpegs(work / "photos", n, size=(500, 375), seed=0)
-        large = None
-        if not args.no_accuracy and not args.quick:
-            large = make_photo_jpegs(work / "large", 32, size=(2000, 1500), seed=1)
+        phone = make_phone_jpegs(work / "phone", n_phone, seed=1) if n_phone else None
         common = {"data": str(data), "threads": threads, "images": n, "size": size, "device": args.device}
-        sides: dict[str, tuple[str, dict[str, Any]]] = {}
-        if run_baseline:
-            sides["baseline"] = (BASELINE, {"tune": False})
-            if not args.full:
-                sides["baseline+tuned"] = (BASELINE, {"tune": True})
-        sides["ours"] = (OURS, {"tune": True, "workers": args.workers})
-        sides["ceiling"] = (CEILING, {"tune": True})
-        per_model: dict[str, Any] = {}
-        for model in models:
-            samples: dict[str, list[float]] = {k: [] for k in sides}
-            extra: dict[str, list[Any]] = {
-                "ours_loop_img_s": [],
-                "ceiling_loop_img_s": [],
-                "ceiling_steady_img_s": [],
-                "ceiling_precision": [],
-            }
-            for r in range(repeats):
-                for side, (code, kw) in sides.items():
-                    out = str(work / f"{side}-{model}-{r}.h5")
-                    env = {"OMP_WAIT_POLICY": ""} if not kw.get("tune") else {}
-                    res = run_child(code, {**common, **kw, "model": model, "out": out}, env=env)
-                    samples[side].append(res["images"] / res["seconds"])
-                    print(f"  [{model} run {r + 1}/{repeats}] {side}: {samples[side][-1]:.1f} img/s", file=sys.stderr)
-                    if side == "ours":
-                        extra["ours_loop_img_s"].append(res["loop_images_per_s"])
-                    if side == "ceiling":
-                        extra["ceiling_precision"].append(res["precision"])
-                        extra["ceiling_loop_img_s"].append(res["images"] / res["loop_seconds"])
-                        if res.get("steady_img_s"):
-                            extra["ceiling_steady_img_s"].append(res["steady_img_s"])
-                    Path(out).unlink(missing_ok=True)
-            med = {k: median(v) for k, v in samples.items()}
-            entry: dict[str, Any] = {
-                "img_s_median": med,
-                "img_s_samples": samples,
-                "ours_loop_img_s_median": median(extra["ours_loop_img_s"]),
-                "ceiling_loop_img_s_median": median(extra["ceiling_loop_img_s"]),
-                "ceiling_steady_img_s_median": median(extra["ceiling_steady_img_s"])
-                if extra["ceiling_steady_img_s"]
-                else None,
-                "precision": extra["ceiling_precision"][0] if extra["ceiling_precision"] else None,
-                "ours_vs_baseline": ratio(med["ours"], med.get("baseline", float("nan"))),
-                "ours_vs_tuned_baseline": ratio(med["ours"], med.get("baseline+tuned", float("nan"))),
-                "ours_vs_ceiling": ratio(med["ours"], med["ceiling"]),
-                "ours_vs_ceiling_loop": ratio(median(extra["ours_loop_img_s"]), median(extra["ceiling_loop_img_s"])),
-            }
-            if not args.no_accuracy and not gpu:
-                acc = run_child(ACCURACY, {**common, "model": model, "large": str(large) if large else None})
-                entry["cosine"] = acc
-            per_model[model] = entry
+        per_model = {model: _run_model(args, model, common, work, phone, repeats) for model in models}
     cmd = command_line(NAME, argv)
     result = {
         "bench": NAME,
@@ -263,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             "images": n,
             "photo_size": "500x375 (+-10%, 1 in 4 portrait), JPEG q90",
+            "phone_images": n_phone,
+            "phone_size": "4032x3024 (1 in 4 portrait), shipped photos upscaled + noise, JPEG q90",
             "repeats": repeats,
             "threads": threads,
             "device": args.device,
@@ -270,42 +408,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch": 32,
             "workers_ours": args.workers if args.workers is not None else "rt default",
         },
-        "machine": {**machine_info(args.device), "threads": threads},
+        "machine": {**machine_info(args.device), "threads": threads, "isa": isa_summary()},
         "command": cmd,
     }
-    lines = [f"{n} photos 500x375, batch 32, {threads} threads, {repeats} runs per side, medians in img/s:"]
+    return emit(result, _summary(per_model, n, n_phone, threads, repeats))
+
+
+def _summary(per_model: dict[str, Any], n: int, n_phone: int, threads: int, repeats: int) -> list[str]:
+    lines = [
+        f"{n} photos 500x375 (+ {n_phone} 12 MP phone JPEGs), batch 32, {threads} threads, {repeats} runs per side.",
+        "img/s medians: whole run (clock from after imports to features on disk) | steady (after the cold or "
+        "compiling batch) | setup s (model creation + compile + cold first batch)",
+    ]
     for model, e in per_model.items():
-        m = e["img_s_median"]
-        lines.append(
-            f"{model} ({e['precision']}): baseline {fmt(m.get('baseline', float('nan')))}, "
-            f"baseline+tuned {fmt(m.get('baseline+tuned', float('nan')))}, ours {fmt(m['ours'])} "
-            f"(loop {fmt(e['ours_loop_img_s_median'])}), ceiling {fmt(m['ceiling'])} "
-            f"(loop {fmt(e['ceiling_loop_img_s_median'])}, warm {fmt(e['ceiling_steady_img_s_median'] or float('nan'))})"
-        )
-        lines.append(
-            f"  ours/baseline {fmt(e['ours_vs_baseline'], 2)}x (target >= 1.5), "
-            f"ours/tuned baseline {fmt(e['ours_vs_tuned_baseline'], 2)}x, "
-            f"ours/ceiling {fmt(e['ours_vs_ceiling'], 2)}x (target >= 0.9; loops only "
-            f"{fmt(e['ours_vs_ceiling_loop'], 2)}x)"
-        )
-        if "cosine" in e:
-            c = e["cosine"]
+        m, x = e["img_s_whole_run_median"], e["detail_median"]
+        lines.append(f"{model} ({e['precision']}), the ceiling = {e['ceiling']}:")
+        for side in m:
+            steady, setup = x.get(f"{side}:steady", float("nan")), x.get(f"{side}:setup_s", float("nan"))
+            comp = x.get(f"{side}:compile_s")
             lines.append(
-                f"  cosine bf16 vs fp32: min {c['bf16_vs_fp32']['min']:.5f}, median "
-                f"{c['bf16_vs_fp32']['median']:.5f} (needs >= 0.999)"
+                f"  {side:26s} whole {fmt(m[side]):>6s} | steady {fmt(steady):>6s} | setup {fmt(setup):>5s} s"
+                + (f" (compile+first batch {fmt(comp)} s)" if comp else "")
             )
-            f = c["fused_vs_torchvision"]
+        lines.append(
+            "  ratios: "
+            + ", ".join(
+                f"{k} {fmt(v, 2)}" for k, v in e.items() if k.endswith(("steady", "run")) or k.startswith("ours_vs")
+            )
+        )
+        c = e.get("cosine") or {}
+        if c:
+            lines.append(f"  cosine bf16 vs fp32: min {c['bf16_vs_fp32']['min']:.5f} (needs >= 0.999)")
             lines.append(
-                f"  cosine fused resize+crop vs torchvision Resize+CenterCrop (fp32): min {f['min']:.6f}, "
-                f"median {f['median']:.6f}"
+                f"  cosine fused resize+crop vs torchvision Resize+CenterCrop: min {c['fused_vs_torchvision']['min']:.6f}"
             )
-            if "draft_vs_full" in c:
-                d = c["large_decode_img_s"]
+            if "compiled_vs_eager_bf16" in c:
                 lines.append(
-                    f"  draft decode on 2000x1500 photos: cosine min {c['draft_vs_full']['min']:.5f}, "
-                    f"decode+transform {fmt(d['full'])} -> {fmt(d['draft'])} img/s"
+                    f"  cosine compiled vs eager (bf16): min {c['compiled_vs_eager_bf16']['min']:.6f} (needs >= 0.999)"
                 )
-    return emit(result, lines)
+            if "draft_vs_full" in c:
+                d = c["phone_decode_img_s_one_core"]
+                lines.append(
+                    f"  12 MP JPEGs, decode+transform on one core: PIL full {fmt(d['pil_full'])}, PIL draft "
+                    f"{fmt(d['pil_draft'])}, torchvision decode_jpeg + torch resize {fmt(d['tv_decode_jpeg_torch_resize'])} "
+                    f"img/s; cosine draft vs full min {c['draft_vs_full']['min']:.5f}, "
+                    f"torchvision vs PIL full min {c['tv_decode_vs_pil_full']['min']:.5f}"
+                )
+    return lines
 
 
 if __name__ == "__main__":

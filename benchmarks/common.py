@@ -137,6 +137,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def isa_summary() -> str:
+    """The CPU features that decide the fast paths: AVX-512, native bf16, AMX (matrix units)."""
+    flags = cpu_flags()
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return " ".join(have) + ("" if {"amx_bf16", "amx_tile"} & flags else " (no AMX)")
+
+
 def _version(dist: str) -> str | None:
     """A package's installed version from its metadata (no import: importing timm costs seconds)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -274,5 +281,63 @@ def make_photo_jpegs(
         noise = rng.normal(0, 6, size=(h, w, 3))
         arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
         Image.fromarray(arr, "RGB").save(root / f"class_{i % classes}" / f"img_{i:05d}.jpg", quality=quality)
+    marker.touch()
+    return root
+
+
+def _shipped_photos() -> list[Any]:
+    """The photographs that ship inside scikit-learn (and scikit-image, when installed), as RGB arrays."""
+    import numpy as np
+
+    photos: list[Any] = []
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos += [np.asarray(p, dtype=np.uint8) for p in load_sample_images().images]
+    except ImportError:
+        pass
+    try:
+        import skimage.data as sd
+
+        for name in ("astronaut", "coffee", "chelsea", "rocket"):
+            photos.append(np.asarray(getattr(sd, name)(), dtype=np.uint8)[..., :3])
+    except (ImportError, AttributeError, OSError):
+        pass
+    if not photos:
+        raise RuntimeError("no shipped photographs found (scikit-learn's load_sample_images)")
+    return photos
+
+
+def make_phone_jpegs(
+    root: Path, n: int, size: tuple[int, int] = (4032, 3024), classes: int = 4, seed: int = 0, quality: int = 90
+) -> Path:
+    """Write ``n`` phone-sized JPEGs (12 MP by default) under ``root/class_k/`` and return ``root``.
+
+    Each is a random crop of one of the photographs shipped with scikit-learn / scikit-image, upscaled
+    (bicubic) to ``size`` (1 in 4 portrait) with sensor-like noise added, JPEG ``quality``: real photo
+    content at a phone's pixel count (~2 MB per file at 12 MP, q90). Existing files are reused."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    marker = root / f".phone-{n}-{size[0]}x{size[1]}-{classes}-{seed}-{quality}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    photos = _shipped_photos()
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        src = photos[i % len(photos)]
+        h0, w0 = src.shape[:2]
+        w, h = size if rng.random() >= 0.25 else size[::-1]
+        scale = rng.uniform(0.6, 1.0)
+        cw = int(min(w0, h0 * w / h) * scale)
+        ch = int(cw * h / w)
+        x0, y0 = int(rng.integers(0, w0 - cw + 1)), int(rng.integers(0, h0 - ch + 1))
+        img = Image.fromarray(src[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BICUBIC)
+        noise = rng.integers(-6, 7, size=(h, w, 3), dtype=np.int16)
+        arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(arr, "RGB").save(root / f"class_{i % classes}" / f"phone_{i:05d}.jpg", quality=quality)
     marker.touch()
     return root

@@ -132,6 +132,14 @@ ImageSizeOpt = Annotated[
     typer.Option("--image-size", help="Input size (crop) in pixels; default: the model's own eval size."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+CompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="auto | on | off: compile the forward pass with torch.compile (inductor). auto compiles when the "
+        "images to run repay the compile on this host (or it is already in inductor's cache).",
+    ),
+]
 
 
 @app.command()
@@ -164,6 +172,7 @@ def extract(
         str,
         typer.Option("--precision", help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16"),
     ] = "auto",
+    compile: CompileOpt = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage type of pooled features: float16 | float32.")
     ] = "float16",
@@ -232,6 +241,7 @@ def extract(
         workers=workers,
         device=device,
         precision=precision,
+        compile=compile,
         dtype=dtype,
         overwrite=overwrite,
         allow_outside=allow_outside,
@@ -412,6 +422,7 @@ def predict(
         float | None,
         typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
     ] = None,
+    compile: CompileOpt = "auto",
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -438,6 +449,7 @@ def predict(
         batch_size=batch_size,
         device=device,
         min_confidence=min_confidence,
+        compile=compile,
     )
     marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:

@@ -436,7 +436,9 @@ def normalized_batches(
     from .runtime import decode_threads
     from .transforms import view_transform
 
-    dataset = ImageDataset(images, view_transform(transform, view), max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    dataset = ImageDataset(
+        images, view_transform(transform, view), transform.draft_target(), max_pixels or DEFAULT_MAX_PIXELS
+    )
     if workers > 0:
         loader: Any = torch.utils.data.DataLoader(
             dataset,

@@ -39,6 +39,7 @@ class ExtractConfig:
     workers: int | None = None  # None: chosen for the device
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"  # auto | on | off: the forward compiled by inductor (compiled.compiled_forward)
     dtype: str = "float16"
     overwrite: bool = False
     allow_outside: bool = False
@@ -245,7 +246,7 @@ def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str
     from .extract_plan import change_line, changes, row_names
 
     e = writer.existing
-    old = row_names(e.paths, e.keys, list(e.labels), e.classes) if e is not None else []
+    old = row_names(e.paths, e.stored_keys, list(e.labels), e.classes) if e is not None else []
     new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], classes)
     counts = changes(old, new)
     return counts, change_line(counts, len(skipped))
@@ -306,48 +307,47 @@ def _dry_run(cfg: ExtractConfig, writer: Any, images: Any) -> ExtractResult:
 
 
 def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], store: Any) -> tuple[int, float]:
-    """Forward the images of ``todo`` (content ``keys``) in batches, committing a chunk file every
-    ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). Returns (images, seconds)."""
-    import torch
-
-    from .data import DEFAULT_MAX_PIXELS, ImageDataset, eval_transform_uint8, normalize_batch
-    from .runtime import autocast
+    """Forward the images of ``todo`` (content ``keys``) through :func:`forward.forward_images`, committing a
+    chunk file every ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). Returns
+    (images forwarded, seconds)."""
+    from .forward import forward_images
 
     rep = get_reporter()
-    net, device, transform = setup.net, setup.device, setup.backbone.transform
-    dataset = ImageDataset(todo, eval_transform_uint8(transform), max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS)
-    loader = _loader(dataset, cfg.batch_size, setup.workers, device)
-    names = [*setup.stage_shapes, *setup.pooled_dims]
-    captured: dict[str, Any] = {}
-    hooks = [net.get_submodule(n).register_forward_hook(_capture(captured, n)) for n in dict.fromkeys(names)]
+    names = list(dict.fromkeys([*setup.stage_shapes, *setup.pooled_dims]))
+    batches = forward_images(
+        setup.backbone,
+        todo,
+        batch_size=cfg.batch_size,
+        device=setup.device,
+        precision=setup.precision,
+        maps=names,
+        workers=setup.workers,
+        max_pixels=cfg.max_pixels,
+        compile=cfg.compile,
+    )
     buf = _Buffer(setup)
     t_run = time.perf_counter()
     forwarded = 0
     try:
-        with rep.progress("extract", total=len(todo), unit="img") as bar, torch.inference_mode():
-            for xs, idx, errors in loader:
-                for i, e in zip(idx, errors):
-                    if e:
-                        buf.skip(todo.paths[i], keys[i], e)
-                        if cfg.strict:
-                            raise DataError(
-                                f"{Path(todo.root) / todo.paths[i]}: {e}", "fix or remove the file, or drop --strict"
-                            )
-                if xs is not None:
-                    xs = normalize_batch(xs.to(device, non_blocking=True), transform, memory_format=torch.channels_last)
-                    with autocast(device, precision=setup.precision):
-                        feats = net(xs)
-                    ok = [i for i, e in zip(idx, errors) if not e]
-                    forwarded += len(ok)
+        with rep.progress("extract", total=len(todo), unit="img") as bar:
+            for b in batches:
+                for i, e in b.skipped:
+                    buf.skip(todo.paths[i], keys[i], e)
+                    if cfg.strict:
+                        raise DataError(
+                            f"{Path(todo.root) / todo.paths[i]}: {e}", "fix or remove the file, or drop --strict"
+                        )
+                if b.features is not None:
+                    forwarded += len(b.ok)
                     buf.add(
-                        [(todo.paths[i], int(todo.labels[i]), keys[i]) for i in ok],
-                        feats.float().cpu().numpy(),
-                        {n: captured[n].float().cpu().numpy() for n in setup.stage_shapes},
-                        {n: captured[n].float().mean(dim=(2, 3)).cpu().numpy() for n in setup.pooled_dims},
+                        [(todo.paths[i], int(todo.labels[i]), keys[i]) for i in b.ok],
+                        b.features.cpu().numpy(),
+                        {n: b.maps[n].cpu().numpy() for n in setup.stage_shapes},
+                        {n: b.maps[n].mean(dim=(2, 3)).cpu().numpy() for n in setup.pooled_dims},
                     )
                 if buf.rows >= cfg.chunk_rows:
                     buf.flush(store)
-                bar.advance(len(idx))
+                bar.advance(len(b.indices))
             buf.flush(store, force=True)
     except KeyboardInterrupt:
         buf.flush(store, force=True)
@@ -356,32 +356,8 @@ def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], stor
             "run the same command again to resume where it stopped",
         ) from None
     finally:
-        for h in hooks:
-            h.remove()
-        if hasattr(loader, "close"):  # stop the decode threads now, not when the generator is collected
-            loader.close()
+        batches.close()  # stop the decode threads now, not when the generator is collected
     return forwarded, time.perf_counter() - t_run
-
-
-def _loader(dataset: Any, batch_size: int, workers: int, device: Any) -> Any:
-    """Batches of ``(uint8 images, indices, errors)``: decoded by worker processes when ``workers`` > 0,
-    else by threads of this process, one batch ahead of the forward pass."""
-    import torch
-
-    from .data import collate, iter_batches
-    from .runtime import decode_threads
-
-    if workers == 0:
-        return iter_batches(dataset, batch_size, decode_threads())
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
 
 
 def _capture(store: dict[str, Any], name: str) -> Any:

@@ -58,9 +58,10 @@ class ImageFeed(Feed):
         self.batch_size = cfg.batch_size
         self.device = device
         self.train_ds = ImageDataset(
-            self.train_list, train_transform(tcfg, cfg.color_jitter, cfg.crop_scale, cfg.hflip)
+            self.train_list, train_transform(tcfg, cfg.color_jitter, cfg.crop_scale, cfg.hflip), tcfg.draft_target()
         )
-        self.val_ds = ImageDataset(val_images, make_eval(tcfg)) if val_images is not None and len(val_images) else None
+        val_ok = val_images is not None and len(val_images)
+        self.val_ds = ImageDataset(val_images, make_eval(tcfg), tcfg.draft_target()) if val_ok else None
         self.drop_last = len(self.train_list) > cfg.batch_size
         self.strict = bool(getattr(cfg, "strict", False))
         self.root = Path(images.root)

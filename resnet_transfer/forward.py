@@ -45,6 +45,7 @@ def forward_images(
     pooled: Callable[[Any], Any] | None = None,
     workers: int = 0,
     max_pixels: int | None = None,
+    compile: str = "off",
 ) -> Iterator[ForwardBatch]:
     """Run ``backbone`` (a :class:`backbones.Backbone`) over ``images`` (an :class:`data.ImageList`) in its
     eval transform, ``batch_size`` images per forward pass.
@@ -52,9 +53,12 @@ def forward_images(
     ``view``: ``None`` (the eval crop), ``flip`` or ``tencrop`` (features per view). ``maps``: stage names whose
     outputs to return too (forward hooks). ``pooled``: the function from a normalised batch to the features
     (default ``backbone.net``; e.g. a classifier's ``pooled`` for a head on several stages). ``workers`` > 0
-    decodes in DataLoader processes instead of threads. ``device`` is a ``torch.device``, or a name."""
+    decodes in DataLoader processes instead of threads. ``device`` is a ``torch.device``, or a name.
+    ``compile``: ``auto`` | ``on`` | ``off``, the backbone's forward compiled by inductor
+    (:func:`compiled.compiled_forward`; a custom ``pooled`` stays eager)."""
     import torch
 
+    from .compiled import compiled_forward
     from .data import normalized_batches
     from .runtime import autocast
 
@@ -65,6 +69,8 @@ def forward_images(
     captured: dict[str, Any] = {}
     hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in maps]
     per_batch = max(1, batch_size // views)
+    if pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
+        fn = compiled_forward(net, dev, precision, compile, len(images) * views, backbone.identity.to_json())
     batches = normalized_batches(
         images, backbone.transform, per_batch, dev, view=view, workers=workers, max_pixels=max_pixels
     )

@@ -220,7 +220,7 @@ def knn_beside_fit(
     big = _too_big(len(train_rows), len(y_val) * len(DEFAULT_KS), cache.dim)
     if big:
         return {"skipped": big}
-    head_pred = head.decision_function(X_val).argmax(1)
+    head_pred = head.logits(X_val).argmax(1)  # (n, k) logits; decision_function is (n,) for 2 classes
     stage = getattr(getattr(head, "module_", None), "features", None)  # the head's own input (a chosen stage)
     out = knn_report(cache.features(train_rows, stage=stage), y_train, X_val, y_val, head_pred)
     get_reporter().info(

@@ -83,6 +83,7 @@ def _probabilities(
     device: str,
     precision: str,
     max_pixels: int | None,
+    compile: str = "auto",
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``.
     The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability."""
@@ -113,6 +114,7 @@ def _probabilities(
         view=mode,
         pooled=pooled,
         max_pixels=max_pixels,
+        compile=compile,
     )
     with get_reporter().progress("predict", total=len(images), unit="img") as bar, torch.inference_mode():
         for b in batches:
@@ -155,6 +157,7 @@ def predict(
     allow_outside: bool = False,
     max_pixels: int | None = None,
     min_confidence: float | None = None,
+    compile: str = "auto",
 ) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
@@ -169,7 +172,7 @@ def predict(
     rep = get_reporter()
     for note in images.notes:
         rep.warn(note)
-    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels, compile)
     classes = model.classes
     k = min(top, len(classes))
     rows = []

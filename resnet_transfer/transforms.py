@@ -22,13 +22,20 @@ from .errors import DataError
 @dataclass(frozen=True)
 class TransformConfig:
     """The eval preprocessing: resize the short side to ``resize_size``, center-crop ``input_size``,
-    scale to [0, 1], normalise with ``mean``/``std``."""
+    scale to [0, 1], normalise with ``mean``/``std``. ``draft``: JPEGs at least twice ``resize_size`` on
+    the short side are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL ``draft``), never below
+    ``resize_size`` (identities recorded before the field existed decoded in full: ``False``)."""
 
     input_size: int = 224
     resize_size: int = 256
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    draft: bool = True
+
+    def draft_target(self) -> int | None:
+        """The ``draft=`` for :func:`data.load_image` / ``ImageDataset``: the short side to stay above."""
+        return self.resize_size if self.draft else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -41,6 +48,7 @@ class TransformConfig:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            draft=bool(d.get("draft", False)),
         )
 
     def with_size(self, image_size: int) -> TransformConfig:
@@ -48,8 +56,8 @@ class TransformConfig:
         ratio = self.input_size / self.resize_size
         return TransformConfig(image_size, max(image_size, round(image_size / ratio)), *self._rest())
 
-    def _rest(self) -> tuple[str, tuple[float, float, float], tuple[float, float, float]]:
-        return self.interpolation, self.mean, self.std
+    def _rest(self) -> tuple[str, tuple[float, float, float], tuple[float, float, float], bool]:
+        return self.interpolation, self.mean, self.std, self.draft
 
 
 _INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}

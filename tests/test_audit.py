@@ -39,7 +39,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_exact_and_near_duplicates_in_train(planted: dict) -> None:
     d = planted["report"]["duplicates"]
     p = planted["paths"]
-    assert d["key"] == "identical features"
+    assert d["key"] == "content key"
     assert [sorted(g) for g in d["exact"]] == [sorted([p[10], p[25]])]
     near = {frozenset((n["a"], n["b"])) for n in d["near"]}
     assert frozenset((p[12], p[20])) in near

@@ -142,3 +142,51 @@ def test_saved_backbone_roundtrip_keeps_transform(tmp_path: Path) -> None:
         torch.testing.assert_close(again.net(x), bb.net(x))
     with pytest.raises(WeightsError, match="no such file"):
         build_backbone("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_draft_is_on_for_new_identities_and_off_for_recorded_ones_without_it() -> None:
+    from resnet_transfer.backbones import TransformConfig
+
+    t = build_backbone("resnet18", "none", image_size=32).transform
+    assert t.draft is True and t.draft_target() == t.resize_size
+    assert t.with_size(48).draft is True
+    old = {k: v for k, v in t.to_dict().items() if k != "draft"}  # an identity written before the field
+    assert TransformConfig.from_dict(old).draft is False
+    assert TransformConfig.from_dict(old).draft_target() is None
+    assert TransformConfig.from_dict(t.to_dict()) == t
+
+
+def test_extract_decodes_large_jpegs_with_the_recorded_draft(tmp_path: Path) -> None:
+    """A JPEG >= 2x the resize size is decoded in draft mode (predict, evaluate and finetune build their
+    ImageDataset with the same ``transform.draft_target()``): the cached
+    features are the drafted image's, and differ from a full decode's."""
+    import numpy as np
+    from PIL import Image
+
+    from resnet_transfer.cache import FeatureCache
+    from resnet_transfer.data import ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
+    from resnet_transfer.extract import ExtractConfig, extract
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            arr = rng.integers(0, 255, size=(300, 400, 3), dtype=np.uint8)
+            Image.fromarray(arr).resize((400, 300)).save(tmp_path / "img" / c / f"{i}.jpg", quality=90)
+    out = tmp_path / "f.h5"
+    extract(ExtractConfig(data=tmp_path / "img", out=out, model="resnet18", weights="none", image_size=32,
+                          precision="fp32", compile="off", dtype="float32"))  # fmt: skip
+    bb = build_backbone("resnet18", "none", image_size=32)
+    images = list_images(tmp_path / "img")
+
+    def feats(draft: int | None) -> torch.Tensor:
+        ds = ImageDataset(images, eval_transform_uint8(bb.transform), draft=draft)
+        xs = normalize_batch(collate([ds[i] for i in range(len(ds))])[0], bb.transform)
+        with torch.inference_mode():
+            return bb.net(xs)
+
+    with FeatureCache(out) as fc:
+        assert fc.identity.transform.draft is True
+        cached = torch.from_numpy(fc.features())
+    torch.testing.assert_close(cached, feats(bb.transform.resize_size), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(cached, feats(None), rtol=1e-3, atol=1e-3)

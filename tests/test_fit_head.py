@@ -311,3 +311,11 @@ def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path
     expect = np.exp((z - z.max(1, keepdims=True)) / 3.0)
     np.testing.assert_allclose(warm, expect / expect.sum(1, keepdims=True), rtol=1e-3, atol=1e-5)
     assert flat.max() < 0.5 and not np.allclose(flat, warm)
+
+
+def test_two_class_head_fits_with_its_knn_baseline(tmp_path: Path, reporter: Reporter) -> None:
+    """Two classes: scikit-learn's decision_function is then (n,), the kNN beside the fit must not use it."""
+    cache = _tiny_cache(tmp_path / "t.h5", {"a": 10, "b": 10})
+    res = fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h"))
+    assert res.report["accuracy"] is not None and res.report["calibration"]["n"] == res.report["n_val"]
+    assert "accuracy" in res.report["knn"] or "skipped" in res.report["knn"]

@@ -1,21 +1,18 @@
 """Choosing the head's features (final / pooled stages / concatenations) and L2 on validation data.
 
-Until caches with pooled stages land, the selection runs on in-memory candidate matrices, and fit-head on a
-real cache wrapped by a small subclass that adds ``pooled_stages``, ``keys`` and ``features(stage=...)``
-as the cache contract (docs/cache-format.md) describes them.
+The selection runs on in-memory candidate matrices; fit-head on a real cache written with the pooled
+features of two stages (``CacheWriter(..., pooled_dims=...)``, what `rt extract --pool-stages` stores).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import resnet_transfer.cache as cache_mod
 from resnet_transfer.backbones import BackboneIdentity, TransformConfig
 from resnet_transfer.cache import FeatureCache
 from resnet_transfer.cache_writer import CacheWriter
@@ -97,35 +94,19 @@ def test_a_fixed_l2_only_chooses_the_features() -> None:
 # ------------------------------------------------------------------------------------ fit-head, staged
 
 
-class StagedCache(FeatureCache):
-    """A real cache plus in-memory pooled stages (the contract of issues 13/17; the file has keys)."""
-
-    staged: ClassVar[dict[str, np.ndarray]] = {}
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.pooled_stages = list(self.staged)
-        self.pooled = {s: int(v.shape[1]) for s, v in self.staged.items()}
-
-    def features(self, rows=None, stage=None):
-        if stage is None:
-            return super().features(rows)
-        names = [stage] if isinstance(stage, str) else list(stage)
-        X = np.hstack([self.staged[s] for s in names])
-        return X if rows is None else X[np.asarray(rows)]
-
-
 @pytest.fixture
-def staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def staged(tmp_path: Path) -> Path:
+    """A real cache with the pooled features of two stages (``pooled/<stage>``) and content keys."""
     cands, y = planted(45, seed=3)
     ident = BackboneIdentity("timm:resnet18", "resnet18", "none", "random:seed=0", TransformConfig(64, 73), 12)
     classes = ["a", "b", "c"]
     path = tmp_path / "staged.h5"
-    with CacheWriter(path, ident, classes) as w:
-        w.write_part([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], list(y), cands["final"])
+    with CacheWriter(path, ident, classes, pooled_dims={"layer3": 8, "layer4": 6}) as w:
+        paths = [f"{classes[c]}/{i}.png" for i, c in enumerate(y)]
+        w.write_part(paths, list(y), cands["final"], pooled={"layer3": cands["layer3"], "layer4": cands["layer4"]})
         w.finalize()
-    monkeypatch.setattr(StagedCache, "staged", {"layer3": cands["layer3"], "layer4": cands["layer4"]})
-    monkeypatch.setattr(cache_mod, "FeatureCache", StagedCache)
+    with FeatureCache(path) as fc:
+        assert fc.pooled_stages == ["layer3", "layer4"] and len(fc.keys) == 45
     return path
 
 
@@ -147,7 +128,7 @@ def test_fit_head_chooses_the_stage_and_records_it(staged: Path, tmp_path: Path,
     assert split["seed"] == 0 and split["val_fraction"] == 0.2
     assert len(split["val"]) == res.report["n_val"] == 9 and len(split["train"]) == 36
     assert not set(split["train"]) & set(split["val"])
-    keys = StagedCache(staged).keys
+    keys = FeatureCache(staged).keys
     assert set(split["train"]) | set(split["val"]) == set(keys)
 
 

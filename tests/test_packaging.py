@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # needed by the suite without an import statement in tests/: torch.onnx.export imports onnxscript (the ONNX
 # export test), and the offline recipe's make_data.py (run by its test) imports skimage
 INDIRECT = ("onnxscript", "skimage")
-LOCAL = {"resnet_transfer", "tests", "benchmarks"} | {p.stem for p in (ROOT / "tests").glob("*.py")}  # helpers
+# the package, the repo's folders, and the suite's own helper modules (tests/*.py import each other)
+LOCAL = {"resnet_transfer", "tests", "benchmarks"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
 
 
 def _readme_setup_lines() -> list[str]:

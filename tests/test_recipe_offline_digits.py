@@ -1,8 +1,9 @@
-"""The offline_digits recipe: its data builder (fast) and, on a small version, the transfer claims (slow).
+"""The offline_digits recipe: its data builder and results logic (fast) and, on a small run, its claims (slow).
 
-The slow test runs the real recipe script (rt commands only) for k = 10 and the probes + from scratch only, and checks
-what the recipe is for: at k = 10 images per class, a linear probe on source-pretrained features beats a
-linear probe on random-init features and training from scratch.
+The slow test runs the real recipe script on a reduced version (fewer source drawings and epochs, fewer
+seeds, k up to 50) and checks what the recipe is for, with the intervals the recipe reports: at every k the
+linear probe on source-pretrained features beats the probe on random-init features and training from
+scratch, and at the largest k finetuning (layer4 or all) does not fall behind the probe.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_digits"
 
 
-def _load_make_data():
-    spec = importlib.util.spec_from_file_location("offline_digits_make_data", RECIPE / "make_data.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"offline_digits_{name}", RECIPE / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -36,27 +38,30 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_make_data_layout_sizes_and_determinism(tmp_path: Path) -> None:
-    md = _load_make_data()
-    small = dict(size=48, source_renders=1, source_test_per_class=2, target_test_per_class=3, max_train_scans=25)
+    md = _load("make_data")
+    small = dict(
+        size=48, source_renders=1, source_test_per_class=2, target_test_per_class=3, max_train_scans=25,
+        target_renders=2, target_test_renders=2,
+    )  # fmt: skip
     cfg = md.make_data(md.DigitsConfig(out=tmp_path / "a", **small))
     root = tmp_path / "a"
     assert sorted(p.name for p in (root / "source" / "train").iterdir()) == [str(c) for c in range(7)]
-    splits = sorted(p.name for p in (root / "target").iterdir())
-    assert splits == ["test", "train_all", "train_k10", "train_k20", "train_k5"]
-    for split in splits:
+    assert sorted(p.name for p in (root / "target").iterdir()) == ["test", "train"]
+    for split in ("train", "test"):
         assert sorted(p.name for p in (root / "target" / split).iterdir()) == ["7", "8", "9"]
-    for k in (5, 10, 20):
-        assert cfg.counts[f"target/train_k{k}"] == {"7": k, "8": k, "9": k}
-    assert cfg.counts["target/train_all"] == {"7": 25, "8": 25, "9": 25}
-    assert cfg.counts["target/test"] == {"7": 3, "8": 3, "9": 3}
-    # the k subsets are nested, and no test scan is used for training
+    assert cfg.counts["target/train"] == {"7": 50, "8": 50, "9": 50}  # 25 scans x 2 drawings
+    assert cfg.counts["target/test"] == {"7": 6, "8": 6, "9": 6}
+    assert cfg.counts["source/train"] == {str(c): 25 for c in range(7)}
+    # every training scan is drawn target_renders times, differently; no test scan is used for training
     for cls in ("7", "8", "9"):
-        names = {
-            k: {p.name for p in (root / "target" / f"train_{k}" / cls).iterdir()} for k in ("k5", "k10", "k20", "all")
-        }
-        assert names["k5"] <= names["k10"] <= names["k20"] <= names["all"]
+        train = sorted((root / "target" / "train" / cls).iterdir())
+        scans = {p.name.split("_")[0] for p in train}
+        assert len(scans) == 25
         test_scans = {p.name.split("_")[0] for p in (root / "target" / "test" / cls).iterdir()}
-        assert not test_scans & {n.split("_")[0] for n in names["all"]}
+        assert not test_scans & scans
+        first = next(iter(sorted(scans)))
+        a, b = (root / "target" / "train" / cls / f"{first}_{r}.png" for r in (0, 1))
+        assert a.read_bytes() != b.read_bytes()
     # every image is RGB at the requested size
     for p in list(root.rglob("*.png"))[::7]:
         with Image.open(p) as im:
@@ -70,28 +75,98 @@ def test_make_data_layout_sizes_and_determinism(tmp_path: Path) -> None:
     assert _digest(root) != _digest(tmp_path / "c")
 
 
+def test_results_intervals_claims_and_table(tmp_path: Path) -> None:
+    """results.py: the t-interval, the k-subset sampler, and the claims/table built from run outputs."""
+    res = _load("results")
+    s = res.summarise([0.8, 0.9, 1.0])
+    assert s["mean"] == pytest.approx(0.9) and s["half"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    assert res.summarise([0.5])["half"] == float("inf")
+    labels = [0] * 30 + [1] * 20 + [2] * 4
+    rows = res.subset_rows(labels, 5, seed=0)
+    assert [int((np.asarray(labels)[rows] == c).sum()) for c in range(3)] == [5, 5, 4]
+    assert np.array_equal(rows, res.subset_rows(labels, 5, seed=0))
+    assert not np.array_equal(rows, res.subset_rows(labels, 5, seed=1))
+
+    run = tmp_path / "run"
+    (run / "curves").mkdir(parents=True)
+
+    def rows(method: str, by_k: dict) -> list[dict]:  # `rt curve`'s curve.json rows
+        return [{"k": k, "method": method, "scores": v} for k, v in by_k.items()]
+
+    for bb, curve in {
+        "source": rows("probe", {10: [0.80, 0.82, 0.84], 50: [0.85, 0.86, 0.87], "all": [0.9]})
+        + rows("knn", {10: [0.7, 0.7, 0.7], 50: [0.75, 0.76, 0.77]}),
+        "random": rows("probe", {10: [0.33, 0.35, 0.34], 50: [0.4, 0.3, 0.35]}),
+    }.items():
+        (run / "curves" / bb).mkdir()
+        (run / "curves" / bb / "curve.json").write_text(json.dumps({"kind": "curve", "curve": curve}))
+    for method, k, accs in (("scratch", 10, [0.3, 0.4, 0.35]), ("scratch", 50, [0.5, 0.9, 0.7]),
+                            ("finetune_all", 50, [0.95, 0.96, 0.97])):  # fmt: skip
+        for seed, a in enumerate(accs):
+            d = run / "eval" / method / f"k{k}" / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "report.json").write_text(json.dumps({"accuracy": a}))
+    acc = res.collect(run)
+    assert acc["probe_source"][10] == [0.80, 0.82, 0.84] and acc["scratch"][50] == [0.5, 0.9, 0.7]
+    c = res.claims(acc)
+    assert c["probe_beats_random_and_scratch"][10]["holds"] is True
+    assert c["probe_beats_random_and_scratch"][50]["holds"] is False  # scratch's interval reaches the probe's
+    assert c["largest_k"] == 50 and c["finetune_minus_probe"]["finetune_all"]["diff"] == pytest.approx(0.1)
+    assert res.main([str(run)]) == 0
+    table = (run / "results.md").read_text()
+    assert "| linear probe, source-pretrained features | 0.820 ± 0.050 | 0.860 ± 0.025 | 3 |" in table
+    assert "NOT above both rivals' at k = 50" in table
+    assert json.loads((run / "results.json").read_text())["claims"]["largest_k"] == 50
+    assert (run / "accuracy_vs_k.png").stat().st_size > 1000
+
+
+def test_sweep_manifests_batches_and_epochs(tmp_path: Path) -> None:
+    """sweep.py: the seeded k-image manifests load as a dataset; tiny sets get small batches."""
+    from resnet_transfer.data import list_images
+
+    sw = _load("sweep")
+    data = tmp_path / "target"
+    for cls in ("7", "8", "9"):
+        (data / "train" / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(data / "train" / cls / f"d{i:04d}_0.png")
+    a = sw.write_manifest(data, 5, seed=0)
+    images = list_images(a)
+    assert len(images) == 15 and sorted(np.bincount(images.labels).tolist()) == [5, 5, 5]
+    assert a.read_text() == sw.write_manifest(data, 5, seed=0).read_text()
+    assert a.read_text() != sw.write_manifest(data, 5, seed=1).read_text()
+    assert sw.batch_for(5, 3, 32) == 4 and sw.batch_for(200, 3, 32) == 32
+    assert [sw.epochs_for(k, {1: 10, 50: 8, 100: 6}, 3) for k in (5, 50, 99, 200)] == [10, 8, 8, 6]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("rt") is None, reason="needs bash and rt")
-def test_recipe_shows_transfer_at_k10(tmp_path: Path) -> None:
+def test_recipe_shows_both_claims_on_a_small_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = {
         **os.environ,
-        "KS": "k10",
-        "METHODS": "probe scratch",
+        "SOURCE_RENDERS": "4",
+        "SOURCE_EPOCHS": "5",
+        "TARGET_RENDERS": "2",
+        "TEST_RENDERS": "1",
+        "CURVE_KS": "5,10",
+        "BIG_K": "50",
+        "SEEDS": "5",
+        "FT_SEEDS": "2",
+        "SCRATCH_KS": "10,50",
         "PYTHON": sys.executable,
     }
     proc = subprocess.run(
         ["bash", str(RECIPE / "run.sh"), str(run)], env=env, capture_output=True, text=True, timeout=1800
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def acc(method: str) -> float:
-        return float(json.loads((run / "eval" / method / "k10" / "report.json").read_text())["accuracy"])
-
-    src, rnd, scratch = acc("probe_source"), acc("probe_random"), acc("scratch")
-    assert src > rnd + 0.1, (src, rnd, scratch)
-    assert src > scratch + 0.1, (src, rnd, scratch)
     assert (run / "results.md").exists() and (run / "accuracy_vs_k.png").exists()
+    c = json.loads((run / "results.json").read_text())["claims"]
+    beats = c["probe_beats_random_and_scratch"]
+    assert sorted(int(k) for k in beats) == [5, 10, 50]
+    assert all(v["holds"] for v in beats.values()), beats
+    for method, d in c["finetune_minus_probe"].items():  # a weak source model: finetuning must at least keep up
+        assert d["ci95"][1] > 0, (method, d)
 
 
 def test_finetune_no_hflip_drops_the_flip() -> None:

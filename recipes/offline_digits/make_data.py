@@ -8,14 +8,16 @@ photos, the object varies in size, place and colour on a cluttered background.
 
 Source and target are kept apart: different digit classes (source 0-6, target 7/8/9), therefore different
 digit scans, and different photographs behind them. Within the target, the test scans are never used for
-training. The training subsets are nested (k=5 is inside k=10, which is inside k=20, inside ``all``).
+training. Each scan is drawn several times (another size, place, angle, colour and photo crop each time):
+a drawing is an image, as several photos of one cat are several images.
 
 Layout written under ``--out``::
 
     source/train/<0..6>/*.png      the source task (many images per class)
     source/test/<0..6>/*.png       held-out source images (checks the source model)
-    target/train_k5/<7|8|9>/*.png  k training images per class (also k10, k20, all)
-    target/test/<7|8|9>/*.png      the fixed target test set
+    target/train/<7|8|9>/*.png     the target's training pool: every training scan drawn target_renders
+                                   times (the k-image subsets are drawn from it by seed: `rt curve`, sweep.py)
+    target/test/<7|8|9>/*.png      the fixed target test set (held-out scans, drawn target_test_renders times)
     manifest.json                  the settings and the counts
 
 Usage: ``python recipes/offline_digits/make_data.py --out runs/offline_digits/data``
@@ -65,10 +67,11 @@ class DigitsConfig:
     seed: int = 0
     source_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     target_classes: tuple[int, ...] = (7, 8, 9)
-    source_renders: int = 3  # drawings of each source digit scan (different size/place/colour/background)
+    source_renders: int = 8  # drawings of each source digit scan (different size/place/colour/background)
     source_test_per_class: int = 20  # source scans held out for source/test (drawn once)
     target_test_per_class: int = 60  # target scans held out for target/test
-    ks: tuple[int, ...] = (5, 10, 20)  # plus "all" (every remaining target scan)
+    target_renders: int = 4  # drawings of each target training scan (target/train)
+    target_test_renders: int = 3  # drawings of each target test scan (target/test)
     max_train_scans: int | None = None  # cap on training scans per class (small versions for tests)
     digit_frac: tuple[float, float] = (0.5, 0.85)  # digit height as a fraction of the image
     rotate_deg: float = 10.0
@@ -195,16 +198,12 @@ def make_data(cfg: DigitsConfig) -> DigitsConfig:
     for cls in cfg.target_classes:
         idx = rng.permutation(np.flatnonzero(labels == cls))
         test, train = idx[: cfg.target_test_per_class], idx[cfg.target_test_per_class :][: cfg.max_train_scans]
-        for i in test:
-            put("target/test", cls, int(i), 0, tgt_photos)
-        # one drawing per training scan; subsets are prefixes, so k=5 is inside k=10 inside k=20 inside all
-        drawn = [(int(i), draw(rng, images[i], tgt_photos, cfg)) for i in train]
-        for k in [*cfg.ks, None]:
-            split = f"target/train_{'all' if k is None else f'k{k}'}"
-            for i, img in drawn[: k or len(drawn)]:
-                _write(img, out / split / str(cls), f"d{i:04d}_0.png")
-                counts.setdefault(split, {}).setdefault(str(cls), 0)
-                counts[split][str(cls)] += 1
+        for r in range(cfg.target_test_renders):
+            for i in test:
+                put("target/test", cls, int(i), r, tgt_photos)
+        for r in range(cfg.target_renders):
+            for i in train:
+                put("target/train", cls, int(i), r, tgt_photos)
 
     cfg.counts = counts
     manifest = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
@@ -221,7 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--source-renders", type=int, default=DigitsConfig.source_renders, help="drawings per source digit scan"
     )
-    p.add_argument("--target-test", type=int, default=DigitsConfig.target_test_per_class, help="test images per class")
+    p.add_argument(
+        "--target-renders", type=int, default=DigitsConfig.target_renders, help="drawings per target training scan"
+    )
+    p.add_argument("--target-test", type=int, default=DigitsConfig.target_test_per_class, help="test scans per class")
+    p.add_argument(
+        "--target-test-renders", type=int, default=DigitsConfig.target_test_renders, help="drawings per test scan"
+    )
     p.add_argument("--max-train-scans", type=int, default=None, help="use at most this many training scans per class")
     a = p.parse_args(argv)
     cfg = make_data(
@@ -230,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=a.size,
             seed=a.seed,
             source_renders=a.source_renders,
+            target_renders=a.target_renders,
             target_test_per_class=a.target_test,
+            target_test_renders=a.target_test_renders,
             max_train_scans=a.max_train_scans,
         )
     )

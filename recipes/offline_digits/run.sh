@@ -1,52 +1,52 @@
 #!/usr/bin/env bash
-# offline_digits: transfer learning measured end to end, offline, with rt commands only.
+# offline_digits: transfer learning measured end to end, offline, with intervals over seeds.
 #
 #   recipes/offline_digits/run.sh [RUN_DIR]          (default RUN_DIR: runs/offline_digits)
 #
 # 1. make_data.py draws real handwritten digits (scikit-learn) onto crops of real photographs (scikit-learn,
-#    scikit-image): source task = digits 0-6, target task = digits 7/8/9 with k = 5, 10, 20, all per class.
+#    scikit-image): source task = digits 0-6; target task = digits 7/8/9 (other scans, other photographs).
 # 2. A source ResNet-18 is trained from scratch on the source task (rt finetune --weights none --unfreeze all).
-# 3. On the target task, for each k: a linear probe on the source model's features and on random-init
-#    features (rt extract + rt fit-head), training from scratch, and finetuning layer4 / all of the source
-#    model starting from its probe (rt finetune). Every model is scored on the same test set (rt evaluate).
-# 4. results.py reads the rt evaluate reports and writes RUN_DIR/results.md and RUN_DIR/accuracy_vs_k.png.
+# 3. The target's training pool and test set are extracted once with the source backbone and once with a
+#    random-init one (rt extract); label-efficiency curves of the linear probe (and kNN) come from those
+#    caches alone, k images per class, SEEDS draws of the k images each (rt curve).
+# 4. sweep.py trains the networks: from scratch at every k, finetune layer4 / all of the source model at the
+#    largest k, FT_SEEDS seeds each (one rt finetune + rt evaluate per run, in one process).
+# 5. results.py writes RUN_DIR/results.md (mean and 95% interval per k), results.json and accuracy_vs_k.png.
 #
 # Settings (environment variables; the defaults are the README's run):
-#   SIZE=32 SOURCE_RENDERS=3 SOURCE_EPOCHS=15 KS="k5 k10 k20 all" METHODS="probe scratch finetune"
-#   TARGET_EPOCHS="k5:60 k10:40 k20:30 all:15" (epochs per k: small sets get more passes, not more images)
+#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=6 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
+#   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,50,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
+#   SOURCE_MODEL=DIR: reuse the source model of an earlier run with the same data settings (skips step 2)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${1:-runs/offline_digits}"
 SIZE="${SIZE:-32}"
-SOURCE_RENDERS="${SOURCE_RENDERS:-3}"
-SOURCE_EPOCHS="${SOURCE_EPOCHS:-15}"
-KS="${KS:-k5 k10 k20 all}"
-METHODS="${METHODS:-probe scratch finetune}"
-TARGET_EPOCHS="${TARGET_EPOCHS:-k5:60 k10:40 k20:30 all:15}"
+SOURCE_RENDERS="${SOURCE_RENDERS:-8}"
+SOURCE_EPOCHS="${SOURCE_EPOCHS:-6}"
+TARGET_RENDERS="${TARGET_RENDERS:-4}"
+TEST_RENDERS="${TEST_RENDERS:-3}"
+MAX_SCANS="${MAX_SCANS:-}"
+BIG_K="${BIG_K:-200}"
+CURVE_KS="${CURVE_KS:-5,10,20,50},$BIG_K"
+SEEDS="${SEEDS:-10}"
+FT_SEEDS="${FT_SEEDS:-3}"
+SCRATCH_KS="${SCRATCH_KS:-10,50,$BIG_K}"
+METHODS="${METHODS:-probe sweep}"
+SWEEP="${SWEEP:-scratch,layer4,all}"
 PYTHON="${PYTHON:-python}"
 RT="${RT:-rt}"
 
 DATA="$RUN/data"
 MODELS="$RUN/models"
 CACHE="$RUN/cache"
-EVAL="$RUN/eval"
 LOG="$RUN/log.txt"
 mkdir -p "$RUN"
 : >"$LOG"
 
-epochs_for() { # epochs_for K -> the TARGET_EPOCHS entry for K
-    local kv
-    for kv in $TARGET_EPOCHS; do [ "${kv%%:*}" = "$1" ] && { echo "${kv#*:}"; return; }; done
-    echo 20
-}
-
-n_ks=$(wc -w <<<"$KS")
-total=2 # make_data, source model
-case " $METHODS " in *" probe "*) total=$((total + 2 + 2 * 3 * n_ks)) ;; esac
-case " $METHODS " in *" scratch "*) total=$((total + 2 * n_ks)) ;; esac
-case " $METHODS " in *" finetune "*) total=$((total + 4 * n_ks)) ;; esac
-total=$((total + 1)) # results
+total=3 # make_data, source model, results
+case " $METHODS " in *" probe "*) total=$((total + 6)) ;; esac
+case " $METHODS " in *" sweep "*) total=$((total + 1)) ;; esac
 n=0
 START=$SECONDS
 
@@ -68,60 +68,42 @@ step() { # step "what" cmd args... : numbered, timed, output kept in the log (la
     fi
 }
 
-acc_of() { "$PYTHON" -c 'import json, sys; print("%.3f" % json.load(open(sys.argv[1]))["accuracy"])' "$1"; }
-
 echo "offline_digits -> $RUN (log: $LOG)"
 step "make data (digits on photos, ${SIZE}px)" \
-    "$PYTHON" "$HERE/make_data.py" --out "$DATA" --size "$SIZE" --source-renders "$SOURCE_RENDERS"
+    "$PYTHON" "$HERE/make_data.py" --out "$DATA" --size "$SIZE" --source-renders "$SOURCE_RENDERS" \
+    --target-renders "$TARGET_RENDERS" --target-test-renders "$TEST_RENDERS" ${MAX_SCANS:+--max-train-scans "$MAX_SCANS"}
 
-step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
-    "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
-    --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 64 --lr 3e-3 --crop-scale 0.6 --no-hflip --out "$MODELS/source" --overwrite
+if [ -n "${SOURCE_MODEL:-}" ]; then # reuse a source model from an earlier run (its data must be the same)
+    mkdir -p "$MODELS"
+    rm -rf "$MODELS/source" && cp -r "$SOURCE_MODEL" "$MODELS/source" && rm -rf "$MODELS/source/checkpoints"
+    n=$((n + 1))
+    echo "[ $n/$total] source model: copied from $SOURCE_MODEL"
+else
+    step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
+        "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
+        --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 \
+        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision fp32 --patience 0 --out "$MODELS/source" --overwrite
+    rm -rf "$MODELS/source/checkpoints" # 180 MB of resume state; the model directory is what --weights reads
+fi
 
 if [[ " $METHODS " == *" probe "* ]]; then
     for bb in source random; do
         if [ "$bb" = source ]; then w="$MODELS/source"; else w=none; fi
-        step "features of the target test set ($bb backbone)" \
-            "$RT" extract --data "$DATA/target/test" --model resnet18 --weights "$w" --image-size "$SIZE" \
-            --out "$CACHE/$bb/test.h5" --overwrite
-        for k in $KS; do
-            step "probe on $bb features, $k: extract" \
-                "$RT" extract --data "$DATA/target/train_$k" --model resnet18 --weights "$w" \
-                --image-size "$SIZE" --out "$CACHE/$bb/$k.h5" --overwrite
-            step "probe on $bb features, $k: fit-head" \
-                "$RT" fit-head --cache "$CACHE/$bb/$k.h5" --out "$MODELS/probe_$bb/$k" --overwrite
-            step "probe on $bb features, $k: evaluate" \
-                "$RT" evaluate "$MODELS/probe_$bb/$k" --cache "$CACHE/$bb/test.h5" --out "$EVAL/probe_$bb/$k"
-            echo "        test accuracy $(acc_of "$EVAL/probe_$bb/$k/report.json")"
+        for part in train test; do
+            step "features of the target $part set ($bb backbone)" \
+                "$RT" extract --data "$DATA/target/$part" --model resnet18 --weights "$w" --image-size "$SIZE" \
+                --out "$CACHE/$bb/$part.h5" --overwrite
         done
+        step "probe + kNN curves on $bb features (k = $CURVE_KS, $SEEDS seeds)" \
+            "$RT" curve --train "$CACHE/$bb/train.h5" --test "$CACHE/$bb/test.h5" --k "$CURVE_KS" --seeds "$SEEDS" \
+            --out "$RUN/curves/$bb"
     done
 fi
 
-if [[ " $METHODS " == *" scratch "* ]]; then
-    for k in $KS; do
-        e=$(epochs_for "$k")
-        step "from scratch, $k ($e epochs)" \
-            "$RT" finetune --data "$DATA/target/train_$k" --model resnet18 --weights none --unfreeze all \
-            --image-size "$SIZE" --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --color-jitter 0.4 --out "$MODELS/scratch/$k" --overwrite
-        step "from scratch, $k: evaluate" \
-            "$RT" evaluate "$MODELS/scratch/$k" --data "$DATA/target/test" --out "$EVAL/scratch/$k"
-        echo "        test accuracy $(acc_of "$EVAL/scratch/$k/report.json")"
-    done
-fi
-
-if [[ " $METHODS " == *" finetune "* ]]; then
-    for depth in layer4 all; do
-        for k in $KS; do
-            e=$(epochs_for "$k")
-            # starts from the source-feature probe of the same k (rt fit-head's head directory)
-            step "finetune $depth from the source model, $k ($e epochs)" \
-                "$RT" finetune "$MODELS/probe_source/$k" --data "$DATA/target/train_$k" --unfreeze "$depth" \
-                --epochs "$e" --patience 0 --crop-scale 0.6 --no-hflip --color-jitter 0.4 --out "$MODELS/finetune_$depth/$k" --overwrite
-            step "finetune $depth, $k: evaluate" \
-                "$RT" evaluate "$MODELS/finetune_$depth/$k" --data "$DATA/target/test" --out "$EVAL/finetune_$depth/$k"
-            echo "        test accuracy $(acc_of "$EVAL/finetune_$depth/$k/report.json")"
-        done
-    done
+if [[ " $METHODS " == *" sweep "* ]]; then
+    step "networks: $SWEEP (scratch k = $SCRATCH_KS; finetune k = $BIG_K; $FT_SEEDS seeds)" \
+        "$PYTHON" "$HERE/sweep.py" "$RUN" --methods "$SWEEP" --scratch-ks "$SCRATCH_KS" --finetune-ks "$BIG_K" \
+        --seeds "$FT_SEEDS" --size "$SIZE"
 fi
 
 step "results table and plot" "$PYTHON" "$HERE/results.py" "$RUN"
@@ -129,7 +111,7 @@ echo
 cat "$RUN/results.md"
 echo
 echo "done in $((SECONDS - START))s"
-echo "  table:  $RUN/results.md"
+echo "  table:  $RUN/results.md (numbers: $RUN/results.json)"
 echo "  plot:   $RUN/accuracy_vs_k.png"
 echo "  models: $MODELS/ (source = the source-pretrained backbone: use it as --weights $MODELS/source)"
 echo "  log:    $LOG"

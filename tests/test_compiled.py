@@ -1,0 +1,132 @@
+"""The compile choice (runtime.resolve_compile) and the forward pass extract/predict call
+(compiled.compiled_forward). The compile itself is slow on 2 cores (30-120 s): those tests are marked
+slow; run them with ``PYTHONPATH=$PWD python -m pytest -q -m slow tests/test_compiled.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from resnet_transfer import compiled as compiled_mod
+from resnet_transfer import runtime
+from resnet_transfer.backbones import build_backbone
+from resnet_transfer.cli import app
+from resnet_transfer.compiled import compiled_forward
+from resnet_transfer.errors import UsageError
+from resnet_transfer.runtime import CompilePrior, resolve_compile
+
+CPU = torch.device("cpu")
+GAINING = CompilePrior("test", speedup=2.0, cold_s=40.0, warm_s=10.0, eager_s_per_image=0.04, source="test")
+
+
+@pytest.fixture
+def gaining_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "compile_prior", lambda device: GAINING)
+
+
+def test_on_and_off_are_taken_as_given() -> None:
+    assert resolve_compile("on", 1, CPU) is True
+    assert resolve_compile("OFF", 10**9, CPU) is False
+
+
+def test_unknown_mode_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--compile"):
+        resolve_compile("sometimes", 10, CPU)
+    with pytest.raises(UsageError):
+        compiled_forward(torch.nn.Identity(), CPU, "fp32", "fast")
+
+
+def test_auto_compiles_when_the_images_repay_it(gaining_host: None) -> None:
+    # gain per image = 0.04 * (1 - 1/2) = 0.02 s; a 40 s cold compile needs more than 2000 images
+    assert resolve_compile("auto", 1999, CPU) is False
+    assert resolve_compile("auto", 2001, CPU) is True
+    # a measured eager rate replaces the prior's; a recorded (warm) compile time replaces the cold one
+    assert resolve_compile("auto", 2001, CPU, eager_s_per_image=0.01) is False
+    assert resolve_compile("auto", 600, CPU, cached_compile_s=10.0) is True
+
+
+def test_auto_never_compiles_where_no_gain_is_expected(monkeypatch: pytest.MonkeyPatch) -> None:
+    none = CompilePrior("cpu", 1.0, 40.0, 10.0, 0.08, "test")
+    monkeypatch.setattr(runtime, "compile_prior", lambda device: none)
+    assert resolve_compile("auto", 10**9, CPU) is False
+
+
+def test_prior_follows_the_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert runtime.compile_prior(CPU).kind == "cpu-amx"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert runtime.compile_prior(CPU).kind == "cpu-avx512-bf16"
+    assert runtime.compile_prior(torch.device("cuda")).kind == "cuda"
+
+
+def _tiny() -> tuple[torch.nn.Module, str]:
+    bb = build_backbone("resnet18", "none", 32)
+    return bb.net.eval().to(memory_format=torch.channels_last), bb.identity.to_json()
+
+
+def _batch(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+
+
+def test_off_is_the_eager_forward_in_float32() -> None:
+    net, _ = _tiny()
+    x = _batch(4)
+    with torch.inference_mode():
+        out = compiled_forward(net, CPU, "fp32", "off")(x)
+        ref = net(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ref)
+
+
+def test_auto_decides_on_the_second_batch_and_stays_eager_for_a_small_job(gaining_host: None) -> None:
+    net, key = _tiny()
+    fwd = compiled_forward(net, CPU, "fp32", "auto", n_images=12, key=key)
+    with torch.inference_mode():
+        fwd(_batch(4))
+        assert fwd.compiled is None  # the cold first batch is not timed
+        fwd(_batch(4, 1))
+        assert fwd.compiled is False
+        fwd(_batch(4, 2))
+    assert fwd.compile_s is None
+
+
+def test_hooks_keep_the_forward_eager() -> None:
+    net, key = _tiny()
+    h = net.layer2.register_forward_hook(lambda *a: None)
+    try:
+        fwd = compiled_forward(net, CPU, "fp32", "on", 100, key)
+        assert fwd.compiled is False and "hooks" in fwd.note
+    finally:
+        h.remove()
+
+
+def test_cli_rejects_an_unknown_compile_mode(image_folder: Path, tmp_path: Path) -> None:
+    args = ["extract", "--data", str(image_folder), "--out", str(tmp_path / "f.h5"), "--model", "resnet18"]
+    res = CliRunner().invoke(app, [*args, "--weights", "none", "--image-size", "32", "--compile", "maybe"])
+    assert res.exit_code == 2, res.output
+    assert "--compile" in res.output
+
+
+@pytest.mark.slow
+def test_compiled_features_match_eager_and_the_compile_is_recorded(tmp_path: Path) -> None:
+    """Compiled (inductor, freezing) bf16 features vs eager bf16: cosine >= 0.999 per row; the batch shape
+    it was not compiled for runs eager; the compile time is recorded next to inductor's cache."""
+    net, key = _tiny()
+    x = _batch(8)
+    with torch.inference_mode():
+        ref = compiled_forward(net, CPU, "bf16", "off")(x)
+        fwd = compiled_forward(net, CPU, "bf16", "on", 16, key)
+        out = fwd(x)
+        tail = fwd(x[:3])
+    assert fwd.compiled is True and fwd.compile_s is not None and fwd.compile_s > 0
+    assert torch.nn.functional.cosine_similarity(out, ref).min() >= 0.999
+    assert torch.nn.functional.cosine_similarity(tail, ref[:3]).min() >= 0.999
+    record = fwd._record_path()
+    assert record is not None and record.is_relative_to(compiled_mod.inductor_cache_dir())
+    assert json.loads(record.read_text())["compile_s"] == pytest.approx(fwd.compile_s, abs=0.01)
+    assert fwd.cached_compile_s() == pytest.approx(fwd.compile_s, abs=0.01)

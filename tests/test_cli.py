@@ -174,16 +174,16 @@ def test_ctrl_c_exits_130(target: str, args: list[str], monkeypatch: pytest.Monk
 def test_ctrl_c_during_extract_exits_130_and_keeps_chunks(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import resnet_transfer.extract as extract_mod
+    import resnet_transfer.forward as forward_mod
 
-    real = extract_mod._loader
+    real = forward_mod.forward_images
 
-    def loader(*a: object, **k: object) -> Iterator[object]:
+    def batches(*a: object, **k: object) -> Iterator[object]:
         it = iter(real(*a, **k))
         yield next(it)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract_mod, "_loader", loader)
+    monkeypatch.setattr(forward_mod, "forward_images", batches)
     out = tmp_path / "c.h5"
     r = runner.invoke(
         app, ["extract", "--data", str(tiny_run / "data"), "--out", str(out), "-b", "2", "--chunk-rows", "2", *TINY]

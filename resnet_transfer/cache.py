@@ -33,7 +33,6 @@ from .identity import BackboneIdentity
 FORMAT = "resnet_transfer.cache"
 FORMAT_VERSION = 2  # 2: rows keyed by content, features held in immutable chunk files (docs/cache-format.md)
 FEATURE_CHUNK_ROWS = 1024
-PATH_KEY_PREFIX = "path:"  # a stored key that is a digest of the path, not of the file's content
 NO_STAT = (-1, -1, -1)  # (size, mtime_ns, inode) of a row whose file was not stat'ed (a synthetic cache)
 
 
@@ -80,10 +79,7 @@ class FeatureCache:
             self.dim = int(f["features"].shape[1])
             self.labels = f["labels"][:].astype(np.int64)
             self.paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
-            # stored keys: content keys, or "path:<digest>" for rows written without their file (synthetic
-            # caches); ``keys`` gives "" for those, so nobody mistakes a path digest for a content key
-            self.stored_keys: list[str] = [_s(k) for k in f["keys"][:]]
-            self.keys: list[str] = ["" if k.startswith(PATH_KEY_PREFIX) else k for k in self.stored_keys]
+            self.keys: list[str] = [_s(k) for k in f["keys"][:]]
             self.stages = {k: tuple(v.shape[1:]) for k, v in f["stages"].items()} if "stages" in f else {}
             self.pooled = {k: int(v.shape[1]) for k, v in f["pooled"].items()} if "pooled" in f else {}
             self.pooled_stages: list[str] = json.loads(attrs.get("pooled", "[]"))
@@ -130,7 +126,7 @@ class FeatureCache:
         f = self._file()
         out: dict[str, tuple[tuple[int, int, int], str]] = {}
         for paths, keys, name in (
-            (self.paths, self.stored_keys, "stat"),
+            (self.paths, self.keys, "stat"),
             ([p for p, _ in self.skipped], self.skipped_keys, "skipped_stat"),
         ):
             stats = f[name][:] if name in f else np.full((len(paths), 3), -1, dtype=np.int64)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import FEATURE_CHUNK_ROWS, FORMAT, FORMAT_VERSION, NO_STAT, PATH_KEY_PREFIX, FeatureCache, chunk_dir
+from .cache import FEATURE_CHUNK_ROWS, FORMAT, FORMAT_VERSION, NO_STAT, FeatureCache, chunk_dir
 from .errors import CacheError, IdentityMismatch
 from .fsutil import atomic_write_json, fsync_dir, fsync_file, temp_name
 from .identity import BackboneIdentity
@@ -70,7 +70,7 @@ def versions() -> dict[str, str]:
 
 def path_key(path: str) -> str:
     """The key of a row written without its file's content (a synthetic cache): a digest of the path."""
-    return PATH_KEY_PREFIX + hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(b"path:" + path.encode(), digest_size=16).hexdigest()
 
 
 # ------------------------------------------------------------------------------------- one per element

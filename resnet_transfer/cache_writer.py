@@ -172,7 +172,7 @@ class CacheWriter:
         out: dict[str, tuple[str, int]] = {}
         if self.existing is not None:
             names, chunk, row = self.existing.locations()
-            for k, c, r in zip(self.existing.stored_keys, chunk, row):
+            for k, c, r in zip(self.existing.keys, chunk, row):
                 out.setdefault(k, (names[c], int(r)))
         for c in self.chunks():
             for r, row_ in enumerate(c.rows):
@@ -242,7 +242,7 @@ class CacheWriter:
         if same_kind and self._same_as_existing(rows, skipped):
             self.store.collect(self._indexed())
             return self.existing.n, 0
-        old = set(zip(self.existing.paths, self.existing.stored_keys)) if self.existing is not None else set()
+        old = set(zip(self.existing.paths, self.existing.keys)) if self.existing is not None else set()
         tmp = temp_name(self.out)
         try:
             used = write_cache_index(self, tmp, list(rows), skipped, extra_attrs or {}, merge)
@@ -271,7 +271,7 @@ class CacheWriter:
             remap = label_map(e.classes, self.classes)
             rows = [
                 Row(p, int(remap[lab]) if lab >= 0 else -1, k, stats[p][0])
-                for p, lab, k in zip(e.paths, e.labels, e.stored_keys)
+                for p, lab, k in zip(e.paths, e.labels, e.keys)
             ]
             skipped = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
         seen = {r.path for r in rows} | {s.path for s in skipped}
@@ -294,8 +294,7 @@ class CacheWriter:
         stats = e.file_stats()
         remap = label_map(e.classes, self.classes)
         old_rows = [
-            Row(p, int(remap[lab]) if lab >= 0 else -1, k, stats[p][0])
-            for p, lab, k in zip(e.paths, e.labels, e.stored_keys)
+            Row(p, int(remap[lab]) if lab >= 0 else -1, k, stats[p][0]) for p, lab, k in zip(e.paths, e.labels, e.keys)
         ]
         old_skips = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
         return old_rows == list(rows) and old_skips == list(skipped)

@@ -246,7 +246,7 @@ def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str
     from .extract_plan import change_line, changes, row_names
 
     e = writer.existing
-    old = row_names(e.paths, e.stored_keys, list(e.labels), e.classes) if e is not None else []
+    old = row_names(e.paths, e.keys, list(e.labels), e.classes) if e is not None else []
     new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], classes)
     counts = changes(old, new)
     return counts, change_line(counts, len(skipped))

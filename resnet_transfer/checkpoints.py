@@ -6,7 +6,9 @@ scaler, every random generator and the loop's :class:`~resnet_transfer.finetune.
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,30 @@ from .fsutil import atomic_path
 
 if TYPE_CHECKING:
     from .finetune import Run
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from epoch to epoch (saved in every checkpoint as JSON)."""
+
+    epoch: int = 0  # the next epoch to run
+    best: float | None = None  # the best monitored value so far
+    best_epoch: int = -1
+    bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
+    stopped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
+    precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
+    precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        d = json.loads(text)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.pt"
@@ -57,8 +83,6 @@ def restore_checkpoint(run: Run, ckpt: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"], run.generator)
-    from .finetune import TrainState
-
     run.state = TrainState.from_json(ckpt["state"])
 
 

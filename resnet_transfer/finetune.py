@@ -34,12 +34,14 @@ from .checkpoints import (
     BEST_CKPT,
     CHECKPOINT_DIR,
     LAST_CKPT,
+    TrainState,
     load_checkpoint,
     restore_checkpoint,
     save_best,
     save_checkpoint,
 )
 from .errors import DataError, Interrupted, UsageError
+from .finetune_outputs import FinetuneResult
 from .report import get_reporter
 
 # ------------------------------------------------------------------------------------------------ config
@@ -102,43 +104,7 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass
-class FinetuneResult:
-    out: Path
-    epochs_run: int
-    best_epoch: int
-    best: dict[str, float]
-    stopped_early: bool
-    unfreeze: str
-    seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
-
-
 # ------------------------------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """What the loop carries from epoch to epoch (saved in every checkpoint as JSON)."""
-
-    epoch: int = 0  # the next epoch to run
-    best: float | None = None  # the best monitored value so far
-    best_epoch: int = -1
-    bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
-    stopped: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
-    precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
-    precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainState:
-        d = json.loads(text)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass

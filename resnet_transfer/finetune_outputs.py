@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,21 @@ from .metrics import plot_training_curves
 from .report import get_reporter
 
 if TYPE_CHECKING:
-    from .finetune import FinetuneResult, Run
+    from .finetune import Run
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    epochs_run: int
+    best_epoch: int
+    best: dict[str, float]
+    stopped_early: bool
+    unfreeze: str
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
+
 
 CURVES_PNG = "curves.png"
 REPORT_JSON = "report.json"
@@ -44,7 +59,6 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
     import torch
 
     from .backbones import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
-    from .finetune import FinetuneResult
     from .modeldir import HEAD_FILE, write_model_dir, write_split
 
     cfg, state, model = run.cfg, run.state, run.model

@@ -79,8 +79,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if launched() and not cfg.dry_run:
         return _extract_sharded(cfg)
     t0 = time.perf_counter()
+    images = _listing(cfg)  # first: a wrong --data answers before the backbone (torch, timm) is loaded
     setup = _setup(cfg)
-    images = _listing(cfg)
     writer = _writer(cfg, setup, images, lock=not cfg.dry_run)
     if cfg.dry_run:
         return _dry_run(cfg, writer, images)

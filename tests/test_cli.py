@@ -227,6 +227,8 @@ def test_start_up_imports_only_what_each_command_needs(tiny_run: Path) -> None:
     assert _modules_after(["info", "head"], tiny_run) == (0, set())
     code, mods = _modules_after(["evaluate", "head", "--cache", "tiny.h5"], tiny_run)  # no backbone, no plot
     assert code == 0 and not mods & {"timm", "torchvision", "matplotlib"}, mods
+    # a wrong --data is answered before any backbone is built
+    assert _modules_after(["extract", "--data", "no-such-folder", "--out", "x.h5"], tiny_run) == (2, set())
 
 
 def test_python_m_version_does_not_import_torch() -> None:

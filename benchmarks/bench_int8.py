@@ -1,17 +1,22 @@
-"""int8 first look: torchao PT2E (``X86InductorQuantizer``, calibrated on crops of real photographs) +
-``torch.compile`` vs the compiled and the eager bf16 forward, forward-only, interleaved in one process.
+"""int8: the forward `rt extract --precision int8` runs (resnet_transfer.quantized: torchao PT2E with the
+``X86InductorQuantizer``, calibrated on fixed crops of the photos scikit-learn ships, compiled by inductor)
+vs the compiled and the eager bf16 forward, forward-only, interleaved in one process.
 
 Reports img/s per round (raw samples and medians), the time to quantise and compile, and the feature cosine
-of each path against fp32 eager on held-out real-photo crops. Needs ``pip install torchao`` (0.18 works
-with torch 2.14.1; torch 2.14 no longer ships PT2E under ``torch.ao``). A first look, not an option of
-`rt` yet: see docs/performance.md for the decision.
+of each path against fp32 eager on held-out real-photo crops. With ``--probe-run RUN`` (a finished
+``recipes/offline_digits`` run directory) it also extracts the recipe's target train/test sets with its
+source model in bf16 and in int8 and compares linear-probe accuracy (`rt curve`, the same k-subsets and
+seeds on both, paired differences with a 95% interval). Needs ``pip install 'resnet_transfer[int8]'``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import _shipped_photos, command_line, emit, fmt, isa_summary, machine_info, median, ratio
@@ -41,18 +46,63 @@ def _photo_batch(n: int, size: int, seed: int) -> Any:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def _quantize(net: Any, calib: Any, batch: int) -> Any:
-    import torch
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
+    """bf16 vs int8 features of the recipe's target sets (its source model), and the probe on each."""
+    import numpy as np
 
-    exported = torch.export.export(net, (calib[:batch],)).module()
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    for lo in range(0, len(calib), batch):
-        prepared(calib[lo : lo + batch])
-    return convert_pt2e(prepared)
+    from resnet_transfer.cache import FeatureCache
+    from resnet_transfer.curve import CurveConfig, curve, t_interval
+    from resnet_transfer.extract import ExtractConfig, extract
+
+    model = run / "models" / "source"
+    size = (
+        int(json.loads((model / "report.json").read_text()).get("image_size", 32))
+        if (model / "report.json").exists()
+        else 32
+    )
+    caches: dict[str, dict[str, Path]] = {}
+    seconds: dict[str, float] = {}
+    for prec in ("bf16", "int8"):
+        caches[prec] = {}
+        for part in ("train", "test"):
+            out = work / prec / f"{part}.h5"
+            t = time.perf_counter()
+            extract(ExtractConfig(data=run / "data" / "target" / part, out=out, model="resnet18", weights=str(model),
+                                  image_size=size, precision=prec, compile="off", overwrite=True))  # fmt: skip
+            seconds[f"{prec}_{part}_extract_s"] = time.perf_counter() - t
+            caches[prec][part] = out
+    cos = []
+    for part in ("train", "test"):
+        with FeatureCache(caches["bf16"][part]) as a, FeatureCache(caches["int8"][part]) as b:
+            assert list(a.paths) == list(b.paths)
+            fa, fb = np.asarray(a.features(), np.float64), np.asarray(b.features(), np.float64)
+        cos.append((fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12))
+    cosine = np.concatenate(cos)
+    k_list = [int(k) for k in ks.split(",")]
+    rows: dict[str, dict[str, list[float]]] = {}
+    for prec in ("bf16", "int8"):
+        rep = curve(CurveConfig(train=caches[prec]["train"], test=caches[prec]["test"], ks=k_list, seeds=seeds,
+                                out=work / prec / "curve", knn=False, plot=False)).report  # fmt: skip
+        for r in rep["curve"]:
+            if r["method"] == "probe":
+                rows.setdefault(str(r["k"]), {})[prec] = r["scores"]
+    paired = {}
+    for k, by in rows.items():
+        d = [100 * (b - a) for a, b in zip(by["bf16"], by["int8"])]
+        mean, lo, hi = t_interval(d)
+        paired[k] = {
+            "bf16_mean": float(np.mean(by["bf16"])),
+            "int8_mean": float(np.mean(by["int8"])),
+            "int8_minus_bf16_points": {"mean": mean, "low": lo, "high": hi},
+            "bf16": by["bf16"],
+            "int8": by["int8"],
+        }
+    return {
+        "feature_cosine_int8_vs_bf16": {"min": float(cosine.min()), "median": float(np.median(cosine))},
+        "probe": paired,
+        "seconds": seconds,
+        "image_size": size,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -62,8 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--calib", type=int, default=128, help="real-photo crops to calibrate on")
     p.add_argument("--no-int8", action="store_true", help="only compiled vs eager bf16 (no torchao needed)")
+    p.add_argument("--probe-run", type=Path, default=None, help="a finished offline_digits run: probe bf16 vs int8")
+    p.add_argument("--probe-ks", default="5,10,50,0", help="k per class for the probe check (0: all)")
+    p.add_argument("--probe-seeds", type=int, default=10)
+    p.add_argument("--no-speed", action="store_true", help="only the probe check")
     args = p.parse_args(argv)
     try:
         if not args.no_int8:
@@ -72,6 +125,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("torchao is not installed (pip install torchao); running with --no-int8", file=sys.stderr)
         args.no_int8 = True
 
+    result: dict[str, Any] = {
+        "bench": NAME,
+        "figures": {},
+        "raw": {},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine_info("cpu"), "isa": isa_summary()},
+        "command": command_line(NAME, argv),
+    }
+    lines: list[str] = []
+    if not args.no_speed:
+        speed_lines = _speed(args, result)
+        lines += speed_lines
+    if args.probe_run is not None and not args.no_int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = probe_check(args.probe_run, args.probe_ks, args.probe_seeds, Path(tmp))
+        result["figures"]["probe_check"] = probe
+        c = probe["feature_cosine_int8_vs_bf16"]
+        lines.append(
+            f"probe on {args.probe_run} (source ResNet-18 @{probe['image_size']}): feature cosine int8 vs bf16 "
+            f"min {c['min']:.5f}, median {c['median']:.5f}; accuracy (mean of {args.probe_seeds} seeds), "
+            "int8 - bf16 in points [95% interval]:"
+        )
+        for k, r in probe["probe"].items():
+            d = r["int8_minus_bf16_points"]
+            lines.append(
+                f"  k={k}: bf16 {r['bf16_mean']:.3f}, int8 {r['int8_mean']:.3f}, diff {fmt(d['mean'], 2)} "
+                f"[{fmt(d['low'], 2) if d['low'] is not None else 'n/a'}, {fmt(d['high'], 2) if d['high'] is not None else 'n/a'}]"
+            )
+    return emit(result, lines)
+
+
+def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
     import torch
 
     from resnet_transfer.backbones import build_backbone
@@ -82,7 +167,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu = torch.device("cpu")
     bb = build_backbone(args.model, args.weights, args.image_size)
     net = bb.net.eval().to(memory_format=torch.channels_last)
-    calib = _photo_batch(args.calib, args.image_size, seed=0)
     test = _photo_batch(args.batch, args.image_size, seed=1)
     setup: dict[str, float] = {}
     with torch.inference_mode():
@@ -92,20 +176,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         comp(test)
         setup["compiled_bf16_compile_s"] = time.perf_counter() - t
-    paths: dict[str, Any] = {"eager_bf16": eager, "compiled_bf16": comp}
-    if not args.no_int8:
-        t = time.perf_counter()
-        with torch.no_grad():
-            qnet = _quantize(net, calib, args.batch)
-        setup["int8_quantise_s"] = time.perf_counter() - t
-    import torch._inductor.config as ic
-
-    with torch.no_grad(), ic.patch(freezing=True):
+        paths: dict[str, Any] = {"eager_bf16": eager, "compiled_bf16": comp}
         if not args.no_int8:
-            paths["int8_compiled"] = torch.compile(qnet)
-            t = time.perf_counter()
-            paths["int8_compiled"](test)
-            setup["int8_compile_s"] = time.perf_counter() - t
+            from resnet_transfer.quantized import Int8Forward
+
+            q = Int8Forward(net, bb.transform, cpu)  # what `rt extract --precision int8` runs
+            q(test)
+            setup["int8_quantise_s"] = float(q.quantize_s or 0.0)
+            setup["int8_compile_s"] = float(q.compile_s or 0.0)
+            paths["int8_compiled"] = q
         cosine = {}
         for name, fn in paths.items():
             c = torch.nn.functional.cosine_similarity(fn(test).float(), ref, dim=1)
@@ -118,21 +197,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fn(test)
                 samples[name].append(2 * args.batch / (time.perf_counter() - t))
     med = {k: median(v) for k, v in samples.items()}
-    result = {
-        "bench": NAME,
-        "figures": {
+    result["figures"].update(
+        {
             "img_s_median": med,
             "compiled_vs_eager_bf16": ratio(med["compiled_bf16"], med["eager_bf16"]),
             "int8_vs_compiled_bf16": ratio(med.get("int8_compiled", float("nan")), med["compiled_bf16"]),
             "int8_vs_eager_bf16": ratio(med.get("int8_compiled", float("nan")), med["eager_bf16"]),
             "cosine_vs_fp32": cosine,
             "setup_s": setup,
-        },
-        "raw": {"img_s_samples": samples},
-        "config": vars(args),
-        "machine": {**machine_info("cpu"), "isa": isa_summary()},
-        "command": command_line(NAME, argv),
-    }
+        }
+    )
+    result["raw"]["img_s_samples"] = samples
+    f = result["figures"]
     lines = [f"{args.model} ({args.weights}) @{args.image_size}, batch {args.batch}, {args.rounds} rounds, img/s:"]
     for k in paths:
         lines.append(
@@ -140,11 +216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"cosine vs fp32 min {cosine[k]['min']:.5f}"
         )
     lines.append(
-        f"  compiled / eager bf16 {fmt(result['figures']['compiled_vs_eager_bf16'], 2)}x, int8 / compiled bf16 {fmt(result['figures']['int8_vs_compiled_bf16'], 2)}x, int8 / eager bf16 "
-        f"{fmt(result['figures']['int8_vs_eager_bf16'], 2)}x; setup s: "
+        f"  compiled / eager bf16 {fmt(f['compiled_vs_eager_bf16'], 2)}x, int8 / compiled bf16 "
+        f"{fmt(f['int8_vs_compiled_bf16'], 2)}x, int8 / eager bf16 {fmt(f['int8_vs_eager_bf16'], 2)}x; setup s: "
         + ", ".join(f"{k} {fmt(v)}" for k, v in setup.items())
     )
-    return emit(result, lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -170,7 +170,12 @@ def extract(
     device: DeviceOpt = "auto",
     precision: Annotated[
         str,
-        typer.Option("--precision", help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16"),
+        typer.Option(
+            "--precision",
+            help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16 | int8 (x86 CPUs, pooled "
+            "features only: a quantized copy of the backbone, calibrated on fixed photos; needs "
+            "pip install 'resnet_transfer[int8]'; see docs/performance.md for its speed and accuracy).",
+        ),
     ] = "auto",
     compile: CompileOpt = "auto",
     dtype: Annotated[
@@ -423,6 +428,14 @@ def predict(
         typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
     ] = None,
     compile: CompileOpt = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto | fp32 | bf16 | fp16 | int8: the backbone's precision (use the one the head's cache was "
+            "extracted in: `rt info CACHE` says it).",
+        ),
+    ] = "auto",
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -450,6 +463,7 @@ def predict(
         device=device,
         min_confidence=min_confidence,
         compile=compile,
+        precision=precision,
     )
     marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:
@@ -670,6 +684,15 @@ def finetune(
         typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            "--checkpoint-every",
+            help="Write the resume checkpoint (model, optimiser, RNG: ~3x the model's size) every N epochs and "
+            "after the last; an interrupted run resumes from the last one written. 0: never (a short run "
+            "that is cheaper to redo than to save).",
+        ),
+    ] = 1,
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 
@@ -735,6 +758,7 @@ def finetune(
         overwrite=overwrite,
         sync_bn=sync_bn,
         strict=strict,
+        checkpoint_every=checkpoint_every,
     )
     _exit_3_if_skipped(_call(run_finetune, cfg))
 

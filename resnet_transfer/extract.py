@@ -147,6 +147,15 @@ def _setup(cfg: ExtractConfig) -> _Setup:
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if precision == "int8":
+        from .quantized import require_torchao
+
+        require_torchao()
+        if cfg.cut or cfg.pool_stages:
+            raise UsageError(
+                "--precision int8 computes the pooled features only",
+                "drop --cut / --pool-stages, or use --precision bf16 for a cache with stage features",
+            )
     backbone = build_backbone(cfg.model, cfg.weights, cfg.image_size)
     for c in cfg.cut:
         backbone.check_stage(c)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UsageError
 from .transforms import VIEWS
 
 
@@ -62,6 +63,11 @@ def forward_images(
     from .data import normalized_batches
     from .runtime import autocast
 
+    if precision == "int8" and (pooled is not None or maps):
+        raise UsageError(
+            "--precision int8 runs the backbone's pooled features only",
+            "drop --cut / --pool-stages (or the head on several stages), or use --precision bf16",
+        )
     dev = torch.device(device) if isinstance(device, str) else device
     net = backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     fn = pooled or net
@@ -69,7 +75,11 @@ def forward_images(
     captured: dict[str, Any] = {}
     hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in maps]
     per_batch = max(1, batch_size // views)
-    if pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
+    if precision == "int8":  # the quantized graph (quantized.py)
+        from .quantized import Int8Forward
+
+        fn = Int8Forward(net, backbone.transform, dev)
+    elif pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
         fn = compiled_forward(net, dev, precision, compile, len(images) * views, backbone.identity.to_json())
     batches = normalized_batches(
         images, backbone.transform, per_batch, dev, view=view, workers=workers, max_pixels=max_pixels

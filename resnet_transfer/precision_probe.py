@@ -17,6 +17,8 @@ import statistics
 import time
 from typing import Any
 
+from .errors import UsageError
+
 ROUNDS = 3
 # a probe costs about 2 * (ROUNDS + 1) steps; below this many planned steps it is not worth it and the
 # rule (bf16 where the CPU has it, the inference default) is used
@@ -31,6 +33,11 @@ def choose_train_precision(
     from .runtime import cpu_supports_bf16, resolve_precision
 
     precision = resolve_precision(option, device)
+    if precision == "int8":
+        raise UsageError(
+            "--precision int8 is for inference (rt extract, rt predict), not for training",
+            "train with --precision bf16 or fp32 (auto picks the faster one)",
+        )
     if option != "auto":
         return precision, {"mode": "given"}
     if device.type != "cpu" or not cpu_supports_bf16():

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 _TUNED = False
 
@@ -63,13 +66,16 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: Any) -> str:
-    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16 (avx512_bf16/AMX), else fp32."""
+    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16 (avx512_bf16/AMX), else fp32. ``int8``
+    (extract and predict only: :mod:`quantized`) is never chosen by ``auto``: it changes the features more."""
     p = precision.lower()
-    if p not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"--precision {precision!r} is not known", "use auto, fp32, bf16 or fp16")
+    if p not in ("auto", *PRECISIONS):
+        raise UsageError(f"--precision {precision!r} is not known", "use auto, " + ", ".join(PRECISIONS))
     if p != "auto":
         if p == "fp16" and device.type == "cpu":
             raise UsageError("--precision fp16 is for CUDA", "use bf16 or fp32 on the CPU")
+        if p == "int8" and (device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")):
+            raise UsageError("--precision int8 is for x86 CPUs", "use --precision fp16 or bf16 on this device")
         return p
     if device.type == "cuda":
         return "fp16"
@@ -79,7 +85,7 @@ def resolve_precision(precision: str, device: Any) -> str:
 def autocast(device: Any, precision: str) -> AbstractContextManager[Any]:
     import torch
 
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):  # int8 runs its own quantized graph
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

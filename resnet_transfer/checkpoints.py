@@ -52,9 +52,10 @@ CKPT_FORMAT = "resnet_transfer.finetune-checkpoint"
 CKPT_VERSION = 1
 
 
-def save_best(run: Run, epoch: int) -> None:
-    """``checkpoints/best.pt``: the weights of the best epoch so far."""
-    atomic_torch_save({"format": CKPT_FORMAT, "epoch": epoch + 1, "model": run.model.state()}, run.ck_dir / BEST_CKPT)
+def save_best(run: Run, epoch: int, weights: dict[str, Any] | None = None) -> None:
+    """``checkpoints/best.pt``: the weights of the best epoch so far (``weights``, else the model's now)."""
+    state = weights if weights is not None else run.model.state()
+    atomic_torch_save({"format": CKPT_FORMAT, "epoch": epoch + 1, "model": state}, run.ck_dir / BEST_CKPT)
 
 
 def save_checkpoint(run: Run) -> None:

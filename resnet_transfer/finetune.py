@@ -87,6 +87,7 @@ class FinetuneConfig:
     overwrite: bool = False
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
     strict: bool = False  # fail on the first unreadable image (default: skip it, list it in report.json)
+    checkpoint_every: int = 1  # write the resume checkpoint every N epochs (and at the last); 0: never
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -125,6 +126,8 @@ class Run:
     device: Any
     precision: str
     state: TrainState = field(default_factory=TrainState)
+    best_state: dict[str, Any] | None = None  # the best epoch's weights (a copy), on disk at the next checkpoint
+    best_saved: bool = True  # best.pt holds best_state
 
     @property
     def feed(self) -> Any:
@@ -397,7 +400,8 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     better = state.best is None or (value < state.best if cfg.monitor == "val_loss" else value > state.best)
     if better:
         state.best, state.best_epoch, state.bad = value, epoch, 0
-        save_best(run, epoch)
+        run.best_state = run.model.state()  # a copy, on the CPU
+        run.best_saved = False
     else:
         state.bad += 1
     if cfg.patience and state.bad >= cfg.patience and epoch >= run.policy.last_start and epoch + 1 < cfg.epochs:
@@ -425,6 +429,7 @@ def finetune(
     _announce(run)
     t_start = time.perf_counter()
     seconds_before = sum(r.get("seconds", 0.0) for r in run.state.history)
+    saved = run.state.epoch if ckpt is not None else 0  # the epochs the last checkpoint on disk holds
     for epoch in range(run.state.epoch, cfg.epochs):
         if run.state.stopped:
             break
@@ -437,25 +442,53 @@ def finetune(
         run.state.epoch = epoch + 1
         run.state.skipped.update(run.feed.skipped)
         _report_epoch(run, row, epoch)
-        save_checkpoint(run)
+        if checkpoint_due(cfg, epoch, run.state.stopped):
+            if not run.best_saved and run.best_state is not None:
+                save_best(run, run.state.best_epoch, run.best_state)
+                run.best_saved = True
+            save_checkpoint(run)
+            saved = epoch + 1
         if on_epoch_end is not None:
             try:
                 on_epoch_end(epoch, row)
             except KeyboardInterrupt:
-                raise Interrupted(
-                    f"interrupted after epoch {epoch + 1}: checkpoint saved in {run.ck_dir}",
-                    f"continue with `rt finetune --resume {cfg.out}`",
-                ) from None
+                raise _interrupted(cfg, run, epoch, saved) from None
     seconds = seconds_before + time.perf_counter() - t_start
     for part in distributed.all_gather_object(run.feed.skipped):  # torchrun: each rank read its own images
         run.state.skipped.update(part)
 
     def finish() -> FinetuneResult:  # rank 0 only under torchrun; the others get its result
-        if run.feed.n_val and (run.ck_dir / BEST_CKPT).exists():
+        if run.feed.n_val and run.best_state is not None:
+            run.model.load(run.best_state)
+        elif run.feed.n_val and (run.ck_dir / BEST_CKPT).exists():  # resumed, no better epoch since
             run.model.load(load_checkpoint(run.ck_dir / BEST_CKPT)["model"])
         return write_outputs(run, seconds)
 
     return distributed.on_main(finish)
+
+
+def checkpoint_due(cfg: FinetuneConfig, epoch: int, stopped: bool) -> bool:
+    """Whether the resume checkpoint is written after ``epoch`` (0-based): every ``checkpoint_every``
+    epochs and after the last one (or an early stop); never with ``checkpoint_every`` 0."""
+    n = cfg.checkpoint_every
+    return n > 0 and ((epoch + 1) % n == 0 or epoch + 1 >= cfg.epochs or stopped)
+
+
+def _interrupted(cfg: FinetuneConfig, run: Run, epoch: int, saved: int) -> Interrupted:
+    if saved == epoch + 1:
+        return Interrupted(
+            f"interrupted after epoch {epoch + 1}: checkpoint saved in {run.ck_dir}",
+            f"continue with `rt finetune --resume {cfg.out}`",
+        )
+    if saved:
+        return Interrupted(
+            f"interrupted after epoch {epoch + 1}: the last checkpoint (epoch {saved}) is in {run.ck_dir}",
+            f"continue from epoch {saved} with `rt finetune --resume {cfg.out}`",
+        )
+    return Interrupted(
+        f"interrupted after epoch {epoch + 1}: no checkpoint was written (--checkpoint-every {cfg.checkpoint_every})",
+        "run it again (with --overwrite)",
+    )
 
 
 def _config(cfg: FinetuneConfig, resume: str | Path | None) -> tuple[FinetuneConfig, dict[str, Any] | None]:
@@ -471,7 +504,12 @@ def _config(cfg: FinetuneConfig, resume: str | Path | None) -> tuple[FinetuneCon
         for key in ("head", "data", "cache", "val"):
             if getattr(cfg, key) is not None:
                 setattr(cfg, key, Path(getattr(cfg, key)).expanduser().resolve())
-    for name, v, lo in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
+    checks = (
+        ("--epochs", cfg.epochs, 1),
+        ("--batch-size", cfg.batch_size, 1),
+        ("--checkpoint-every", cfg.checkpoint_every, 0),
+    )
+    for name, v, lo in checks:
         if v < lo:
             raise UsageError(f"{name} {v} must be at least {lo}")
     if cfg.monitor not in ("val_loss", "val_acc"):

@@ -217,6 +217,36 @@ def test_resume_equals_uninterrupted(image_folder, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_checkpoint_every_changes_what_is_written_not_the_result(image_folder, tmp_path):
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
+          "epochs": 3, "patience": 0}  # fmt: skip
+    every = finetune(_cfg(tmp_path / "every", **kw))
+    never = finetune(_cfg(tmp_path / "never", checkpoint_every=0, **kw))
+    assert not (tmp_path / "never" / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "every" / "checkpoints" / "last.pt").exists()
+    assert [r["val_loss"] for r in never.history] == [r["val_loss"] for r in every.history]
+    for name in ("backbone.safetensors", "head.safetensors"):  # the best epoch's weights, kept in memory
+        a, b = load_file(str(tmp_path / "every" / name)), load_file(str(tmp_path / "never" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def stop_after(n):
+        def hook(epoch, row):
+            if epoch + 1 == n:
+                raise KeyboardInterrupt
+
+        return hook
+
+    with pytest.raises(RtError, match="no checkpoint was written"):
+        finetune(_cfg(tmp_path / "first", checkpoint_every=2, **kw), on_epoch_end=stop_after(1))
+    with pytest.raises(RtError, match="checkpoint saved"):
+        finetune(_cfg(tmp_path / "two", checkpoint_every=2, **kw), on_epoch_end=stop_after(2))
+    assert load_checkpoint(tmp_path / "two")["epoch"] == 2
+    resumed = finetune(FinetuneConfig(out=tmp_path / "two"), resume=tmp_path / "two")
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in every.history]
+    with pytest.raises(UsageError, match="--checkpoint-every"):
+        finetune(_cfg(tmp_path / "bad", checkpoint_every=-1, **kw))
+
+
 def test_cached_stage_gradients_equal_full_model():
     """The trainable part gets the same gradients from the cut's maps as from the images."""
     bb = _backbone()

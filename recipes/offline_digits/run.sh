@@ -82,8 +82,8 @@ else
     step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
         "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
         --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 \
-        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision fp32 --patience 0 --out "$MODELS/source" --overwrite
-    rm -rf "$MODELS/source/checkpoints" # 180 MB of resume state; the model directory is what --weights reads
+        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision fp32 --patience 0 --checkpoint-every 0 \
+        --out "$MODELS/source" --overwrite
 fi
 
 if [[ " $METHODS " == *" probe "* ]]; then

@@ -8,7 +8,8 @@ equivalent command line of every run is printed. The k training images per class
 CSV manifest next to the images (``DATA/subset_k<k>_seed<s>.csv``).
 
 Writes ``RUN/eval/<method>/k<k>/seed<s>/report.json`` (`rt evaluate`'s report) and the model directories
-``RUN/models/<method>/k<k>_seed<s>/`` (their per-epoch checkpoints are deleted once the run is evaluated).
+``RUN/models/<method>/k<k>_seed<s>/`` (no resume checkpoints: ``--checkpoint-every 0``; each run is
+short enough to redo).
 The finetunes start, as the toolkit's workflow does, from a probe fitted on the same k images (`rt extract`
 with the source backbone + `rt fit-head`); that probe is scored too (``RUN/eval/probe_fitted/``), so the
 finetune-minus-probe gain is measured on the same images, seed by seed.
@@ -73,6 +74,7 @@ def _settings(args: argparse.Namespace, method: str, k: int) -> dict[str, Any]:
         "hflip": False,
         "color_jitter": args.color_jitter,
         "precision": args.precision,
+        "checkpoint_every": 0,  # short runs: cheaper to redo than to save 134 MB of resume state per epoch
     }
     if method == "scratch":
         return {**common, "model": "resnet18", "weights": "none", "unfreeze": "all", "lr": args.scratch_lr}

@@ -62,43 +62,50 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
     )
     caches: dict[str, dict[str, Path]] = {}
     seconds: dict[str, float] = {}
-    for prec in ("bf16", "int8"):
-        caches[prec] = {}
+    # int8: the default calibration (fixed photo crops), and --calibration on the target's training pool
+    sides = {"bf16": ("bf16", None), "int8": ("int8", None), "int8-own": ("int8", run / "data" / "target" / "train")}
+    for side, (prec, calib) in sides.items():
+        caches[side] = {}
         for part in ("train", "test"):
-            out = work / prec / f"{part}.h5"
+            out = work / side / f"{part}.h5"
             t = time.perf_counter()
             extract(ExtractConfig(data=run / "data" / "target" / part, out=out, model="resnet18", weights=str(model),
-                                  image_size=size, precision=prec, compile="off", overwrite=True))  # fmt: skip
-            seconds[f"{prec}_{part}_extract_s"] = time.perf_counter() - t
-            caches[prec][part] = out
-    cos = []
-    for part in ("train", "test"):
-        with FeatureCache(caches["bf16"][part]) as a, FeatureCache(caches["int8"][part]) as b:
-            assert list(a.paths) == list(b.paths)
-            fa, fb = np.asarray(a.features(), np.float64), np.asarray(b.features(), np.float64)
-        cos.append((fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12))
-    cosine = np.concatenate(cos)
+                                  image_size=size, precision=prec, compile="off", overwrite=True,
+                                  calibration=calib))  # fmt: skip
+            seconds[f"{side}_{part}_extract_s"] = time.perf_counter() - t
+            caches[side][part] = out
+    cosine = {}
+    for side in ("int8", "int8-own"):
+        cos = []
+        for part in ("train", "test"):
+            with FeatureCache(caches["bf16"][part]) as a, FeatureCache(caches[side][part]) as b:
+                assert list(a.paths) == list(b.paths)
+                fa, fb = np.asarray(a.features(), np.float64), np.asarray(b.features(), np.float64)
+            cos.append((fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12))
+        c = np.concatenate(cos)
+        cosine[side] = {
+            "min": float(c.min()),
+            "p1": float(np.quantile(c, 0.01)),
+            "median": float(np.median(c)),
+            "share_below_0.99": float((c < 0.99).mean()),
+        }
     k_list = [int(k) for k in ks.split(",")]
     rows: dict[str, dict[str, list[float]]] = {}
-    for prec in ("bf16", "int8"):
+    for prec in sides:
         rep = curve(CurveConfig(train=caches[prec]["train"], test=caches[prec]["test"], ks=k_list, seeds=seeds,
                                 out=work / prec / "curve", knn=False, plot=False)).report  # fmt: skip
         for r in rep["curve"]:
             if r["method"] == "probe":
                 rows.setdefault(str(r["k"]), {})[prec] = r["scores"]
-    paired = {}
+    paired: dict[str, Any] = {}
     for k, by in rows.items():
-        d = [100 * (b - a) for a, b in zip(by["bf16"], by["int8"])]
-        mean, lo, hi = t_interval(d)
-        paired[k] = {
-            "bf16_mean": float(np.mean(by["bf16"])),
-            "int8_mean": float(np.mean(by["int8"])),
-            "int8_minus_bf16_points": {"mean": mean, "low": lo, "high": hi},
-            "bf16": by["bf16"],
-            "int8": by["int8"],
-        }
+        paired[k] = {f"{side}_mean": float(np.mean(v)) for side, v in by.items()}
+        for side in ("int8", "int8-own"):
+            mean, lo, hi = t_interval([100 * (b - a) for a, b in zip(by["bf16"], by[side])])
+            paired[k][f"{side}_minus_bf16_points"] = {"mean": mean, "low": lo, "high": hi}
+        paired[k]["scores"] = by
     return {
-        "feature_cosine_int8_vs_bf16": {"min": float(cosine.min()), "median": float(np.median(cosine))},
+        "feature_cosine_vs_bf16": cosine,
         "probe": paired,
         "seconds": seconds,
         "image_size": size,
@@ -141,18 +148,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             probe = probe_check(args.probe_run, args.probe_ks, args.probe_seeds, Path(tmp))
         result["figures"]["probe_check"] = probe
-        c = probe["feature_cosine_int8_vs_bf16"]
         lines.append(
-            f"probe on {args.probe_run} (source ResNet-18 @{probe['image_size']}): feature cosine int8 vs bf16 "
-            f"min {c['min']:.5f}, median {c['median']:.5f}; accuracy (mean of {args.probe_seeds} seeds), "
-            "int8 - bf16 in points [95% interval]:"
+            f"probe on {args.probe_run} (source ResNet-18 @{probe['image_size']}), bf16 vs int8 with the default "
+            "calibration (int8) and --calibration on the target's training pool (int8-own):"
         )
-        for k, r in probe["probe"].items():
-            d = r["int8_minus_bf16_points"]
+        for side, c in probe["feature_cosine_vs_bf16"].items():
             lines.append(
-                f"  k={k}: bf16 {r['bf16_mean']:.3f}, int8 {r['int8_mean']:.3f}, diff {fmt(d['mean'], 2)} "
-                f"[{fmt(d['low'], 2) if d['low'] is not None else 'n/a'}, {fmt(d['high'], 2) if d['high'] is not None else 'n/a'}]"
+                f"  feature cosine {side} vs bf16: min {c['min']:.4f}, 1st percentile {c['p1']:.4f}, median "
+                f"{c['median']:.5f}, share below 0.99 {c['share_below_0.99']:.3f}"
             )
+        for k, r in probe["probe"].items():
+            cells = []
+            for side in ("int8", "int8-own"):
+                d = r[f"{side}_minus_bf16_points"]
+                lo = fmt(d["low"], 2) if d["low"] is not None else "n/a"
+                hi = fmt(d["high"], 2) if d["high"] is not None else "n/a"
+                cells.append(f"{side} {r[side + '_mean']:.3f} ({fmt(d['mean'], 2)} pt [{lo}, {hi}])")
+            lines.append(f"  k={k}: bf16 {r['bf16_mean']:.3f}, " + ", ".join(cells))
     return emit(result, lines)
 
 

@@ -258,10 +258,18 @@ class CacheSpec:
                 "pass the same --pool-stages as before, or --overwrite to rebuild the cache",
             )
         if self.precision and cache.precision and cache.precision != self.precision:
+            have = cache.precision.split("@")
+            hint = f"pass --precision {have[0]} as before, or --overwrite to rebuild the cache"
+            if len(have) > 1 or "@" in self.precision:  # int8 calibrated on other images
+                hint = (
+                    f"pass --precision {have[0]} with the --calibration images used before"
+                    + (" (none: the default set)" if len(have) == 1 else "")
+                    + ", or --overwrite to rebuild the cache"
+                )
             raise IdentityMismatch(
                 f"{cache.path} was computed in {cache.precision}, this run asks for {self.precision} "
-                "(rows of two precisions never mix in one cache)",
-                f"pass --precision {cache.precision} as before, or --overwrite to rebuild the cache",
+                "(rows of two precisions, or of two int8 calibration sets, never mix in one cache)",
+                hint,
             )
         if cache.feature_dtype != self.dtype:
             raise IdentityMismatch(

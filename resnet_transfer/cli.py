@@ -173,10 +173,19 @@ def extract(
         typer.Option(
             "--precision",
             help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16 | int8 (x86 CPUs, pooled "
-            "features only: a quantized copy of the backbone, calibrated on fixed photos; needs "
-            "pip install 'resnet_transfer[int8]'; see docs/performance.md for its speed and accuracy).",
+            "features only: a quantized copy of the backbone, calibrated on fixed photos or --calibration; "
+            "needs pip install 'resnet_transfer[int8]'; see docs/performance.md for its speed and accuracy).",
         ),
     ] = "auto",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="With --precision int8: a folder or manifest of your own images (64 are used) to calibrate the "
+            "quantized backbone on. Use it when the backbone was trained on another kind of image than "
+            "natural photos (the default set); later runs into the same cache must give the same images.",
+        ),
+    ] = None,
     compile: CompileOpt = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage type of pooled features: float16 | float32.")
@@ -231,6 +240,8 @@ def extract(
         rt extract --data ./pets --model resnet18 --weights ./resnet18.pth --out pets18.h5
 
         rt extract --data ./pets --cut layer3 --out pets-l3.h5
+
+        rt extract --data ./pets --precision int8 --out pets-int8.h5
     """
     from .extract import ExtractConfig
     from .extract import extract as run_extract
@@ -257,6 +268,7 @@ def extract(
         merge=merge,
         dry_run=dry_run,
         pool_stages=[x.strip() for x in (pool_stages or "").split(",") if x.strip()],
+        calibration=calibration,
     )
     result = _call(run_extract, cfg)
     from .distributed import launched

@@ -50,6 +50,7 @@ class ExtractConfig:
     merge: bool = False  # write one self-contained file (real datasets, no chunk folder)
     dry_run: bool = False  # print the plan; compute and write nothing
     pool_stages: list[str] = field(default_factory=list)  # stages whose pooled features are stored too
+    calibration: Path | None = None  # --precision int8: images to calibrate on (default: fixed photo crops)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class _Setup:
     stage_shapes: dict[str, tuple[int, ...]]
     pooled_dims: dict[str, int]
     workers: int
+    calibration: list[str] | None = None  # int8: the calibration images (precision is then int8@<digest>)
 
 
 def _setup(cfg: ExtractConfig) -> _Setup:
@@ -147,8 +149,11 @@ def _setup(cfg: ExtractConfig) -> _Setup:
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    calibration = None
+    if cfg.calibration is not None and precision != "int8":
+        raise UsageError("--calibration is for --precision int8", "add --precision int8, or drop --calibration")
     if precision == "int8":
-        from .quantized import require_torchao
+        from .quantized import calibration_images, require_torchao
 
         require_torchao()
         if cfg.cut or cfg.pool_stages:
@@ -156,6 +161,8 @@ def _setup(cfg: ExtractConfig) -> _Setup:
                 "--precision int8 computes the pooled features only",
                 "drop --cut / --pool-stages, or use --precision bf16 for a cache with stage features",
             )
+        if cfg.calibration is not None:
+            calibration, precision = calibration_images(cfg.calibration)
     backbone = build_backbone(cfg.model, cfg.weights, cfg.image_size)
     for c in cfg.cut:
         backbone.check_stage(c)
@@ -175,6 +182,7 @@ def _setup(cfg: ExtractConfig) -> _Setup:
         {n: shapes[n] for n in cfg.cut},
         {n: int(shapes[n][0]) for n in cfg.pool_stages},
         workers,
+        calibration,
     )
 
 
@@ -333,6 +341,7 @@ def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], stor
         workers=setup.workers,
         max_pixels=cfg.max_pixels,
         compile=cfg.compile,
+        calibration=setup.calibration,
     )
     buf = _Buffer(setup)
     t_run = time.perf_counter()

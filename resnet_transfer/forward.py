@@ -47,6 +47,7 @@ def forward_images(
     workers: int = 0,
     max_pixels: int | None = None,
     compile: str = "off",
+    calibration: Sequence[str] | None = None,
 ) -> Iterator[ForwardBatch]:
     """Run ``backbone`` (a :class:`backbones.Backbone`) over ``images`` (an :class:`data.ImageList`) in its
     eval transform, ``batch_size`` images per forward pass.
@@ -56,14 +57,17 @@ def forward_images(
     (default ``backbone.net``; e.g. a classifier's ``pooled`` for a head on several stages). ``workers`` > 0
     decodes in DataLoader processes instead of threads. ``device`` is a ``torch.device``, or a name.
     ``compile``: ``auto`` | ``on`` | ``off``, the backbone's forward compiled by inductor
-    (:func:`compiled.compiled_forward`; a custom ``pooled`` stays eager)."""
+    (:func:`compiled.compiled_forward`; a custom ``pooled`` stays eager). ``precision`` ``int8`` (or
+    ``int8@<digest>``) runs :class:`quantized.Int8Forward`, calibrated on the image paths ``calibration``
+    (default: its fixed photo crops)."""
     import torch
 
     from .compiled import compiled_forward
     from .data import normalized_batches
     from .runtime import autocast
 
-    if precision == "int8" and (pooled is not None or maps):
+    int8 = precision.split("@")[0] == "int8"
+    if int8 and (pooled is not None or maps):
         raise UsageError(
             "--precision int8 runs the backbone's pooled features only",
             "drop --cut / --pool-stages (or the head on several stages), or use --precision bf16",
@@ -75,10 +79,10 @@ def forward_images(
     captured: dict[str, Any] = {}
     hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in maps]
     per_batch = max(1, batch_size // views)
-    if precision == "int8":  # the quantized graph (quantized.py)
+    if int8:  # the quantized graph (quantized.py)
         from .quantized import Int8Forward
 
-        fn = Int8Forward(net, backbone.transform, dev)
+        fn = Int8Forward(net, backbone.transform, dev, calibration)
     elif pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
         fn = compiled_forward(net, dev, precision, compile, len(images) * views, backbone.identity.to_json())
     batches = normalized_batches(
@@ -90,7 +94,7 @@ def forward_images(
                 out = ForwardBatch(list(idx), [i for i, e in zip(idx, errors) if not e])
                 out.skipped = [(i, e) for i, e in zip(idx, errors) if e]
                 if xs is not None:
-                    with autocast(dev, precision):
+                    with autocast(dev, "int8" if int8 else precision):
                         feats = fn(xs)
                     feats = feats.float()
                     out.features = feats.reshape(len(out.ok), views, -1) if view else feats

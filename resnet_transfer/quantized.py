@@ -2,11 +2,13 @@
 ``X86InductorQuantizer``: int8 weights per channel, int8 activations per tensor), compiled by inductor.
 
 ``--precision int8`` in ``rt extract`` / ``rt predict`` runs the backbone through :class:`Int8Forward` in
-place of the bf16 forward. The quantized network is a fixed function of the backbone: it is calibrated on
-:data:`CALIBRATION_CROPS` crops, always the same, of the photographs scikit-learn ships (never on the run's own
-images), so a row's features depend on its image only, and an incremental ``rt extract`` adds rows that
-match the old ones (a cache records ``int8`` as its precision; rows of two precisions never mix). If the
-calibration scheme changes, :data:`SCHEME` changes, and with it the precision name the cache records.
+place of the bf16 forward. The quantized network is a fixed function of the backbone and a calibration set,
+never of the run's own images, so a row's features depend on its image only and an incremental
+``rt extract`` adds rows that match the old ones. The default set is :data:`CALIBRATION_CROPS` crops, always
+the same, of the photographs scikit-learn ships (natural photos: right for ImageNet-style backbones; the
+cache records precision ``int8``). ``rt extract --calibration DIR`` calibrates on up to 64 of the user's own
+images instead (right for a backbone trained on another domain; the cache records ``int8@<digest>`` of
+those images' bytes, and a later run must give the same set). Rows of two precisions never mix.
 
 The graph is exported once with a dynamic batch size (calibration runs all crops in one pass), then
 compiled for the run's batch shape; a shorter last batch is padded to that shape, which costs less than a
@@ -17,6 +19,8 @@ recompile and keeps every row on the same kernels. Measured speed and accuracy: 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +67,49 @@ def calibration_batch(transform: Any, n: int = CALIBRATION_CROPS) -> torch.Tenso
     return normalize_batch(torch.stack(crops), transform, torch.channels_last)
 
 
+def calibration_images(source: str | Path, n: int = CALIBRATION_CROPS) -> tuple[list[str], str]:
+    """``n`` images of a folder or CSV manifest (evenly spaced in path order: the same on every run) for
+    :func:`calibration_from_images`, and the precision name a cache records for them: ``int8@<digest>``,
+    where the digest covers the images' bytes and :data:`SCHEME` (rows quantized with another calibration
+    set are other rows)."""
+    import hashlib
+
+    from .data import list_images
+    from .errors import DataError
+    from .fsutil import file_digest
+
+    images = list_images(source)
+    if not len(images):
+        raise DataError(f"{source}: no images to calibrate on", "give --calibration a folder or manifest of images")
+    rel = sorted(images.paths)  # relative to the root: the choice does not depend on where the folder is
+    step = max(1, len(rel) // n)
+    chosen = [str(Path(images.root) / p) for p in rel[::step][:n]]
+    h = hashlib.blake2b(digest_size=6)
+    h.update(SCHEME.encode())
+    for p in chosen:
+        h.update(file_digest(p).encode())
+    return chosen, f"int8@{h.hexdigest()}"
+
+
+def calibration_from_images(paths: Sequence[str], transform: Any) -> torch.Tensor:
+    """The images at ``paths`` through ``transform``'s eval pipeline, channels-last float32 (unreadable
+    ones are left out; at least one must read)."""
+    from .data import ImageDecodeError, load_image
+    from .errors import DataError
+    from .transforms import eval_transform_uint8, normalize_batch
+
+    to_uint8 = eval_transform_uint8(transform)
+    crops = []
+    for p in paths:
+        try:
+            crops.append(to_uint8(load_image(p, draft=transform.draft_target())))
+        except ImageDecodeError:
+            continue
+    if not crops:
+        raise DataError(f"none of the {len(paths)} calibration images could be read", "check --calibration")
+    return normalize_batch(torch.stack(crops), transform, torch.channels_last)
+
+
 def quantize_int8(net: nn.Module, calibration: torch.Tensor) -> nn.Module:
     """``net`` (eval mode) exported with a dynamic batch size, observed on ``calibration``, converted to
     int8 (quantize/dequantize nodes around int8 weights: inductor fuses them into int8 kernels)."""
@@ -86,12 +133,13 @@ class Int8Forward:
     Built on the first call (quantize, then compile on that batch); ``quantize_s`` / ``compile_s`` say what
     that cost. Batches up to that size are padded to it; larger ones are split."""
 
-    def __init__(self, net: nn.Module, transform: Any, device: Any) -> None:
+    def __init__(self, net: nn.Module, transform: Any, device: Any, calibration: Sequence[str] | None = None) -> None:
         if getattr(device, "type", str(device)) != "cpu":
             raise UsageError("--precision int8 is for x86 CPUs", "use --precision fp16 (or bf16) on the GPU")
         require_torchao()
         self.net = net
         self.transform = transform
+        self.calibration = list(calibration) if calibration else None  # image paths; None: the fixed photo crops
         self.quantize_s: float | None = None
         self.compile_s: float | None = None
         self._fn: Any = None
@@ -114,7 +162,13 @@ class Int8Forward:
         rep = get_reporter()
         t = time.perf_counter()
         with torch.inference_mode(False):
-            qnet = quantize_int8(self.net, calibration_batch(self.transform))
+            if self.calibration:
+                calib = calibration_from_images(self.calibration, self.transform)
+                what = f"{len(calib)} calibration images"
+            else:
+                calib = calibration_batch(self.transform)
+                what = f"{CALIBRATION_CROPS} fixed calibration crops"
+            qnet = quantize_int8(self.net, calib)
         self.quantize_s = time.perf_counter() - t
         self._batch = int(x.shape[0])
         self._fn = _frozen_call(torch.compile(qnet, dynamic=False))
@@ -122,7 +176,7 @@ class Int8Forward:
         out = self._fn(x).float()  # the compile happens here
         self.compile_s = time.perf_counter() - t
         rep.info(
-            f"int8: quantized in {self.quantize_s:.1f}s ({CALIBRATION_CROPS} fixed calibration crops, {SCHEME}), "
+            f"int8: quantized in {self.quantize_s:.1f}s ({what}, {SCHEME}), "
             f"compiled in {self.compile_s:.1f}s for batches of {self._batch}"
         )
         return out

@@ -18,7 +18,7 @@ from resnet_transfer.backbones import build_backbone
 from resnet_transfer.cache import FeatureCache
 from resnet_transfer.cli import app
 from resnet_transfer.errors import UsageError
-from resnet_transfer.quantized import Int8Forward, calibration_batch, require_torchao
+from resnet_transfer.quantized import Int8Forward, calibration_batch, calibration_images, require_torchao
 from resnet_transfer.runtime import resolve_precision
 
 CPU = torch.device("cpu")
@@ -111,3 +111,34 @@ def test_cli_int8_refuses_what_it_cannot_do(image_folder: Path, tmp_path: Path) 
     )
     assert r.exit_code == 2, r.output
     assert "not for training" in r.output
+
+
+def test_calibration_images_are_chosen_the_same_way_and_named_by_content(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    paths, name = calibration_images(image_folder, n=4)
+    again, name2 = calibration_images(image_folder, n=4)
+    assert paths == again and name == name2 and name.startswith("int8@") and len(paths) == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    assert calibration_images(copy, n=4)[1] == name  # the bytes count, not where they are
+    changed = Path(calibration_images(copy, n=4)[0][0])
+    changed.write_bytes(next(p for p in sorted(image_folder.rglob("*.png")) if p.name != changed.name).read_bytes())
+    assert calibration_images(copy, n=4)[1] != name
+
+
+def test_cli_extract_int8_with_own_calibration_is_kept_apart(image_folder: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "c.h5"
+    args = ["extract", "--data", str(image_folder), "--model", "resnet18", "--weights", "none"]
+    args += ["--image-size", str(SIZE), "--batch-size", "8", "--out", str(out), "--precision", "int8"]
+    r = runner.invoke(app, [*args, "--calibration", str(image_folder)])
+    assert r.exit_code == 0, r.output
+    with FeatureCache(out) as c:
+        assert c.precision == calibration_images(image_folder)[1]
+    r = runner.invoke(app, args)  # the default calibration set: other rows
+    assert r.exit_code != 0 and "--calibration" in r.output and "--overwrite" in r.output
+    r = runner.invoke(app, [*args, "--calibration", str(image_folder)])  # the same set: nothing to do
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args[:-2], "--calibration", str(image_folder)])  # without int8
+    assert r.exit_code == 2 and "--precision int8" in r.output

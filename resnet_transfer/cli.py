@@ -696,6 +696,15 @@ def finetune(
         typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
+    bn: Annotated[
+        str,
+        typer.Option(
+            "--bn",
+            help="BatchNorm in the stages that train: frozen (keep the pretrained running statistics; scale and "
+            "shift still learn) | train (batch statistics) | auto (frozen for pretrained weights, train for "
+            "--weights none). Frozen keeps the fitted head's features intact when the backbone starts to move.",
+        ),
+    ] = "auto",
     checkpoint_every: Annotated[
         int,
         typer.Option(
@@ -771,6 +780,7 @@ def finetune(
         sync_bn=sync_bn,
         strict=strict,
         checkpoint_every=checkpoint_every,
+        bn=bn,
     )
     _exit_3_if_skipped(_call(run_finetune, cfg))
 

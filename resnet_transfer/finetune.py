@@ -88,6 +88,7 @@ class FinetuneConfig:
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
     strict: bool = False  # fail on the first unreadable image (default: skip it, list it in report.json)
     checkpoint_every: int = 1  # write the resume checkpoint every N epochs (and at the last); 0: never
+    bn: str = "auto"  # BatchNorm of the training stages: frozen statistics | train (batch statistics) | auto
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -221,7 +222,7 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
 
     from .classifier import Classifier
     from .feeds import build_feed
-    from .freeze import FreezePolicy, default_lr_mult, default_probe_epochs, resolve_target
+    from .freeze import FreezePolicy, default_lr_mult, default_probe_epochs, resolve_bn, resolve_target
     from .head import HeadModule
     from .runtime import resolve_device
 
@@ -242,8 +243,18 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     probe = cfg.probe_epochs
     if probe is None:
         probe = default_probe_epochs(start.head_source == "fresh", start.random_init, target, cfg.epochs)
+    bn = resolve_bn(cfg.bn, start.random_init)
     policy = FreezePolicy(
-        bb.stage_groups(), head, target, cfg.schedule, cfg.epochs, cfg.unfreeze_at, cfg.lr, lr_mult, probe
+        bb.stage_groups(),
+        head,
+        target,
+        cfg.schedule,
+        cfg.epochs,
+        cfg.unfreeze_at,
+        cfg.lr,
+        lr_mult,
+        probe,
+        train_bn=bn == "train",
     )
     bb.net.to(device).to(memory_format=torch.channels_last)  # measured faster on CPU too, identical results
     head.to(device)
@@ -526,7 +537,7 @@ def _announce(run: Run) -> None:
         f"finetuning {ident.model} ({ident.weights_id}) with a {s.head_source} head "
         f"on {f.feed.n_train} {'cached ' + f.cut + ' maps' if f.cut else 'images'} ({f.feed.n_val} for validation), "
         f"{len(f.classes)} classes, {run.device.type} {run.precision}, {run.cfg.epochs} epochs x "
-        f"{f.feed.steps_per_epoch()} steps"
+        f"{f.feed.steps_per_epoch()} steps, BatchNorm {'batch statistics' if run.policy.train_bn else 'frozen statistics'}"
     )
     rep.table(
         f"unfreeze {run.target} ({run.cfg.schedule})", ["part", "trains from epoch", "peak lr"], run.policy.describe()

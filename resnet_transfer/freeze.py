@@ -17,6 +17,26 @@ from typing import Any
 
 from .errors import UsageError
 
+BN_MODES = ("auto", "frozen", "train")
+BN_AUTO_TEXT = (
+    "auto: frozen (the pretrained running statistics, scale and shift still train) when the backbone has "
+    "pretrained weights, train (batch statistics) when it starts from random init"
+)
+
+
+def resolve_bn(mode: str, random_init: bool) -> str:
+    """``--bn`` -> ``frozen`` or ``train``. Frozen statistics keep the fitted head's features the same
+    when its backbone starts to train (with batch statistics of a small batch they are not, and the head
+    the run starts from no longer fits: measured in docs/finetune.md); a random-init backbone has no
+    statistics worth keeping."""
+    m = str(mode).lower()
+    if m not in BN_MODES:
+        raise UsageError(f"--bn {mode!r} is not known", "use auto, frozen or train")
+    if m == "auto":
+        return "train" if random_init else "frozen"
+    return m
+
+
 # `--unfreeze auto`: labelled images per class (median over classes) -> how many stages from the top train.
 # Below the first threshold only the head trains; at or above the last one everything does.
 AUTO_RULE: tuple[tuple[int, int], ...] = ((50, 0), (200, 1), (500, 2), (1000, 3))
@@ -67,6 +87,7 @@ class FreezePolicy:
         lr: float = 1e-3,
         lr_mult: float = 0.3,
         probe_epochs: int = 0,
+        train_bn: bool = True,
     ) -> None:
         groups = list(stage_groups)
         if not groups or groups[-1][0] != "head":
@@ -85,6 +106,7 @@ class FreezePolicy:
         n_train = 0 if target == "head" else len(stages) if target == "all" else stages[::-1].index(target) + 1
         starts = self._starts(n_train, schedule, epochs, unfreeze_at, probe_epochs, [n for n, _ in top_down])
         self.target = target
+        self.train_bn = train_bn
         self.schedule = schedule
         self.epochs = epochs
         self.plans: list[StagePlan] = [StagePlan("head", [head, *groups[-1][1]], 0, 0, lr)]
@@ -151,11 +173,19 @@ class FreezePolicy:
 
     def train_mode(self, epoch: int) -> None:
         """Training mode for the parts that train at ``epoch``, eval mode for the frozen ones (so their
-        BatchNorm layers normalise with, and do not update, their running statistics)."""
+        BatchNorm layers normalise with, and do not update, their running statistics). With ``train_bn``
+        False the BatchNorm layers of the training parts stay in eval mode too: their scale and shift still
+        learn, their statistics stay the pretrained ones (``--bn frozen``)."""
+        from torch.nn.modules.batchnorm import _BatchNorm
+
         for p in self.plans:
             on = p.start is not None and p.start <= epoch
             for m in p.modules:
                 m.train(on)
+                if on and not self.train_bn:
+                    for sub in m.modules():
+                        if isinstance(sub, _BatchNorm):
+                            sub.eval()
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: per trained part, one with weight decay (weights) and one without (biases and

@@ -17,7 +17,7 @@ from resnet_transfer.classifier import Classifier
 from resnet_transfer.data import stratified_split
 from resnet_transfer.errors import DataError, RtError, UsageError
 from resnet_transfer.finetune import FinetuneConfig, finetune, load_checkpoint
-from resnet_transfer.freeze import AUTO_RULE_TEXT, FreezePolicy, auto_unfreeze, lr_factor
+from resnet_transfer.freeze import AUTO_RULE_TEXT, FreezePolicy, auto_unfreeze, lr_factor, resolve_bn
 from resnet_transfer.head import HeadModule
 from resnet_transfer.modeldir import read_model_dir, write_model_dir
 from resnet_transfer.report import Reporter, set_reporter
@@ -245,6 +245,45 @@ def test_checkpoint_every_changes_what_is_written_not_the_result(image_folder, t
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in every.history]
     with pytest.raises(UsageError, match="--checkpoint-every"):
         finetune(_cfg(tmp_path / "bad", checkpoint_every=-1, **kw))
+
+
+def test_bn_mode_auto_freezes_statistics_of_pretrained_backbones_only():
+    assert resolve_bn("auto", random_init=False) == "frozen"
+    assert resolve_bn("auto", random_init=True) == "train"
+    assert resolve_bn("TRAIN", random_init=False) == "train"
+    with pytest.raises(UsageError, match="--bn"):
+        resolve_bn("sometimes", random_init=False)
+
+
+def test_policy_with_frozen_bn_keeps_batchnorm_of_training_stages_in_eval():
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4", train_bn=False)
+    pol.apply(0)
+    pol.train_mode(0)
+    layer4 = bb.net.get_submodule("layer4")
+    bns = [m for m in layer4.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in layer4.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert bns and all(not m.training for m in bns)
+    assert all(m.training for m in convs)
+    assert all(p.requires_grad for m in bns for p in m.parameters())  # scale and shift still learn
+    assert not bb.net.get_submodule("layer3").training
+
+
+def test_finetune_bn_frozen_keeps_running_statistics(image_folder, tmp_path):
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
+          "epochs": 1, "patience": 0, "checkpoint_every": 0}  # fmt: skip
+    start = build_backbone("resnet18", "none", SIZE).net.state_dict()  # weights none: seeded, the same init
+    key = next(k for k in start if k.startswith("layer4") and k.endswith("running_mean"))
+    weight = key.replace("running_mean", "weight")
+    got = {}
+    for mode in ("frozen", "train"):
+        r = finetune(_cfg(tmp_path / mode, bn=mode, **kw))
+        assert json.loads((tmp_path / mode / "report.json").read_text())["bn"] == mode
+        got[mode] = load_file(str(tmp_path / mode / "backbone.safetensors"))
+    assert torch.equal(got["frozen"][key], start[key])
+    assert not torch.equal(got["train"][key], start[key])
+    assert not torch.equal(got["frozen"][weight], start[weight])  # BN's scale trained all the same
 
 
 def test_cached_stage_gradients_equal_full_model():

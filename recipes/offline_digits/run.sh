@@ -14,7 +14,7 @@
 # 5. results.py writes RUN_DIR/results.md (mean and 95% interval per k), results.json and accuracy_vs_k.png.
 #
 # Settings (environment variables; the defaults are the README's run):
-#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=6 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
+#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=8 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
 #   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,50,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
 #   SOURCE_MODEL=DIR: reuse the source model of an earlier run with the same data settings (skips step 2)
 set -euo pipefail
@@ -23,7 +23,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${1:-runs/offline_digits}"
 SIZE="${SIZE:-32}"
 SOURCE_RENDERS="${SOURCE_RENDERS:-8}"
-SOURCE_EPOCHS="${SOURCE_EPOCHS:-6}"
+SOURCE_EPOCHS="${SOURCE_EPOCHS:-8}"
 TARGET_RENDERS="${TARGET_RENDERS:-4}"
 TEST_RENDERS="${TEST_RENDERS:-3}"
 MAX_SCANS="${MAX_SCANS:-}"
@@ -82,7 +82,7 @@ else
     step "source model: ResNet-18 from scratch on digits 0-6 ($SOURCE_EPOCHS epochs)" \
         "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
         --image-size "$SIZE" --epochs "$SOURCE_EPOCHS" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 \
-        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision fp32 --patience 0 --checkpoint-every 0 \
+        --crop-scale 0.6 --no-hflip --label-smoothing 0 --precision auto --patience 0 --checkpoint-every 0 \
         --out "$MODELS/source" --overwrite
 fi
 

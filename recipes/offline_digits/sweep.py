@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crop-scale", type=float, default=0.8, help="random-resized-crop minimum area")
     p.add_argument("--color-jitter", type=float, default=0.0)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default="auto", help="auto: what rt finetune --precision auto picks")
     args = p.parse_args(argv)
     args.data = args.data or args.run / "data" / "target"
     args.source = args.source or args.run / "models" / "source"

@@ -15,7 +15,7 @@
 #
 # Settings (environment variables; the defaults are the README's run):
 #   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=8 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
-#   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,50,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
+#   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
 #   SOURCE_MODEL=DIR: reuse the source model of an earlier run with the same data settings (skips step 2)
 set -euo pipefail
 
@@ -31,7 +31,7 @@ BIG_K="${BIG_K:-200}"
 CURVE_KS="${CURVE_KS:-5,10,20,50},$BIG_K"
 SEEDS="${SEEDS:-10}"
 FT_SEEDS="${FT_SEEDS:-3}"
-SCRATCH_KS="${SCRATCH_KS:-10,50,$BIG_K}"
+SCRATCH_KS="${SCRATCH_KS:-10,$BIG_K}"
 METHODS="${METHODS:-probe sweep}"
 SWEEP="${SWEEP:-scratch,layer4,all}"
 PYTHON="${PYTHON:-python}"

@@ -14,7 +14,7 @@
 # 5. results.py writes RUN_DIR/results.md (mean and 95% interval per k), results.json and accuracy_vs_k.png.
 #
 # Settings (environment variables; the defaults are the README's run):
-#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=8 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
+#   SIZE=32 SOURCE_RENDERS=8 SOURCE_EPOCHS=7 TARGET_RENDERS=4 TEST_RENDERS=3 CURVE_KS=5,10,20,50 BIG_K=200
 #   SEEDS=10 FT_SEEDS=3 SCRATCH_KS=10,200 METHODS="probe sweep" SWEEP=scratch,layer4,all
 #   SOURCE_MODEL=DIR: reuse the source model of an earlier run with the same data settings (skips step 2)
 set -euo pipefail
@@ -23,7 +23,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${1:-runs/offline_digits}"
 SIZE="${SIZE:-32}"
 SOURCE_RENDERS="${SOURCE_RENDERS:-8}"
-SOURCE_EPOCHS="${SOURCE_EPOCHS:-8}"
+SOURCE_EPOCHS="${SOURCE_EPOCHS:-7}"
 TARGET_RENDERS="${TARGET_RENDERS:-4}"
 TEST_RENDERS="${TEST_RENDERS:-3}"
 MAX_SCANS="${MAX_SCANS:-}"

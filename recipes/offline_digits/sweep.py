@@ -174,10 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crop-scale", type=float, default=0.8, help="random-resized-crop minimum area")
     p.add_argument("--color-jitter", type=float, default=0.0)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--precision", default="auto", help="auto: what rt finetune --precision auto picks")
+    p.add_argument(
+        "--precision", default="auto", help="auto: what the source model's rt finetune --precision auto chose"
+    )
     args = p.parse_args(argv)
     args.data = args.data or args.run / "data" / "target"
     args.source = args.source or args.run / "models" / "source"
+    if args.precision == "auto":  # the source run's probe already timed fp32 vs bf16 on this host and shape
+        try:
+            args.precision = json.loads((args.source / "report.json").read_text())["precision"]
+            print(f"precision: {args.precision}, as the source model's --precision auto chose", flush=True)
+        except (OSError, KeyError, ValueError):
+            pass  # each run decides for itself
 
     from resnet_transfer.report import Reporter, set_reporter
     from resnet_transfer.runtime import tune_process

@@ -7,7 +7,7 @@
 #    scikit-image): source task = digits 0-6; target task = digits 7/8/9 (other scans, other photographs).
 # 2. A source ResNet-18 is trained from scratch on the source task (rt finetune --weights none --unfreeze all).
 # 3. The target's training pool and test set are extracted once with the source backbone and once with a
-#    random-init one (rt extract); label-efficiency curves of the linear probe (and kNN) come from those
+#    random-init one (rt extract; the two branches run side by side); label-efficiency curves of the linear probe (and kNN) come from those
 #    caches alone, k images per class, SEEDS draws of the k images each (rt curve).
 # 4. sweep.py trains the networks: from scratch at every k, finetune layer4 / all of the source model at the
 #    largest k, FT_SEEDS seeds each (one rt finetune + rt evaluate per run, in one process).
@@ -86,18 +86,37 @@ else
         --out "$MODELS/source" --overwrite
 fi
 
-if [[ " $METHODS " == *" probe "* ]]; then
-    for bb in source random; do
-        if [ "$bb" = source ]; then w="$MODELS/source"; else w=none; fi
-        for part in train test; do
-            step "features of the target $part set ($bb backbone)" \
-                "$RT" extract --data "$DATA/target/$part" --model resnet18 --weights "$w" --image-size "$SIZE" \
-                --out "$CACHE/$bb/$part.h5" --overwrite
-        done
-        step "probe + kNN curves on $bb features (k = $CURVE_KS, $SEEDS seeds)" \
-            "$RT" curve --train "$CACHE/$bb/train.h5" --test "$CACHE/$bb/test.h5" --k "$CURVE_KS" --seeds "$SEEDS" \
-            --out "$RUN/curves/$bb"
+probe_branch() { # probe_branch source|random: the target pool and test set through one backbone, then the curves
+    local bb="$1" w=none
+    if [ "$bb" = source ]; then w="$MODELS/source"; fi
+    for part in train test; do
+        step "features of the target $part set ($bb backbone)" \
+            "$RT" extract --data "$DATA/target/$part" --model resnet18 --weights "$w" --image-size "$SIZE" \
+            --out "$CACHE/$bb/$part.h5" --overwrite
     done
+    step "probe + kNN curves on $bb features (k = $CURVE_KS, $SEEDS seeds)" \
+        "$RT" curve --train "$CACHE/$bb/train.h5" --test "$CACHE/$bb/test.h5" --k "$CURVE_KS" --seeds "$SEEDS" \
+        --out "$RUN/curves/$bb"
+}
+
+if [[ " $METHODS " == *" probe "* ]]; then
+    # The two branches are independent, and each of their five processes spends most of its few seconds
+    # importing torch on one core: run them side by side (the random one logs apart, then is appended).
+    (
+        n=$((n + 3))
+        LOG="$RUN/log.random.txt"
+        : >"$LOG"
+        probe_branch random
+    ) >"$RUN/steps.random.txt" 2>&1 &
+    random_pid=$!
+    probe_branch source
+    random_rc=0
+    wait "$random_pid" || random_rc=$?
+    cat "$RUN/steps.random.txt"
+    cat "$RUN/log.random.txt" >>"$LOG"
+    [ "$random_rc" -eq 0 ] || exit "$random_rc" # (its own log stays, as its message says)
+    rm -f "$RUN/steps.random.txt" "$RUN/log.random.txt"
+    n=$((n + 3))
 fi
 
 if [[ " $METHODS " == *" sweep "* ]]; then

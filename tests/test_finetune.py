@@ -278,7 +278,7 @@ def test_finetune_bn_frozen_keeps_running_statistics(image_folder, tmp_path):
     weight = key.replace("running_mean", "weight")
     got = {}
     for mode in ("frozen", "train"):
-        r = finetune(_cfg(tmp_path / mode, bn=mode, **kw))
+        finetune(_cfg(tmp_path / mode, bn=mode, **kw))
         assert json.loads((tmp_path / mode / "report.json").read_text())["bn"] == mode
         got[mode] = load_file(str(tmp_path / mode / "backbone.safetensors"))
     assert torch.equal(got["frozen"][key], start[key])

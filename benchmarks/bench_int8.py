@@ -19,31 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import _shipped_photos, command_line, emit, fmt, isa_summary, machine_info, median, ratio
+from benchmarks.common import command_line, emit, fmt, isa_summary, machine_info, median, ratio
 
 NAME = "int8"
-
-
-def _photo_batch(n: int, size: int, seed: int) -> Any:
-    """``n`` normalised crops (size x size) of the shipped photographs, at random places and scales."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    photos = _shipped_photos()
-    out = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        h, w = p.shape[:2]
-        s = int(min(h, w) * rng.uniform(0.3, 1.0))
-        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        img = Image.fromarray(p[y : y + s, x : x + s]).resize((size, size), Image.BILINEAR)
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    x = torch.stack(out)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
@@ -179,7 +157,9 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
     cpu = torch.device("cpu")
     bb = build_backbone(args.model, args.weights, args.image_size)
     net = bb.net.eval().to(memory_format=torch.channels_last)
-    test = _photo_batch(args.batch, args.image_size, seed=1)
+    from resnet_transfer.quantized import calibration_batch
+
+    test = calibration_batch(bb.transform, args.batch, seed=1)  # held-out crops (the calibration set is seed 0)
     setup: dict[str, float] = {}
     with torch.inference_mode():
         ref = net(test).float()

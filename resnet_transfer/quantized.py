@@ -46,16 +46,17 @@ def require_torchao() -> None:
         ) from None
 
 
-def calibration_batch(transform: Any, n: int = CALIBRATION_CROPS) -> torch.Tensor:
+def calibration_batch(transform: Any, n: int = CALIBRATION_CROPS, seed: int = 0) -> torch.Tensor:
     """``n`` crops of scikit-learn's sample photographs at fixed places and scales, through ``transform``'s
-    eval pipeline (resize, center crop, normalise), channels-last float32: the same tensor on every run."""
+    eval pipeline (resize, center crop, normalise), channels-last float32: the same tensor on every run
+    (``seed`` 0 is the calibration set; another seed gives other crops, e.g. held-out ones to compare on)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     from .transforms import eval_transform_uint8, normalize_batch
 
     photos = [np.asarray(p, dtype=np.uint8) for p in load_sample_images().images]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     to_uint8 = eval_transform_uint8(transform)
     crops = []
     for i in range(n):

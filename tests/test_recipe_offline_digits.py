@@ -146,13 +146,13 @@ def test_recipe_shows_both_claims_on_a_small_run(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "SOURCE_RENDERS": "4",
-        "SOURCE_EPOCHS": "5",
+        "SOURCE_EPOCHS": "7",  # 4 drawings x 7 epochs = ~25k images: past the slow start (recipe README)
         "TARGET_RENDERS": "2",
         "TEST_RENDERS": "1",
         "CURVE_KS": "5,10",
         "BIG_K": "50",
         "SEEDS": "5",
-        "FT_SEEDS": "2",
+        "FT_SEEDS": "3",  # 2 seeds give a t-interval of +-12.7 sd: from scratch at chance could not be told apart
         "SCRATCH_KS": "10,50",
         "PYTHON": sys.executable,
     }

@@ -128,6 +128,7 @@ class Run:
     precision: str
     state: TrainState = field(default_factory=TrainState)
     best_state: dict[str, Any] | None = None  # the best epoch's weights (a copy), on disk at the next checkpoint
+    calibration: dict[str, Any] | None = None  # the temperature refitted for the final weights (recalibrate)
     best_saved: bool = True  # best.pt holds best_state
 
     @property
@@ -400,6 +401,39 @@ def validate(run: Run) -> dict[str, float | None]:
     return {"val_loss": total / max(1, n), "val_acc": correct / max(1, n)}
 
 
+def recalibrate(run: Run) -> None:
+    """Refit the head's temperature for the final weights on the validation images (as `rt fit-head` does
+    for a probe): a temperature fitted to the starting head's features says nothing about the finetuned
+    ones. Without validation images (or under torchrun, where rank 0 sees a slice) it is reset to 1."""
+    import numpy as np
+    import torch
+
+    from .runtime import autocast
+    from .temperature import calibration_summary, fit_temperature
+
+    head = run.model.head
+    old = float(getattr(head, "temperature", 1.0))
+    if not run.feed.n_val or distributed.launched():
+        head.temperature = 1.0
+        run.calibration = {"temperature": 1.0, "previous": old, "fitted": False}
+        return
+    run.model.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in run.feed.val_batches():
+            x = x.to(run.device).contiguous(memory_format=torch.channels_last)
+            with autocast(run.device, run.precision):
+                logits.append(run.model(x).float().cpu().numpy())
+            labels.append(y.numpy())
+    z, yi = np.concatenate(logits), np.concatenate(labels)
+    t = fit_temperature(z, yi)
+    head.temperature = t
+    run.calibration = {**calibration_summary(z, yi, t), "temperature": t, "previous": old, "fitted": True}
+    get_reporter().info(
+        f"temperature refitted on {len(yi)} validation images: {t:.3g} (the starting head's was {old:.3g})"
+    )
+
+
 def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     """Keep the best epoch's weights in best.pt; stop early after ``patience`` epochs without improvement
     (never before the last stage has been unfrozen)."""
@@ -473,6 +507,7 @@ def finetune(
             run.model.load(run.best_state)
         elif run.feed.n_val and (run.ck_dir / BEST_CKPT).exists():  # resumed, no better epoch since
             run.model.load(load_checkpoint(run.ck_dir / BEST_CKPT)["model"])
+        recalibrate(run)
         return write_outputs(run, seconds)
 
     return distributed.on_main(finish)

@@ -133,6 +133,8 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "unfreeze_auto": run.start.auto_reason,
         "schedule": cfg.schedule,
         "bn": "train" if run.policy.train_bn else "frozen",
+        "temperature": float(getattr(run.model.head, "temperature", 1.0)),
+        "calibration": run.calibration,
         "plan": [{"part": p.name, "from_epoch": p.start, "lr": p.lr} for p in run.policy.plans],
         "unfreeze_events": [{"epoch": r["epoch"], "stages": r["unfrozen"]} for r in history if r["unfrozen"]],
         "cached_stage": run.feeding.cut,

@@ -286,6 +286,25 @@ def test_finetune_bn_frozen_keeps_running_statistics(image_folder, tmp_path):
     assert not torch.equal(got["frozen"][weight], start[weight])  # BN's scale trained all the same
 
 
+def test_finetune_refits_the_temperature_it_started_from(image_folder, tmp_path):
+    bb = _backbone()
+    torch.manual_seed(1)
+    head = HeadModule(bb.num_features, len(CLASSES), temperature=5.0)  # a probe calibrated elsewhere
+    hd = write_model_dir(
+        tmp_path / "head", "head", bb.identity, list(CLASSES), head.config, {"head.safetensors": head.state_dict()}
+    )
+    kw = {"data": image_folder, "unfreeze": "layer4", "epochs": 1, "patience": 0, "checkpoint_every": 0}
+    finetune(_cfg(tmp_path / "ft", head=hd, **kw))
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    cal = report["calibration"]
+    assert cal["fitted"] and cal["previous"] == 5.0 and cal["n"] > 0
+    assert report["temperature"] == cal["temperature"] != 5.0
+    assert read_model_dir(tmp_path / "ft").head_config.get("temperature", 1.0) == report["temperature"]
+    finetune(_cfg(tmp_path / "noval", head=hd, val_fraction=0.0, **kw))  # nothing to fit on: back to 1
+    report = json.loads((tmp_path / "noval" / "report.json").read_text())
+    assert report["temperature"] == 1.0 and report["calibration"]["fitted"] is False
+
+
 def test_cached_stage_gradients_equal_full_model():
     """The trainable part gets the same gradients from the cut's maps as from the images."""
     bb = _backbone()

@@ -95,7 +95,8 @@ def near_pairs(
             sim = 1.0 - float(d)
             if sim < threshold or (B is None and i == j):
                 continue
-            key = (min(i, j), max(i, j)) if B is None else (i, int(j))
+            j = int(j)  # a numpy integer would reach the JSON report as a string
+            key = (min(i, j), max(i, j)) if B is None else (i, j)
             pairs[key] = max(sim, pairs.get(key, -1.0))
     return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda t: -t[2])
 

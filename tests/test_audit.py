@@ -44,6 +44,8 @@ def test_exact_and_near_duplicates_in_train(planted: dict) -> None:
     near = {frozenset((n["a"], n["b"])) for n in d["near"]}
     assert frozenset((p[12], p[20])) in near
     assert frozenset((p[10], p[25])) not in near  # reported as exact, not again as near
+    rows = [i for n in [*d["near"], *d["leakage_near"]] for i in n["rows"]]
+    assert rows and all(type(i) is int for i in rows)  # numpy ints reached audit.json as strings
 
 
 def test_leakage_across_train_and_test(planted: dict) -> None:

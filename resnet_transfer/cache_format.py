@@ -27,6 +27,7 @@ from .cache import FEATURE_CHUNK_ROWS, FORMAT, FORMAT_VERSION, NO_STAT, FeatureC
 from .errors import CacheError, IdentityMismatch
 from .fsutil import atomic_write_json, fsync_dir, fsync_file, temp_name
 from .identity import BackboneIdentity
+from .runtime import precision_kind
 
 #: version of each element's encoding; bumped when that element's layout changes
 ELEMENT_VERSIONS = {
@@ -258,12 +259,12 @@ class CacheSpec:
                 "pass the same --pool-stages as before, or --overwrite to rebuild the cache",
             )
         if self.precision and cache.precision and cache.precision != self.precision:
-            have = cache.precision.split("@")
-            hint = f"pass --precision {have[0]} as before, or --overwrite to rebuild the cache"
-            if len(have) > 1 or "@" in self.precision:  # int8 calibrated on other images
+            kind = precision_kind(cache.precision)
+            hint = f"pass --precision {kind} as before, or --overwrite to rebuild the cache"
+            if "@" in cache.precision or "@" in self.precision:  # an int8 calibration set on either side
                 hint = (
-                    f"pass --precision {have[0]} with the --calibration images used before"
-                    + (" (none: the default set)" if len(have) == 1 else "")
+                    f"pass --precision {kind} with the --calibration images used before"
+                    + (" (none: the default set)" if kind == cache.precision else "")
                     + ", or --overwrite to rebuild the cache"
                 )
             raise IdentityMismatch(

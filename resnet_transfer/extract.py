@@ -153,14 +153,10 @@ def _setup(cfg: ExtractConfig) -> _Setup:
     if cfg.calibration is not None and precision != "int8":
         raise UsageError("--calibration is for --precision int8", "add --precision int8, or drop --calibration")
     if precision == "int8":
-        from .quantized import calibration_images, require_torchao
+        from .quantized import calibration_images, require_pooled_only, require_torchao
 
         require_torchao()
-        if cfg.cut or cfg.pool_stages:
-            raise UsageError(
-                "--precision int8 computes the pooled features only",
-                "drop --cut / --pool-stages, or use --precision bf16 for a cache with stage features",
-            )
+        require_pooled_only(bool(cfg.cut or cfg.pool_stages))  # before the backbone is built
         if cfg.calibration is not None:
             calibration, precision = calibration_images(cfg.calibration)
     backbone = build_backbone(cfg.model, cfg.weights, cfg.image_size)

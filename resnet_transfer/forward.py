@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
 from .transforms import VIEWS
 
 
@@ -64,14 +63,13 @@ def forward_images(
 
     from .compiled import compiled_forward
     from .data import normalized_batches
-    from .runtime import autocast
+    from .runtime import autocast, precision_kind
 
-    int8 = precision.split("@")[0] == "int8"
-    if int8 and (pooled is not None or maps):
-        raise UsageError(
-            "--precision int8 runs the backbone's pooled features only",
-            "drop --cut / --pool-stages (or the head on several stages), or use --precision bf16",
-        )
+    int8 = precision_kind(precision) == "int8"
+    if int8:
+        from .quantized import Int8Forward, require_pooled_only
+
+        require_pooled_only(pooled is not None or bool(maps))
     dev = torch.device(device) if isinstance(device, str) else device
     net = backbone.net.to(dev).eval().to(memory_format=torch.channels_last)
     fn = pooled or net
@@ -80,8 +78,6 @@ def forward_images(
     hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in maps]
     per_batch = max(1, batch_size // views)
     if int8:  # the quantized graph (quantized.py)
-        from .quantized import Int8Forward
-
         fn = Int8Forward(net, backbone.transform, dev, calibration)
     elif pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
         fn = compiled_forward(net, dev, precision, compile, len(images) * views, backbone.identity.to_json())
@@ -94,7 +90,7 @@ def forward_images(
                 out = ForwardBatch(list(idx), [i for i, e in zip(idx, errors) if not e])
                 out.skipped = [(i, e) for i, e in zip(idx, errors) if e]
                 if xs is not None:
-                    with autocast(dev, "int8" if int8 else precision):
+                    with autocast(dev, precision):
                         feats = fn(xs)
                     feats = feats.float()
                     out.features = feats.reshape(len(out.ok), views, -1) if view else feats

@@ -68,6 +68,16 @@ def calibration_batch(transform: Any, n: int = CALIBRATION_CROPS, seed: int = 0)
     return normalize_batch(torch.stack(crops), transform, torch.channels_last)
 
 
+def require_pooled_only(stages: bool) -> None:
+    """Refuse int8 for a run that needs stage outputs (``--cut`` maps, ``--pool-stages``, a head on several
+    stages): the quantized graph returns the pooled features only."""
+    if stages:
+        raise UsageError(
+            "--precision int8 computes the backbone's pooled features only",
+            "drop --cut / --pool-stages (or use a head on the final features), or use --precision bf16",
+        )
+
+
 def calibration_images(source: str | Path, n: int = CALIBRATION_CROPS) -> tuple[list[str], str]:
     """``n`` images of a folder or CSV manifest (evenly spaced in path order: the same on every run) for
     :func:`calibration_from_images`, and the precision name a cache records for them: ``int8@<digest>``,

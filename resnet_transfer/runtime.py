@@ -82,10 +82,16 @@ def resolve_precision(precision: str, device: Any) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def precision_kind(precision: str) -> str:
+    """The compute precision a recorded name stands for: ``int8@<digest>`` (int8 calibrated on a given image
+    set, :mod:`quantized`) is ``int8``; the other names are their own kind."""
+    return precision.split("@", 1)[0]
+
+
 def autocast(device: Any, precision: str) -> AbstractContextManager[Any]:
     import torch
 
-    if precision in ("fp32", "int8"):  # int8 runs its own quantized graph
+    if precision_kind(precision) in ("fp32", "int8"):  # int8 runs its own quantized graph
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

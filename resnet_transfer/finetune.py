@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,25 +378,32 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     }
 
 
-def validate(run: Run) -> dict[str, float | None]:
-    """Loss and accuracy on the validation feed (``None`` without one); every rank validates a slice."""
+def val_logits(run: Run) -> Iterator[tuple[Any, Any]]:
+    """``(float32 logits, labels)`` per batch of the validation feed, the model in eval mode, on the device."""
     import torch
 
     from .runtime import autocast
 
-    if not run.feed.n_val:
-        return {"val_loss": None, "val_acc": None}
     run.model.eval()
-    total, correct, n = 0.0, 0, 0
     with torch.inference_mode():
         for x, y in run.feed.val_batches():
             x = x.to(run.device).contiguous(memory_format=torch.channels_last)
-            y = y.to(run.device)
             with autocast(run.device, run.precision):
                 logits = run.model(x)
-            total += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
+            yield logits.float(), y.to(run.device)
+
+
+def validate(run: Run) -> dict[str, float | None]:
+    """Loss and accuracy on the validation feed (``None`` without one); every rank validates a slice."""
+    import torch
+
+    if not run.feed.n_val:
+        return {"val_loss": None, "val_acc": None}
+    total, correct, n = 0.0, 0, 0
+    for logits, y in val_logits(run):
+        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
     total, correct, n = distributed.all_reduce_sums(total, correct, n)
     return {"val_loss": total / max(1, n), "val_acc": correct / max(1, n)}
 
@@ -406,9 +413,7 @@ def recalibrate(run: Run) -> None:
     for a probe): a temperature fitted to the starting head's features says nothing about the finetuned
     ones. Without validation images (or under torchrun, where rank 0 sees a slice) it is reset to 1."""
     import numpy as np
-    import torch
 
-    from .runtime import autocast
     from .temperature import calibration_summary, fit_temperature
 
     head = run.model.head
@@ -417,15 +422,8 @@ def recalibrate(run: Run) -> None:
         head.temperature = 1.0
         run.calibration = {"temperature": 1.0, "previous": old, "fitted": False}
         return
-    run.model.eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for x, y in run.feed.val_batches():
-            x = x.to(run.device).contiguous(memory_format=torch.channels_last)
-            with autocast(run.device, run.precision):
-                logits.append(run.model(x).float().cpu().numpy())
-            labels.append(y.numpy())
-    z, yi = np.concatenate(logits), np.concatenate(labels)
+    batches = [(z.cpu().numpy(), y.cpu().numpy()) for z, y in val_logits(run)]
+    z, yi = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     t = fit_temperature(z, yi)
     head.temperature = t
     run.calibration = {**calibration_summary(z, yi, t), "temperature": t, "previous": old, "fitted": True}

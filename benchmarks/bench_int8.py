@@ -12,7 +12,6 @@ seeds on both, paired differences with a 95% interval). Needs ``pip install 'res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,13 +30,11 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
     from resnet_transfer.cache import FeatureCache
     from resnet_transfer.curve import CurveConfig, curve, t_interval
     from resnet_transfer.extract import ExtractConfig, extract
+    from resnet_transfer.modeldir import read_model_dir
 
     model = run / "models" / "source"
-    size = (
-        int(json.loads((model / "report.json").read_text()).get("image_size", 32))
-        if (model / "report.json").exists()
-        else 32
-    )
+    ident = read_model_dir(model).identity  # the source model's own architecture and input size
+    size = int(ident.transform.input_size)
     caches: dict[str, dict[str, Path]] = {}
     seconds: dict[str, float] = {}
     # int8: the default calibration (fixed photo crops), and --calibration on the target's training pool
@@ -47,7 +44,7 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
         for part in ("train", "test"):
             out = work / side / f"{part}.h5"
             t = time.perf_counter()
-            extract(ExtractConfig(data=run / "data" / "target" / part, out=out, model="resnet18", weights=str(model),
+            extract(ExtractConfig(data=run / "data" / "target" / part, out=out, model=ident.model, weights=str(model),
                                   image_size=size, precision=prec, compile="off", overwrite=True,
                                   calibration=calib))  # fmt: skip
             seconds[f"{side}_{part}_extract_s"] = time.perf_counter() - t

@@ -18,10 +18,6 @@ from typing import Any
 from .errors import UsageError
 
 BN_MODES = ("auto", "frozen", "train")
-BN_AUTO_TEXT = (
-    "auto: frozen (the pretrained running statistics, scale and shift still train) when the backbone has "
-    "pretrained weights, train (batch statistics) when it starts from random init"
-)
 
 
 def resolve_bn(mode: str, random_init: bool) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from .errors import UsageError
 from .report import get_reporter
 
-SCHEME = "pt2e-x86-v1"  # the quantizer and its calibration set; part of what the cache records
+SCHEME = "pt2e-x86-v1"  # the quantizer and calibration recipe: in the digest of a --calibration set, and logged
 CALIBRATION_CROPS = 64
 
 

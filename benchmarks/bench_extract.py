@@ -9,7 +9,7 @@ after the imports (torch, timm, torchvision, h5py and our modules on both sides)
   ``ImageFolder`` with timm's eval transform for the model, ``DataLoader(batch_size=32, num_workers=0)``,
   fp32, ``torch.no_grad()``, features appended to a list and written to HDF5 with h5py at the end. The
   process is left as a notebook leaves it: no ``mallopt``, no ``OMP_WAIT_POLICY``.
-- **baseline+tuned**: the same loop in a process with :func:`resnet_transfer.runtime.tune_process`
+- **baseline+tuned**: the same loop in a process with :func:`resnet_transfer.base.runtime.tune_process`
   applied first (the allocator and OpenMP settings `rt` applies), so the table shows how much of the gain
   is process tuning and how much is the loop.
 - **ours**: ``tune_process()`` (as the `rt` entry point does), then ``extract(ExtractConfig(...))`` with its
@@ -124,7 +124,7 @@ if ARGS.get("no_draft"):  # the benchmark's switch: full decode, recorded as suc
     def _no_draft(*a, **k):
         bb = _build(*a, **k)
         t = dataclasses.replace(bb.transform, draft=False)
-        return B.Backbone(net=bb.net, identity=B._with_transform(bb.identity, t), stages=bb.stages)
+        return B.Backbone(net=bb.net, identity=B.with_transform(bb.identity, t), stages=bb.stages)
     B.build_backbone = _no_draft
 t0 = time.perf_counter()
 r = extract(ExtractConfig(data=ARGS["data"], out=ARGS["out"], model=ARGS["model"], weights="none",

@@ -95,10 +95,10 @@ def _run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> dict[s
 
     import torch
 
-    from resnet_transfer.extract import ExtractConfig, extract
-    from resnet_transfer.finetune import FinetuneConfig, finetune
-    from resnet_transfer.fit import FitHeadConfig, fit_head
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.base import tune_process
+    from resnet_transfer.cache import ExtractConfig, extract
+    from resnet_transfer.finetuning import FinetuneConfig, finetune
+    from resnet_transfer.head import FitHeadConfig, fit_head
 
     tune_process()
     w, h = (int(v) for v in args.photo_size.lower().split("x"))

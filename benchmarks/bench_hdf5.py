@@ -27,13 +27,14 @@ from benchmarks.common import command_line, emit, fmt, machine_info, median, rat
 
 
 def _identity(dim: int) -> Any:
-    from resnet_transfer.backbones import BackboneIdentity, TransformConfig
+    from resnet_transfer.backbone import BackboneIdentity
+    from resnet_transfer.images import TransformConfig
 
     return BackboneIdentity("resnet50", "resnet50", "none", "random:seed=0", TransformConfig(), dim)
 
 
 def _write_cache(path: Path, X: np.ndarray, y: np.ndarray, dtype: str) -> float:
-    from resnet_transfer.cache_writer import CacheWriter
+    from resnet_transfer.cache import CacheWriter
 
     classes = [f"c{i}" for i in range(int(y.max()) + 1)]
     t = time.perf_counter()

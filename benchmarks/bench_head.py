@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.n, args.test, args.dim, args.classes, args.repeats = 4000, 1000, 512, 10, 2
 
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.base import tune_process
 
     tune_process()  # what the `rt` CLI does first: passive OpenMP waits, no malloc trimming
     import warnings

@@ -26,7 +26,7 @@ from benchmarks.common import command_line, emit, fmt, machine_info, make_photo_
 
 
 def _config(data: Path, out: Path, args: Any, overwrite: bool) -> Any:
-    from resnet_transfer.extract import ExtractConfig
+    from resnet_transfer.cache import ExtractConfig
 
     return ExtractConfig(
         data=data,
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.repeats = 200, 2
-    from resnet_transfer.backbones import build_backbone
-    from resnet_transfer.extract import extract
+    from resnet_transfer.backbone import build_backbone
+    from resnet_transfer.cache import extract
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="rt-bench-incr-"))
     data = make_photo_jpegs(work / "data", args.images, size=(320, 240), seed=0)

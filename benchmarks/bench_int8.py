@@ -27,10 +27,9 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
     """bf16 vs int8 features of the recipe's target sets (its source model), and the probe on each."""
     import numpy as np
 
-    from resnet_transfer.cache import FeatureCache
-    from resnet_transfer.curve import CurveConfig, curve, t_interval
-    from resnet_transfer.extract import ExtractConfig, extract
-    from resnet_transfer.modeldir import read_model_dir
+    from resnet_transfer.cache import ExtractConfig, FeatureCache, extract
+    from resnet_transfer.models import read_model_dir
+    from resnet_transfer.tools import CurveConfig, curve, t_interval
 
     model = run / "models" / "source"
     ident = read_model_dir(model).identity  # the source model's own architecture and input size
@@ -146,15 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
     import torch
 
-    from resnet_transfer.backbones import build_backbone
-    from resnet_transfer.compiled import compiled_forward
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.backbone import build_backbone, compiled_forward
+    from resnet_transfer.base import tune_process
 
     tune_process()
     cpu = torch.device("cpu")
     bb = build_backbone(args.model, args.weights, args.image_size)
     net = bb.net.eval().to(memory_format=torch.channels_last)
-    from resnet_transfer.quantized import calibration_batch
+    from resnet_transfer.backbone import calibration_batch
 
     test = calibration_batch(bb.transform, args.batch, seed=1)  # held-out crops (the calibration set is seed 0)
     setup: dict[str, float] = {}
@@ -167,7 +165,7 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         setup["compiled_bf16_compile_s"] = time.perf_counter() - t
         paths: dict[str, Any] = {"eager_bf16": eager, "compiled_bf16": comp}
         if not args.no_int8:
-            from resnet_transfer.quantized import Int8Forward
+            from resnet_transfer.backbone import Int8Forward
 
             q = Int8Forward(net, bb.transform, cpu)  # what `rt extract --precision int8` runs
             q(test)

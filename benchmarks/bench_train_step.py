@@ -30,8 +30,8 @@ QUICK = ("r18-32-b64-all", "r18-64-b32-all")
 def _step_fn(model: Any, policy: Any, x: Any, y: Any, precision: str, compiled: bool) -> Any:
     import torch
 
-    from resnet_transfer.finetune import _adamw
-    from resnet_transfer.runtime import autocast
+    from resnet_transfer.base import autocast
+    from resnet_transfer.finetuning.training import _adamw
 
     groups = policy.param_groups(0.01)
     opt = _adamw(groups, 1e-4, torch.device("cpu"))
@@ -56,10 +56,10 @@ def _step_fn(model: Any, policy: Any, x: Any, y: Any, precision: str, compiled: 
 def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
     import torch
 
-    from resnet_transfer.backbones import build_backbone
-    from resnet_transfer.classifier import Classifier
-    from resnet_transfer.freeze import FreezePolicy
+    from resnet_transfer.backbone import build_backbone
+    from resnet_transfer.finetuning import FreezePolicy
     from resnet_transfer.head import HeadModule
+    from resnet_transfer.models import Classifier
 
     model_name, size, batch, unfreeze = SHAPES[name]
     bb = build_backbone(model_name, "none", size)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     import torch
 
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.base import tune_process
 
     tune_process()
     names = args.shapes.split(",") if args.shapes else list(QUICK if args.quick else SHAPES)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from resnet_transfer.runtime import cpu_flags  # the one reading of the CPU's ISA flags
+from resnet_transfer.base import cpu_flags  # the one reading of the CPU's ISA flags
 
 REPO = Path(__file__).resolve().parent.parent
 

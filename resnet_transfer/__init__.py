@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .base.version import __version__ as __version__
 
 _LAZY = {
-    "extract": "resnet_transfer.extract",
-    "ExtractConfig": "resnet_transfer.extract",
+    "extract": "resnet_transfer.cache",
+    "ExtractConfig": "resnet_transfer.cache",
     "FeatureCache": "resnet_transfer.cache",
-    "build_backbone": "resnet_transfer.backbones",
-    "list_images": "resnet_transfer.data",
-    "RtError": "resnet_transfer.errors",
+    "build_backbone": "resnet_transfer.backbone",
+    "list_images": "resnet_transfer.images",
+    "RtError": "resnet_transfer.base",
 }
 
 

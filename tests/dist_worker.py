@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from resnet_transfer.cache_writer import ChunkStore
+from resnet_transfer.cache import ChunkStore
 from resnet_transfer.cli import main
 
 
@@ -39,7 +39,8 @@ def _install_hooks() -> None:
 
     ChunkStore.write = write  # type: ignore[method-assign]
 
-    from resnet_transfer import checkpoints, freeze
+    from resnet_transfer.finetuning import checkpoints as checkpoints
+    from resnet_transfer.finetuning import freeze as freeze
 
     if os.environ.get("RT_TEST_BN_EVAL") == "1":
         from torch import nn

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache_writer import CacheWriter
+from resnet_transfer.backbone import BackboneIdentity
+from resnet_transfer.cache import CacheWriter
 from resnet_transfer.head import HeadModule
-from resnet_transfer.modeldir import HEAD_FILE, write_model_dir
+from resnet_transfer.images import TransformConfig
+from resnet_transfer.models import HEAD_FILE, write_model_dir
 
 
 def identity(dim: int) -> BackboneIdentity:

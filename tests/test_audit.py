@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from planted import blobs, write_cache
 
-from resnet_transfer.audit import AuditConfig, audit, exact_groups, label_issues, near_pairs
+from resnet_transfer.tools import AuditConfig, audit, exact_groups, label_issues, near_pairs
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_transfer.backbones import build_backbone, load_state_file, parse_model_name, save_backbone
-from resnet_transfer.errors import UsageError, WeightsError
+from resnet_transfer.backbone import build_backbone, load_state_file, parse_model_name, save_backbone
+from resnet_transfer.base import UsageError, WeightsError
 
 
 @pytest.mark.parametrize(("model", "width", "l3"), [("resnet18", 512, 256), ("resnet50", 2048, 1024)])
@@ -145,7 +145,7 @@ def test_saved_backbone_roundtrip_keeps_transform(tmp_path: Path) -> None:
 
 
 def test_draft_is_on_for_new_identities_and_off_for_recorded_ones_without_it() -> None:
-    from resnet_transfer.backbones import TransformConfig
+    from resnet_transfer.images import TransformConfig
 
     t = build_backbone("resnet18", "none", image_size=32).transform
     assert t.draft is True and t.draft_target() == t.resize_size
@@ -163,9 +163,8 @@ def test_extract_decodes_large_jpegs_with_the_recorded_draft(tmp_path: Path) -> 
     import numpy as np
     from PIL import Image
 
-    from resnet_transfer.cache import FeatureCache
-    from resnet_transfer.data import ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
-    from resnet_transfer.extract import ExtractConfig, extract
+    from resnet_transfer.cache import ExtractConfig, FeatureCache, extract
+    from resnet_transfer.images import ImageDataset, collate, eval_transform_uint8, list_images, normalize_batch
 
     rng = np.random.default_rng(0)
     for c in ("a", "b"):

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import FORMAT_VERSION, FeatureCache
-from resnet_transfer.cache_writer import CacheWriter
-from resnet_transfer.errors import CacheError, IdentityMismatch
+from resnet_transfer.backbone import BackboneIdentity
+from resnet_transfer.base import CacheError, IdentityMismatch
+from resnet_transfer.cache import FORMAT_VERSION, CacheWriter, FeatureCache
+from resnet_transfer.images import TransformConfig
 
 DIM = 6
 
@@ -213,7 +213,7 @@ def test_full_read_of_float16_spanning_several_blocks(tmp_path: Path) -> None:
 
 
 def test_labelled_as_maps_into_another_class_order(tmp_path: Path) -> None:
-    from resnet_transfer.errors import DataError
+    from resnet_transfer.base import DataError
 
     write(tmp_path / "c.h5", 6, 6, stages=False)  # classes a, b, c; labels 0,1,2,0,1,2
     c = FeatureCache(tmp_path / "c.h5")
@@ -298,7 +298,7 @@ class _Dataset:
 
 
 def _run(data: Path, out: Path, overwrite: bool = False) -> object:
-    from resnet_transfer.extract import ExtractConfig, extract
+    from resnet_transfer.cache import ExtractConfig, extract
 
     cfg = ExtractConfig(
         data=data,
@@ -322,7 +322,7 @@ def _rows(c: FeatureCache) -> dict[str, tuple[str, str | None]]:
 
 def _counting_backbone(mp: pytest.MonkeyPatch) -> dict[str, int]:
     """Build the test backbone once, and count the images that go through its forward pass."""
-    import resnet_transfer.backbones as backbones
+    import resnet_transfer.backbone.networks as backbones
 
     real = backbones.build_backbone
     count = {"images": 0}

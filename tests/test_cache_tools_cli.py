@@ -15,10 +15,10 @@ import pytest
 from conftest import make_image_folder
 from typer.testing import CliRunner
 
+from resnet_transfer.base import file_digest
 from resnet_transfer.cache import FeatureCache
 from resnet_transfer.cli import app
-from resnet_transfer.data import list_images
-from resnet_transfer.fsutil import file_digest
+from resnet_transfer.images import list_images
 
 runner = CliRunner()
 BACKBONE = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]

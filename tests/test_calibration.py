@@ -11,7 +11,9 @@ import pytest
 from planted import write_cache, write_head
 from typer.testing import CliRunner
 
-from resnet_transfer.calibration import (
+from resnet_transfer.base import UsageError
+from resnet_transfer.cli import app
+from resnet_transfer.head import (
     UNCERTAIN,
     calibration_report,
     expected_calibration_error,
@@ -20,9 +22,7 @@ from resnet_transfer.calibration import (
     reliability,
     softmax,
 )
-from resnet_transfer.cli import app
-from resnet_transfer.errors import UsageError
-from resnet_transfer.predict import evaluate
+from resnet_transfer.models import evaluate
 
 runner = CliRunner()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from resnet_transfer.base import Reporter
 from resnet_transfer.cli import app
-from resnet_transfer.report import Reporter
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,13 +153,13 @@ def test_reporter_writes_plain_unwrapped_lines_and_periodic_progress() -> None:
 @pytest.mark.parametrize(
     ("target", "args"),
     [
-        ("resnet_transfer.info.describe", ["info", "x.h5"]),
-        ("resnet_transfer.fit.fit_head", ["fit-head", "--cache", "x.h5"]),
-        ("resnet_transfer.predict.predict", ["predict", "head", "x.png"]),
-        ("resnet_transfer.predict.evaluate", ["evaluate", "head", "--cache", "x.h5"]),
-        ("resnet_transfer.finetune.finetune", ["finetune", "--data", "x"]),
-        ("resnet_transfer.export.export_model", ["export", "head"]),
-        ("resnet_transfer.cli._call", ["info", "x.h5"]),  # outside any library call
+        ("resnet_transfer.cache.info.describe", ["info", "x.h5"]),
+        ("resnet_transfer.head.fitting.fit_head", ["fit-head", "--cache", "x.h5"]),
+        ("resnet_transfer.models.prediction.predict", ["predict", "head", "x.png"]),
+        ("resnet_transfer.models.prediction.evaluate", ["evaluate", "head", "--cache", "x.h5"]),
+        ("resnet_transfer.finetuning.training.finetune", ["finetune", "--data", "x"]),
+        ("resnet_transfer.models.exporting.export_model", ["export", "head"]),
+        ("resnet_transfer.cli.common.call", ["info", "x.h5"]),  # outside any library call
     ],
 )
 def test_ctrl_c_exits_130(target: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,7 +174,7 @@ def test_ctrl_c_exits_130(target: str, args: list[str], monkeypatch: pytest.Monk
 def test_ctrl_c_during_extract_exits_130_and_keeps_chunks(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import resnet_transfer.forward as forward_mod
+    import resnet_transfer.backbone.forward as forward_mod
 
     real = forward_mod.forward_images
 

@@ -11,13 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from resnet_transfer import compiled as compiled_mod
-from resnet_transfer import runtime
-from resnet_transfer.backbones import build_backbone
+from resnet_transfer.backbone import build_backbone, compiled_forward
+from resnet_transfer.backbone import compiled as compiled_mod
+from resnet_transfer.base import CompilePrior, UsageError, resolve_compile
+from resnet_transfer.base import runtime as runtime
 from resnet_transfer.cli import app
-from resnet_transfer.compiled import compiled_forward
-from resnet_transfer.errors import UsageError
-from resnet_transfer.runtime import CompilePrior, resolve_compile
 
 CPU = torch.device("cpu")
 GAINING = CompilePrior("test", speedup=2.0, cold_s=40.0, warm_s=10.0, eager_s_per_image=0.04, source="test")

@@ -11,9 +11,9 @@ import pytest
 from planted import blobs, write_cache
 from typer.testing import CliRunner
 
+from resnet_transfer.base import Reporter, set_reporter
 from resnet_transfer.cli import app
-from resnet_transfer.curve import CurveConfig, curve, nested_subsets, t_interval
-from resnet_transfer.report import Reporter, set_reporter
+from resnet_transfer.tools import CurveConfig, curve, nested_subsets, t_interval
 
 CENTRES = 1.5 * np.eye(3, 8)  # overlapping clusters: accuracy grows with k and varies with the draw
 

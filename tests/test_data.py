@@ -8,9 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_transfer.data import ImageDecodeError, list_images, load_image
-from resnet_transfer.errors import DataError
-from resnet_transfer.transforms import TransformConfig, eval_transform, tta_transform
+from resnet_transfer.base import DataError
+from resnet_transfer.images import (
+    ImageDecodeError,
+    TransformConfig,
+    eval_transform,
+    list_images,
+    load_image,
+    tta_transform,
+)
 from tests.odd_images import write_odd_images
 
 
@@ -155,7 +161,7 @@ def test_unreadable_file_is_a_skip_reason(tmp_path: Path, monkeypatch: pytest.Mo
     def denied(*_a: object, **_k: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("resnet_transfer.data.open", denied, raising=False)
+    monkeypatch.setattr("resnet_transfer.images.data.open", denied, raising=False)
     with pytest.raises(ImageDecodeError, match="permission denied"):
         load_image(tmp_path / "locked.png")
 
@@ -176,7 +182,7 @@ def _photo(w: int, h: int, seed: int) -> Image.Image:
 def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.transforms import ResizeCenterCrop, _interpolation
+    from resnet_transfer.images.transforms import ResizeCenterCrop, _interpolation
 
     sizes = [(500, 375), (375, 500), (300, 800), (800, 300), (256, 256), (640, 481), (227, 300), (1000, 999)]
     for resize, crop in [(256, 224), (146, 128)]:
@@ -197,7 +203,7 @@ def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
 def test_fused_resize_crop_falls_back_where_it_must() -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.transforms import ResizeCenterCrop, _interpolation
+    from resnet_transfer.images.transforms import ResizeCenterCrop, _interpolation
 
     # an input smaller than the crop after resizing (padding) and the knife-edge filters: torchvision's
     # own two steps, so the result is exactly theirs
@@ -211,7 +217,7 @@ def test_fused_resize_crop_falls_back_where_it_must() -> None:
 def test_uint8_path_equals_float_path() -> None:
     import torch
 
-    from resnet_transfer.transforms import eval_transform_uint8, normalize_batch
+    from resnet_transfer.images import eval_transform_uint8, normalize_batch
 
     cfg = TransformConfig(input_size=64, resize_size=73, interpolation="bicubic")
     imgs = [_photo(120, 90, 0), _photo(90, 160, 1)]
@@ -225,7 +231,7 @@ def test_uint8_path_equals_float_path() -> None:
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
 def test_iter_batches_in_order_with_errors(tmp_path: Path, threads: int) -> None:
-    from resnet_transfer.data import ImageDataset, eval_transform_uint8, iter_batches
+    from resnet_transfer.images import ImageDataset, eval_transform_uint8, iter_batches
 
     (tmp_path / "a").mkdir()
     for i in range(11):
@@ -252,7 +258,7 @@ def test_decode_threads_yield_to_the_forward_pass() -> None:
 
     import torch
 
-    from resnet_transfer.data import iter_batches
+    from resnet_transfer.images import iter_batches
 
     main = threading.get_native_id()
     main_priority = os.getpriority(os.PRIO_PROCESS, main)
@@ -293,7 +299,7 @@ def test_flip_tta_views_are_the_eval_view_and_its_mirror() -> None:
 
 
 def test_class_order_and_remapping() -> None:
-    from resnet_transfer.data import class_index_map, class_order, extended_class_order, remap_labels
+    from resnet_transfer.images import class_index_map, class_order, extended_class_order, remap_labels
 
     assert class_order({"b", "a"}) == ["a", "b"]
     assert class_order({"b"}, ["b", "a"]) == ["b", "a"]
@@ -309,8 +315,7 @@ def test_class_order_and_remapping() -> None:
 def test_normalized_batches_channels_last_with_errors(tmp_path: Path, view: str | None) -> None:
     import torch
 
-    from resnet_transfer.data import normalized_batches
-    from resnet_transfer.transforms import eval_transform
+    from resnet_transfer.images import eval_transform, normalized_batches
 
     for i in range(3):
         Image.new("RGB", (40 + 7 * i, 30), (30 * i, 90, 200)).save(tmp_path / f"{i}.png")

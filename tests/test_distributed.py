@@ -18,12 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from resnet_transfer.cache import FeatureCache, chunk_dir
-from resnet_transfer.cache_writer import runs
-from resnet_transfer.distributed import RankReporter, dist_env, shard_block
-from resnet_transfer.errors import CacheError
-from resnet_transfer.extract import ExtractConfig, extract
-from resnet_transfer.report import Reporter
+from resnet_transfer.base import CacheError, RankReporter, Reporter, dist_env, shard_block
+from resnet_transfer.cache import ExtractConfig, FeatureCache, chunk_dir, extract, runs
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +219,7 @@ def test_batch_sampler_slices_the_single_process_batches() -> None:
     import torch
     from torch.utils.data import BatchSampler, RandomSampler
 
-    from resnet_transfer.distributed import DistributedBatchSampler
+    from resnet_transfer.base import DistributedBatchSampler
 
     data = list(range(11))
     for drop_last in (True, False):
@@ -240,8 +236,7 @@ def test_batch_sampler_slices_the_single_process_batches() -> None:
 def test_sync_bn_is_refused_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from resnet_transfer.distributed import convert_sync_batchnorm
-    from resnet_transfer.errors import UsageError
+    from resnet_transfer.base import UsageError, convert_sync_batchnorm
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

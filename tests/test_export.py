@@ -13,10 +13,10 @@ from conftest import CLASSES
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from resnet_transfer.backbones import build_backbone
+from resnet_transfer.backbone import build_backbone
 from resnet_transfer.cli import app
 from resnet_transfer.head import HeadModule
-from resnet_transfer.modeldir import read_model_dir
+from resnet_transfer.models import read_model_dir
 
 runner = CliRunner()
 

@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from resnet_transfer.cache import FeatureCache
-from resnet_transfer.cache_writer import ChunkStore
+from resnet_transfer.cache import ChunkStore, ExtractConfig, FeatureCache, extract
 from resnet_transfer.cli import app
-from resnet_transfer.extract import ExtractConfig, extract
 from tests.conftest import make_image_folder
 from tests.odd_images import write_odd_images
 
@@ -187,7 +185,7 @@ def test_noop_run_reads_no_image_and_a_touch_only_rehashes(
 ) -> None:
     import os
 
-    from resnet_transfer import fsutil
+    from resnet_transfer.base import fsutil as fsutil
 
     out = tmp_path / "f.h5"
     assert rt("extract", "--data", fresh_folder, "--out", out, *EXACT).exit_code == 0
@@ -298,7 +296,7 @@ def test_pool_stages_stored_in_one_pass_and_kept_up_to_date(fresh_folder: Path, 
 def test_pooled_stage_features_match_the_stages() -> None:
     import torch
 
-    from resnet_transfer.backbones import build_backbone, pooled_stage_features
+    from resnet_transfer.backbone import build_backbone, pooled_stage_features
 
     b = build_backbone("resnet18", "none", 32)
     x = torch.randn(2, 3, 32, 32)

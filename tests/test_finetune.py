@@ -12,15 +12,21 @@ import torch
 from conftest import CLASSES
 from safetensors.torch import load_file
 
-from resnet_transfer.backbones import build_backbone, save_backbone
-from resnet_transfer.classifier import Classifier
-from resnet_transfer.data import stratified_split
-from resnet_transfer.errors import DataError, RtError, UsageError
-from resnet_transfer.finetune import FinetuneConfig, finetune, load_checkpoint
-from resnet_transfer.freeze import AUTO_RULE_TEXT, FreezePolicy, auto_unfreeze, lr_factor, resolve_bn
+from resnet_transfer.backbone import build_backbone, save_backbone
+from resnet_transfer.base import DataError, Reporter, RtError, UsageError, set_reporter
+from resnet_transfer.finetuning import (
+    AUTO_RULE_TEXT,
+    FinetuneConfig,
+    FreezePolicy,
+    auto_unfreeze,
+    finetune,
+    load_checkpoint,
+    lr_factor,
+    resolve_bn,
+)
 from resnet_transfer.head import HeadModule
-from resnet_transfer.modeldir import read_model_dir, write_model_dir
-from resnet_transfer.report import Reporter, set_reporter
+from resnet_transfer.images import stratified_split
+from resnet_transfer.models import Classifier, read_model_dir, write_model_dir
 
 SIZE = 32
 FAST = {"image_size": None, "batch_size": 8, "precision": "fp32", "workers": 0}
@@ -337,7 +343,7 @@ def test_cached_stage_gradients_equal_full_model():
 
 @pytest.fixture(scope="module")
 def layer3_cache(image_folder, tmp_path_factory):
-    from resnet_transfer.extract import ExtractConfig, extract
+    from resnet_transfer.cache import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("l3") / "l3.h5"
     extract(ExtractConfig(data=image_folder, out=out, model="resnet18", weights="none", image_size=SIZE,
@@ -401,9 +407,8 @@ def scratch_model(image_folder, tmp_path_factory) -> Path:
 
 
 def test_finetuned_dir_is_weights_for_extract(scratch_model, image_folder, tmp_path):
-    from resnet_transfer.cache import FeatureCache
-    from resnet_transfer.data import eval_transform, load_image
-    from resnet_transfer.extract import ExtractConfig, extract
+    from resnet_transfer.cache import ExtractConfig, FeatureCache, extract
+    from resnet_transfer.images import eval_transform, load_image
 
     md = read_model_dir(scratch_model)
     bb = build_backbone("resnet18", str(scratch_model))
@@ -477,7 +482,7 @@ def test_finetune_keeps_the_heads_recorded_split(tmp_path):
 
     from conftest import make_image_folder
 
-    from resnet_transfer.fsutil import file_digest
+    from resnet_transfer.base import file_digest
 
     data = make_image_folder(tmp_path / "data", per_class=6, seed=7)
     head_train, head_val = set(), set()
@@ -528,7 +533,8 @@ def test_precision_probe_picks_the_faster_and_leaves_the_run_alone(monkeypatch):
     """`--precision auto` on a CPU times fp32 and bf16 on a copy of the model and keeps the faster by its own
     medians; the run's parameters, requires_grad flags, train/eval modes and random streams are untouched.
     (No timing is asserted: only that the choice follows the recorded medians.)"""
-    from resnet_transfer import precision_probe, runtime
+    from resnet_transfer.backbone import precision_probe as precision_probe
+    from resnet_transfer.base import runtime as runtime
 
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     bb = _backbone()
@@ -561,7 +567,7 @@ def test_precision_probe_picks_the_faster_and_leaves_the_run_alone(monkeypatch):
 
 
 def test_precision_auto_choice_is_recorded_and_kept_on_resume(image_folder, tmp_path, monkeypatch):
-    from resnet_transfer import precision_probe
+    from resnet_transfer.backbone import precision_probe as precision_probe
 
     monkeypatch.setattr(precision_probe, "MIN_STEPS_FOR_PROBE", 0)
     kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",

@@ -15,15 +15,13 @@ import pytest
 from conftest import make_image_folder
 from typer.testing import CliRunner
 
-from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import FeatureCache
-from resnet_transfer.cache_writer import CacheWriter
+from resnet_transfer.backbone import BackboneIdentity
+from resnet_transfer.base import DataError, IdentityMismatch, Reporter, UsageError, set_reporter
+from resnet_transfer.cache import CacheWriter, ExtractConfig, FeatureCache, extract
 from resnet_transfer.cli import app
-from resnet_transfer.errors import DataError, IdentityMismatch, UsageError
-from resnet_transfer.extract import ExtractConfig, extract
-from resnet_transfer.fit import FitHeadConfig, fit_head
-from resnet_transfer.predict import evaluate, predict
-from resnet_transfer.report import Reporter, set_reporter
+from resnet_transfer.head import FitHeadConfig, fit_head
+from resnet_transfer.images import TransformConfig
+from resnet_transfer.models import evaluate, predict
 
 runner = CliRunner()
 SIZE = 64
@@ -290,7 +288,7 @@ def test_an_overconfident_head_gets_a_temperature_above_one(tmp_path: Path, repo
 
 
 def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path, tmp_path: Path) -> None:
-    from resnet_transfer.modeldir import HEAD_FILE, read_model_dir, write_model_dir
+    from resnet_transfer.models import HEAD_FILE, read_model_dir, write_model_dir
 
     md = read_model_dir(head_dir)
 

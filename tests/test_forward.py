@@ -5,10 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_transfer.backbones import build_backbone
-from resnet_transfer.data import list_images
-from resnet_transfer.forward import forward_images
-from resnet_transfer.transforms import eval_transform
+from resnet_transfer.backbone import build_backbone, forward_images
+from resnet_transfer.images import eval_transform, list_images
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def test_forward_images_features_maps_and_skips(backbone, fresh_folder: Path) ->
     assert b.features.shape == (len(b.ok), backbone.num_features)
     assert b.maps["layer3"].shape[:2] == (len(b.ok), 256)
     first = images.root / images.paths[b.ok[0]]
-    from resnet_transfer.data import load_image
+    from resnet_transfer.images import load_image
 
     x = eval_transform(backbone.transform)(load_image(first))[None]
     with torch.inference_mode():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from resnet_transfer.fsutil import DiskFullError, atomic_path, atomic_write_json, atomic_write_text, file_digest
+from resnet_transfer.base import DiskFullError, atomic_path, atomic_write_json, atomic_write_text, file_digest
 
 
 def test_atomic_write_replaces_whole(tmp_path):

@@ -13,15 +13,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.cache import FeatureCache
-from resnet_transfer.cache_writer import CacheWriter
-from resnet_transfer.errors import UsageError
-from resnet_transfer.fit import FitHeadConfig, fit_head
-from resnet_transfer.head import build_head_module
-from resnet_transfer.head_select import CV_BELOW, feature_candidates, feature_name, select_features
-from resnet_transfer.modeldir import read_model_dir
-from resnet_transfer.report import Reporter, set_reporter
+from resnet_transfer.backbone import BackboneIdentity
+from resnet_transfer.base import Reporter, UsageError, set_reporter
+from resnet_transfer.cache import CacheWriter, FeatureCache
+from resnet_transfer.head import (
+    CV_BELOW,
+    FitHeadConfig,
+    build_head_module,
+    feature_candidates,
+    feature_name,
+    fit_head,
+    select_features,
+)
+from resnet_transfer.images import TransformConfig
+from resnet_transfer.models import read_model_dir
 
 
 @pytest.fixture(autouse=True)

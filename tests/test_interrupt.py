@@ -124,7 +124,7 @@ def test_finetune_repeated_random_kills(tmp_path: Path) -> None:
     next run resumes from it, and the final model equals an uninterrupted run's, bit for bit."""
     from safetensors.torch import load_file
 
-    from resnet_transfer.finetune import load_checkpoint
+    from resnet_transfer.finetuning import load_checkpoint
 
     data = make_image_folder(tmp_path / "data", per_class=10, seed=7)
     args = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--unfreeze", "all"]

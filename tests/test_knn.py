@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from planted import blobs
 
-from resnet_transfer.knn import choose_k, fit_knn, knn_report
+from resnet_transfer.head import choose_k, fit_knn, knn_report
 
 
 def _noisy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

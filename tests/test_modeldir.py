@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_transfer.backbones import BackboneIdentity, TransformConfig
-from resnet_transfer.errors import ModelDirError, UsageError
+from resnet_transfer.backbone import BackboneIdentity
+from resnet_transfer.base import ModelDirError, UsageError
 from resnet_transfer.head import HeadModule
-from resnet_transfer.modeldir import read_model_dir, write_model_dir
+from resnet_transfer.images import TransformConfig
+from resnet_transfer.models import read_model_dir, write_model_dir
 
 
 def _write(out: Path) -> HeadModule:
@@ -63,7 +64,7 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 
 def _head_dir(out: Path, features: list[str] | None = None, in_features: int | None = None) -> Path:
-    from resnet_transfer.backbones import build_backbone
+    from resnet_transfer.backbone import build_backbone
 
     bb = build_backbone("resnet18", "none", 32)
     torch.manual_seed(3)
@@ -75,9 +76,8 @@ def _head_dir(out: Path, features: list[str] | None = None, in_features: int | N
 
 
 def test_load_classifier_is_backbone_then_head(tmp_path: Path) -> None:
-    from resnet_transfer.backbones import build_backbone
-    from resnet_transfer.classifier import Classifier
-    from resnet_transfer.modeldir import load_classifier
+    from resnet_transfer.backbone import build_backbone
+    from resnet_transfer.models import Classifier, load_classifier
 
     clf, md = load_classifier(_head_dir(tmp_path / "h"))
     assert isinstance(clf, Classifier) and isinstance(clf, torch.nn.Module) and not clf.training
@@ -100,8 +100,8 @@ def test_load_classifier_is_backbone_then_head(tmp_path: Path) -> None:
 def test_load_classifier_feeds_the_heads_stage_features(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A head config with `features` gets the concatenated pooled features of those stages, computed by
     `backbones.pooled_stage_features` (the contract; stubbed here with its documented shape)."""
-    from resnet_transfer import backbones
-    from resnet_transfer.modeldir import load_classifier
+    from resnet_transfer.backbone import networks as backbones
+    from resnet_transfer.models import load_classifier
 
     calls = []
 
@@ -131,10 +131,9 @@ def test_load_classifier_feeds_the_heads_stage_features(tmp_path: Path, monkeypa
 def test_predict_feeds_a_stage_features_head_its_stages(tmp_path: Path, image_folder: Path) -> None:
     """`rt predict` on images goes through the Classifier, so a head on layer3+layer4 pooled features gets
     those (not the final features, whose width would not even fit)."""
-    from resnet_transfer.backbones import pooled_stage_features
-    from resnet_transfer.data import eval_transform, load_image
-    from resnet_transfer.modeldir import load_classifier
-    from resnet_transfer.predict import predict
+    from resnet_transfer.backbone import pooled_stage_features
+    from resnet_transfer.images import eval_transform, load_image
+    from resnet_transfer.models import load_classifier, predict
 
     hd = _head_dir(tmp_path / "h", ["layer3", "layer4"], in_features=256 + 512)
     img = sorted((image_folder / "circle").iterdir())[0]

@@ -14,12 +14,10 @@ from typer.testing import CliRunner
 
 pytest.importorskip("torchao", reason="the int8 forward needs torchao (pip install 'resnet_transfer[int8]')")
 
-from resnet_transfer.backbones import build_backbone
+from resnet_transfer.backbone import Int8Forward, build_backbone, calibration_batch, calibration_images, require_torchao
+from resnet_transfer.base import UsageError, resolve_precision
 from resnet_transfer.cache import FeatureCache
 from resnet_transfer.cli import app
-from resnet_transfer.errors import UsageError
-from resnet_transfer.quantized import Int8Forward, calibration_batch, calibration_images, require_torchao
-from resnet_transfer.runtime import resolve_precision
 
 CPU = torch.device("cpu")
 SIZE = 32

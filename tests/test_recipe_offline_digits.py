@@ -122,7 +122,7 @@ def test_results_intervals_claims_and_table(tmp_path: Path) -> None:
 
 def test_sweep_manifests_batches_and_epochs(tmp_path: Path) -> None:
     """sweep.py: the seeded k-image manifests load as a dataset; tiny sets get small batches."""
-    from resnet_transfer.data import list_images
+    from resnet_transfer.images import list_images
 
     sw = _load("sweep")
     data = tmp_path / "target"
@@ -173,9 +173,8 @@ def test_finetune_no_hflip_drops_the_flip() -> None:
     """Digits need `rt finetune --no-hflip`: a mirrored 2 looks like a 5."""
     from torchvision import transforms as T
 
-    from resnet_transfer.backbones import TransformConfig
-    from resnet_transfer.data import train_transform
-    from resnet_transfer.finetune import FinetuneConfig
+    from resnet_transfer.finetuning import FinetuneConfig
+    from resnet_transfer.images import TransformConfig, train_transform
 
     def has_flip(t: T.Compose) -> bool:
         return any(isinstance(s, T.RandomHorizontalFlip) for s in t.transforms)

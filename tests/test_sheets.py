@@ -10,7 +10,7 @@ from PIL import Image
 from planted import write_cache, write_images
 
 from resnet_transfer.cache import FeatureCache
-from resnet_transfer.sheets import contact_sheet, image_root, most_confidently_wrong, plot_top_losses, resolve
+from resnet_transfer.images import contact_sheet, image_root, most_confidently_wrong, plot_top_losses, resolve
 
 
 def test_sheet_is_a_grid_of_the_images(tmp_path: Path) -> None:

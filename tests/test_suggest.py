@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from planted import write_cache, write_head, write_images
 
-from resnet_transfer.data import list_images
-from resnet_transfer.errors import DataError, UsageError
-from resnet_transfer.fsutil import file_digest
-from resnet_transfer.suggest import SuggestConfig, diverse_top, suggest, uncertainty
+from resnet_transfer.base import DataError, UsageError, file_digest
+from resnet_transfer.images import list_images
+from resnet_transfer.tools import SuggestConfig, diverse_top, suggest, uncertainty
 
 DIM = 8
 

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_transfer.head import HeadModule, build_head_module, predict_logits, predict_probabilities
-from resnet_transfer.temperature import calibration_summary, fit_temperature
+from resnet_transfer.head import (
+    HeadModule,
+    build_head_module,
+    calibration_summary,
+    fit_temperature,
+    predict_logits,
+    predict_probabilities,
+)
 
 
 def calibrated(n: int = 4000, k: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

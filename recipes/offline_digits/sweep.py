@@ -1,7 +1,7 @@
 """The trained-network rows of offline_digits: from scratch, finetune layer4 / all, for several k and seeds.
 
 Each (method, k, seed) is exactly one `rt finetune` + one `rt evaluate` (the same library calls the CLI
-makes: ``resnet_transfer.finetune.finetune`` and ``resnet_transfer.predict.evaluate``), run in this one
+makes: ``resnet_transfer.finetuning.training.finetune`` and ``resnet_transfer.models.prediction.evaluate``), run in this one
 process so that the recipe pays Python/torch start-up (~5-8 s on 2 cores) once instead of 2 x 20 times. The
 equivalent command line of every run is printed. The k training images per class are drawn from
 ``DATA/train`` by seed with the same sampler as the probe curves (``results.subset_rows``) and written as a
@@ -97,7 +97,7 @@ def _command(manifest: Path, out: Path, seed: int, s: dict[str, Any], head: Path
 
 
 def _evaluate(args: argparse.Namespace, model: Path, report_dir: Path, **where: Any) -> float:
-    from resnet_transfer.predict import evaluate
+    from resnet_transfer.models import evaluate
 
     src = where.get("cache") or where.get("data")
     print(f"$ rt evaluate {model} --{next(iter(where))} {src} --out {report_dir}", flush=True)
@@ -107,8 +107,8 @@ def _evaluate(args: argparse.Namespace, model: Path, report_dir: Path, **where: 
 def probe_head(args: argparse.Namespace, manifest: Path, k: int, seed: int) -> Path:
     """`rt extract` of the k images with the source backbone + `rt fit-head`: the probe the finetunes start
     from (as in the toolkit's workflow), scored on the source-feature test cache when the run has one."""
-    from resnet_transfer.extract import ExtractConfig, extract
-    from resnet_transfer.fit import FitHeadConfig, fit_head
+    from resnet_transfer.cache import ExtractConfig, extract
+    from resnet_transfer.head import FitHeadConfig, fit_head
 
     cache = args.run / "cache" / "source" / f"k{k}_seed{seed}.h5"
     head = args.run / "models" / "probe_source" / f"k{k}_seed{seed}"
@@ -127,7 +127,7 @@ def probe_head(args: argparse.Namespace, manifest: Path, k: int, seed: int) -> P
 
 
 def run_one(args: argparse.Namespace, method: str, k: int, seed: int, head: Path | None) -> float:
-    from resnet_transfer.finetune import FinetuneConfig, finetune
+    from resnet_transfer.finetuning import FinetuneConfig, finetune
 
     manifest = write_manifest(args.data, k, seed)
     name = "scratch" if method == "scratch" else f"finetune_{method}"
@@ -187,8 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, KeyError, ValueError):
             pass  # each run decides for itself
 
-    from resnet_transfer.report import Reporter, set_reporter
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.base import Reporter, set_reporter, tune_process
 
     tune_process()
     set_reporter(Reporter(verbose=True, stream=sys.stdout))  # what `rt` prints, into the recipe's log

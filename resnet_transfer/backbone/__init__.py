@@ -1,0 +1,38 @@
+"""The backbone wing: model names -> headless networks, weights (hub, file, none), the identity that
+caches and model directories record, stages, and the eager / compiled / int8 forward over images.
+"""
+
+from __future__ import annotations
+
+from ..base.lazy import face
+
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "compiled": ("compiled_forward",),
+        "forward": ("forward_images",),
+        "identity": (
+            "BackboneIdentity",
+            "sha256_file",
+        ),
+        "networks": (
+            "BACKBONE_FILE",
+            "Backbone",
+            "backbone_from_identity",
+            "build_backbone",
+            "with_transform",
+            "load_state_file",
+            "parse_model_name",
+            "pooled_stage_features",
+            "save_backbone",
+        ),
+        "precision_probe": ("choose_train_precision",),
+        "quantized": (
+            "Int8Forward",
+            "calibration_batch",
+            "calibration_images",
+            "require_pooled_only",
+            "require_torchao",
+        ),
+    },
+)

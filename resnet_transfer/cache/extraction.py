@@ -1,0 +1,508 @@
+"""`rt extract`: run the frozen backbone once over the images and store the activations in a cache.
+
+The run is plain on purpose: list the images -> open the cache writer (lock, identity checks) -> plan
+(:mod:`resnet_transfer.extract_plan`: content keys, what is stored, what must be computed) -> forward the
+images of new content in batches, committing a chunk file every ``chunk_rows`` images -> write the new
+index (the rows as they are now) -> say what changed in one line.
+
+Under torchrun (:func:`extract` sees ``RANK``/``WORLD_SIZE``), rank 0 lists, plans and holds the lock; the
+images to compute are cut into contiguous blocks, one per rank; every rank writes its chunk files into the
+same ``<out>.chunks/`` folder; then rank 0 writes the index. Rows, keys and order are those of a
+single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..base import DataError, Interrupted, RtError, UsageError, get_reporter
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `rt extract` needs; the CLI fills it from its options."""
+
+    data: Path
+    out: Path
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    cut: list[str] = field(default_factory=list)
+    batch_size: int = 32
+    workers: int | None = None  # None: chosen for the device
+    device: str = "auto"
+    precision: str = "auto"
+    compile: str = "auto"  # auto | on | off: the forward compiled by inductor (compiled.compiled_forward)
+    dtype: str = "float16"
+    overwrite: bool = False
+    allow_outside: bool = False
+    strict: bool = False
+    chunk_rows: int = 256
+    record_root: bool = False
+    max_pixels: int | None = None
+    merge: bool = False  # write one self-contained file (real datasets, no chunk folder)
+    dry_run: bool = False  # print the plan; compute and write nothing
+    pool_stages: list[str] = field(default_factory=list)  # stages whose pooled features are stored too
+    calibration: Path | None = None  # --precision int8: images to calibrate on (default: fixed photo crops)
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    rows: int
+    new_rows: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+    images_per_s: float
+    notes: list[str] = field(default_factory=list)
+    changes: dict[str, int] = field(default_factory=dict)  # added, changed, removed, relabelled, moved, unchanged
+    summary: str = ""  # the one line saying what changed
+    computed: int = 0  # images that went through the forward pass
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Bring the cache ``cfg.out`` in line with the images at ``cfg.data``: pooled features (plus ``cfg.cut``
+    maps and ``cfg.pool_stages`` pooled features) of every image, keyed by content.
+
+    Incremental and resumable: stored content (in the cache or in finished chunks of an interrupted run) is
+    never recomputed; moved or relabelled images only change their row. Under torchrun every rank computes
+    a block. Raises :class:`RtError` subclasses for anything the user must fix."""
+    from ..base import launched
+
+    _check_options(cfg)
+    if launched() and not cfg.dry_run:
+        return _extract_sharded(cfg)
+    t0 = time.perf_counter()
+    images = _listing(cfg)  # first: a wrong --data answers before the backbone (torch, timm) is loaded
+    setup = _setup(cfg)
+    writer = _writer(cfg, setup, images, lock=not cfg.dry_run)
+    if cfg.dry_run:
+        return _dry_run(cfg, writer, images)
+    with writer:
+        plan = _plan(writer, images)
+        todo, keys = plan.todo()
+        _announce(cfg, setup, plan, len(images))
+        computed, seconds = _compute(cfg, setup, todo, keys, writer.store) if len(todo) else (0, 0.0)
+        return _finish(cfg, writer, plan, computed, seconds, t0)
+
+
+def _check_options(cfg: ExtractConfig) -> None:
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be at least 1", "use e.g. --batch-size 32")
+    if cfg.chunk_rows < 1:
+        raise UsageError(f"--chunk-rows {cfg.chunk_rows} must be at least 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UsageError(f"--workers {cfg.workers} must be 0 or more")
+    out = Path(cfg.out)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory", "give a file name such as features.h5")
+
+
+def _listing(cfg: ExtractConfig) -> Any:
+    """The images, classes in the existing cache's order first (so label ids stay), then new ones sorted."""
+    from ..images import extended_class_order, list_images
+    from .reader import FeatureCache
+
+    out = Path(cfg.out)
+    known: list[str] | None = None
+    if out.exists() and not cfg.overwrite:
+        try:
+            with FeatureCache(out) as c:
+                known = c.classes
+        except RtError:
+            known = None  # the writer reports what is wrong with it
+    images = list_images(cfg.data, allow_outside=cfg.allow_outside)
+    if known is not None:
+        order = extended_class_order(known, images.classes)
+        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
+    for note in images.notes:
+        get_reporter().warn(note)
+    return images
+
+
+@dataclass
+class _Setup:
+    """The built backbone and everything decided once for a run."""
+
+    device: Any
+    precision: str
+    backbone: Any
+    net: Any
+    stage_shapes: dict[str, tuple[int, ...]]
+    pooled_dims: dict[str, int]
+    workers: int
+    calibration: list[str] | None = None  # int8: the calibration images (precision is then int8@<digest>)
+
+
+def _setup(cfg: ExtractConfig) -> _Setup:
+    import torch
+
+    from ..backbone import build_backbone
+    from ..base import default_workers, resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    calibration = None
+    if cfg.calibration is not None and precision != "int8":
+        raise UsageError("--calibration is for --precision int8", "add --precision int8, or drop --calibration")
+    if precision == "int8":
+        from ..backbone import calibration_images, require_pooled_only, require_torchao
+
+        require_torchao()
+        require_pooled_only(bool(cfg.cut or cfg.pool_stages))  # before the backbone is built
+        if cfg.calibration is not None:
+            calibration, precision = calibration_images(cfg.calibration)
+    backbone = build_backbone(cfg.model, cfg.weights, cfg.image_size)
+    for c in cfg.cut:
+        backbone.check_stage(c)
+    for c in cfg.pool_stages:
+        backbone.check_stage(c, "--pool-stages")
+    net = backbone.net.to(device).eval().to(memory_format=torch.channels_last)
+    names = list(dict.fromkeys([*cfg.cut, *cfg.pool_stages]))
+    shapes = _cached_shapes(cfg, backbone.identity, names)
+    if shapes is None:  # a dry forward pass tells them
+        shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    return _Setup(
+        device,
+        precision,
+        backbone,
+        net,
+        {n: shapes[n] for n in cfg.cut},
+        {n: int(shapes[n][0]) for n in cfg.pool_stages},
+        workers,
+        calibration,
+    )
+
+
+def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """The stage shapes an existing cache of the same backbone and stages records (no forward pass needed),
+    or None."""
+    from .reader import FeatureCache
+
+    if cfg.overwrite or not Path(cfg.out).exists():
+        return None
+    try:
+        with FeatureCache(cfg.out) as c:
+            if (
+                c.identity.differences(identity)
+                or sorted(c.stages) != sorted(cfg.cut)
+                or c.pooled_stages != cfg.pool_stages
+            ):
+                return None  # the writer says what differs
+            return {**{k: (v,) for k, v in c.pooled.items()}, **dict(c.stages)}
+    except RtError:
+        return None
+
+
+def _writer(cfg: ExtractConfig, setup: _Setup, images: Any, lock: bool = True) -> Any:
+    from .writer import CacheWriter
+
+    attrs = {
+        "precision": setup.precision,
+        "source": images.source,
+        "root": str(Path(images.root).resolve()) if cfg.record_root else "",
+    }
+    return CacheWriter(
+        cfg.out,
+        setup.backbone.identity,
+        images.classes,
+        setup.stage_shapes,
+        cfg.dtype,
+        cfg.overwrite,
+        attrs,
+        pooled_dims=setup.pooled_dims,
+        lock=lock,
+    )
+
+
+def _plan(writer: Any, images: Any) -> Any:
+    from .plan import make_plan
+
+    e = writer.existing
+    return make_plan(
+        images,
+        e.paths if e is not None else [],
+        e.file_stats() if e is not None else {},
+        set(writer.known()),
+        writer.known_skips(),
+    )
+
+
+def _announce(cfg: ExtractConfig, setup: _Setup, plan: Any, total: int) -> None:
+    from ..base import decode_threads
+
+    rep = get_reporter()
+    n = len(plan.compute)
+    if not n:
+        return
+    if n < total:
+        rep.info(f"{total - n} of {total} images already done (stored by content); {n} to compute")
+    ident = setup.backbone.identity
+    rep.info(
+        f"extracting {n} images with {ident.model} ({ident.weights_id}) on {setup.device.type}, "
+        f"{setup.precision}, batch {cfg.batch_size}, "
+        + (f"{setup.workers} decode workers" if setup.workers else f"{decode_threads()} decode threads")
+        + (f", keeping {', '.join(cfg.cut)} maps" if cfg.cut else "")
+        + (f", pooling {', '.join(cfg.pool_stages)}" if cfg.pool_stages else "")
+    )
+
+
+def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str]) -> tuple[dict[str, int], str]:
+    from .plan import change_line, changes, row_names
+
+    e = writer.existing
+    old = row_names(e.paths, e.keys, list(e.labels), e.classes) if e is not None else []
+    new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], classes)
+    counts = changes(old, new)
+    return counts, change_line(counts, len(skipped))
+
+
+def _finish(cfg: ExtractConfig, writer: Any, plan: Any, computed: int, seconds: float, t0: float) -> ExtractResult:
+    """Write the new index for the plan's rows, say what changed, and describe the result."""
+    rep = get_reporter()
+    out = Path(cfg.out)
+    rows, skipped = plan.result(set(writer.known()), writer.known_skips())
+    counts, line = _changes(writer, rows, skipped, plan.images.classes)
+    last = {"summary": line, **counts, "skipped": len(skipped), "computed": computed}
+    had = writer.existing.n if writer.existing is not None else None
+    n, new = writer.finalize(rows, skipped, {"last_run": json.dumps(last)}, merge=cfg.merge)
+    skipped_pairs = [(s.path, s.reason) for s in skipped]
+    total = time.perf_counter() - t0
+    rate = computed / seconds if seconds > 0 else 0.0
+    if had == n and not computed and counts["unchanged"] == n:
+        rep.info(f"{out}: up to date ({n} rows); nothing to compute")
+    else:
+        rep.info(line)
+        rep.info(f"wrote {out}: {n} rows ({new} new, {computed} computed) in {total:.1f}s, {rate:.1f} img/s")
+    rep.skipped(skipped_pairs, f"file(s) skipped (listed in the cache; `rt info {out} --skipped`)")
+    return ExtractResult(out, n, new, skipped_pairs, total, rate, list(plan.images.notes), counts, line, computed)
+
+
+def _dry_run(cfg: ExtractConfig, writer: Any, images: Any) -> ExtractResult:
+    """The plan only: what would change, how many images would be computed. Writes nothing."""
+    rep = get_reporter()
+    writer.inspect()
+    try:
+        plan = _plan(writer, images)
+        todo, keys = plan.todo()
+        rows, skipped = plan.result(set(writer.known()) | set(keys), writer.known_skips())
+        counts, line = _changes(writer, rows, skipped, images.classes)
+    finally:
+        writer.close()
+    rep.info(f"dry run: {line}")
+    rep.info(
+        f"dry run: would compute {len(todo)} image(s) and write {cfg.out} with {len(rows)} rows "
+        f"({plan.hashed} file(s) read for their key); nothing was computed or written"
+    )
+    return ExtractResult(
+        Path(cfg.out),
+        len(rows),
+        0,
+        [(s.path, s.reason) for s in skipped],
+        0.0,
+        0.0,
+        list(images.notes),
+        counts,
+        line,
+        0,
+    )
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], store: Any) -> tuple[int, float]:
+    """Forward the images of ``todo`` (content ``keys``) through :func:`forward.forward_images`, committing a
+    chunk file every ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). Returns
+    (images forwarded, seconds)."""
+    from ..backbone import forward_images
+
+    rep = get_reporter()
+    names = list(dict.fromkeys([*setup.stage_shapes, *setup.pooled_dims]))
+    batches = forward_images(
+        setup.backbone,
+        todo,
+        batch_size=cfg.batch_size,
+        device=setup.device,
+        precision=setup.precision,
+        maps=names,
+        workers=setup.workers,
+        max_pixels=cfg.max_pixels,
+        compile=cfg.compile,
+        calibration=setup.calibration,
+    )
+    buf = _Buffer(setup)
+    t_run = time.perf_counter()
+    forwarded = 0
+    try:
+        with rep.progress("extract", total=len(todo), unit="img") as bar:
+            for b in batches:
+                for i, e in b.skipped:
+                    buf.skip(todo.paths[i], keys[i], e)
+                    if cfg.strict:
+                        raise DataError(
+                            f"{Path(todo.root) / todo.paths[i]}: {e}", "fix or remove the file, or drop --strict"
+                        )
+                if b.features is not None:
+                    forwarded += len(b.ok)
+                    buf.add(
+                        [(todo.paths[i], int(todo.labels[i]), keys[i]) for i in b.ok],
+                        b.features.cpu().numpy(),
+                        {n: b.maps[n].cpu().numpy() for n in setup.stage_shapes},
+                        {n: b.maps[n].mean(dim=(2, 3)).cpu().numpy() for n in setup.pooled_dims},
+                    )
+                if buf.rows >= cfg.chunk_rows:
+                    buf.flush(store)
+                bar.advance(len(b.indices))
+            buf.flush(store, force=True)
+    except KeyboardInterrupt:
+        buf.flush(store, force=True)
+        raise Interrupted(
+            f"interrupted: finished chunks are saved in {store.dir}",
+            "run the same command again to resume where it stopped",
+        ) from None
+    finally:
+        batches.close()  # stop the decode threads now, not when the generator is collected
+    return forwarded, time.perf_counter() - t_run
+
+
+def _capture(store: dict[str, Any], name: str) -> Any:
+    def hook(_module: Any, _inp: Any, output: Any) -> None:
+        store[name] = output
+
+    return hook
+
+
+def _stage_shapes(net: Any, cut: list[str], size: int) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    captured: dict[str, Any] = {}
+    hooks = [net.get_submodule(n).register_forward_hook(_capture(captured, n)) for n in cut]
+    try:
+        with torch.inference_mode():
+            p = next(net.parameters())
+            net(torch.zeros(1, 3, size, size, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: tuple(int(s) for s in captured[n].shape[1:]) for n in cut}
+
+
+class _Buffer:
+    """Rows waiting to be committed as one chunk file."""
+
+    def __init__(self, setup: _Setup) -> None:
+        self.setup = setup
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows_: list[tuple[str, int, str]] = []
+        self.feats: list[np.ndarray] = []
+        self.maps: dict[str, list[np.ndarray]] = {n: [] for n in self.setup.stage_shapes}
+        self.pooled: dict[str, list[np.ndarray]] = {n: [] for n in self.setup.pooled_dims}
+        self.skipped: list[tuple[str, str, str]] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.rows_)
+
+    def add(
+        self,
+        rows: list[tuple[str, int, str]],
+        feats: np.ndarray,
+        maps: dict[str, np.ndarray],
+        pooled: dict[str, np.ndarray],
+    ) -> None:
+        self.rows_ += rows
+        self.feats.append(feats)
+        for k, v in maps.items():
+            self.maps[k].append(v)
+        for k, v in pooled.items():
+            self.pooled[k].append(v)
+
+    def skip(self, path: str, key: str, reason: str) -> None:
+        self.skipped.append((path, key, reason))
+
+    def flush(self, store: Any, force: bool = False) -> None:
+        from .writer import Row, SkippedFile
+
+        if not self.rows_ and not (force and self.skipped):
+            return
+        s = self.setup
+        dim = s.backbone.identity.num_features
+        feats = np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32)
+        maps = {
+            k: np.concatenate(v) if v else np.zeros((0, *s.stage_shapes[k]), np.float32) for k, v in self.maps.items()
+        }
+        pooled = {
+            k: np.concatenate(v) if v else np.zeros((0, s.pooled_dims[k]), np.float32) for k, v in self.pooled.items()
+        }
+        rows = [Row(p, lab, k) for p, lab, k in self.rows_]
+        skipped = [SkippedFile(p, reason, k) for p, k, reason in self.skipped]
+        store.write(rows, feats, maps, pooled, skipped)
+        self.clear()
+
+
+# ------------------------------------------------------------------------------------- sharded (torchrun)
+
+
+@dataclass
+class _Work:
+    """What rank 0 planned and broadcast: the images to compute (listing order) and their keys."""
+
+    todo: Any  # ImageList
+    keys: list[str]
+    spec: Any  # CacheSpec: every rank's chunk files are made with it
+
+
+def _extract_sharded(cfg: ExtractConfig) -> ExtractResult:
+    """`rt extract` under torchrun: rank 0 plans and holds the lock, every rank computes its block of the new
+    content into chunk files, rank 0 writes the index. Every rank returns the same :class:`ExtractResult`."""
+    from ..base import agree, init, on_main, rank_reporting, resolve_device, shard_block
+    from .writer import ChunkStore
+
+    env = init(resolve_device(cfg.device))
+    t0 = time.perf_counter()
+    held: dict[str, Any] = {}
+    try:
+        with rank_reporting() as rep:
+            work = on_main(lambda: _main_start(cfg, held))
+            block = shard_block(len(work.keys), env.rank, env.world_size)
+            if work.keys:
+                most = len(shard_block(len(work.keys), 0, env.world_size))
+                rep.info(f"{env.world_size} ranks: {len(work.keys)} images to compute, up to {most} per rank")
+
+            def run_block() -> int:
+                if not len(block):
+                    return 0
+                setup = held["setup"] if env.is_main else _setup(cfg)
+                store = held["writer"].store if env.is_main else ChunkStore(Path(cfg.out), work.spec)
+                mine = work.todo.subset(list(block))
+                return _compute(cfg, setup, mine, [work.keys[i] for i in block], store)[0]
+
+            computed = sum(agree(run_block))
+            return on_main(lambda: _finish(cfg, held["writer"], held["plan"], computed, time.perf_counter() - t0, t0))
+    finally:
+        if "writer" in held:
+            held["writer"].__exit__(None, None, None)
+
+
+def _main_start(cfg: ExtractConfig, held: dict[str, Any]) -> _Work:
+    """Rank 0: build, list, lock and open the cache, plan. Keeps the open writer in ``held``."""
+    held["setup"] = setup = _setup(cfg)
+    images = _listing(cfg)
+    writer = _writer(cfg, setup, images, lock=True)
+    writer.__enter__()
+    held["writer"] = writer
+    held["plan"] = plan = _plan(writer, images)
+    _announce(cfg, setup, plan, len(images))
+    todo, keys = plan.todo()
+    todo.notes = []  # reported once, by rank 0
+    return _Work(todo, keys, writer.spec)

@@ -1,0 +1,284 @@
+"""`rt fit-head`, `rt predict`, `rt evaluate`: fit a head on a cache and use it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import common
+from .common import CompileOpt, DeviceOpt, HeadWeightsOpt, TtaOpt
+
+
+def fit_head_cmd(
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="The feature cache written by `rt extract`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The head directory to write.")] = Path("head"),
+    classes: Annotated[
+        int | None,
+        typer.Option("--classes", help="Expected number of classes; checked against the cache (default: the cache's)."),
+    ] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="A separate validation cache (same backbone) instead of a split of --cache."),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Stratified share of --cache held out for validation.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, subsample and minibatch order.")] = 0,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="Which pooled features the head reads: `auto` (choose on validation among the final ones, each "
+            "stage the cache stores and their concatenation; the final ones when it stores none), `final`, a "
+            "stage (`layer3`) or stages joined by + (`layer3+layer4`).",
+        ),
+    ] = "auto",
+    solver: Annotated[
+        str,
+        typer.Option(
+            "--solver",
+            help="`lbfgs` (full batch, L2 chosen on validation), `adamw` (minibatch, early stopping; streams "
+            "caches too large for memory) or `sklearn` (LogisticRegression, the reference).",
+        ),
+    ] = "lbfgs",
+    l2: Annotated[
+        float | None,
+        typer.Option("--l2", help="Fixed L2 strength (default: chosen on the validation rows from a grid)."),
+    ] = None,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden units of a one-layer MLP head (0: linear).")] = 0,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the MLP's hidden layer.")] = 0.0,
+    class_weight: Annotated[
+        str, typer.Option("--class-weight", help="`none` or `balanced` (weights n / (k * n_class) for imbalance).")
+    ] = "none",
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1).")] = 0.0,
+    max_iter: Annotated[
+        int | None, typer.Option("--max-iter", help="L-BFGS iterations of the final fit (default: by size).")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="AdamW: maximum epochs.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="AdamW: minibatch size.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW: learning rate.")] = 1e-3,
+    patience: Annotated[int, typer.Option("--patience", help="AdamW: epochs without improvement before stopping.")] = 5,
+    max_memory_gb: Annotated[
+        float | None,
+        typer.Option("--max-memory-gb", help="Stream from the cache (AdamW) above this much feature memory."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head in --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Train a softmax head on cached features (seconds; the images are not touched again).
+
+    Writes OUT/ with meta.json (backbone identity, classes), head.safetensors, report.json (accuracy,
+    per-class precision/recall/F1, confusion matrix, chosen L2, time) and confusion.png.
+
+    Examples:
+
+        rt fit-head --cache pets.h5 --out cat-head/
+
+        rt fit-head --cache pets.h5 --classes 3 --class-weight balanced --out cat-head/
+
+        rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
+
+        rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
+    """
+    from ..head import FitHeadConfig
+    from ..head import fit_head as run_fit_head
+
+    cw = None if class_weight.lower() == "none" else class_weight.lower()
+    cfg = FitHeadConfig(
+        cache=cache,
+        out=out,
+        classes=classes,
+        val=val,
+        val_fraction=val_fraction,
+        seed=seed,
+        features=features,
+        solver=solver,
+        l2=l2,
+        hidden=hidden,
+        dropout=dropout,
+        class_weight=cw,
+        label_smoothing=label_smoothing,
+        max_iter=max_iter,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        max_memory_gb=max_memory_gb,
+        overwrite=overwrite,
+    )
+    result = common.call(run_fit_head, cfg)
+    if as_json:
+        common.echo_json(result.report)
+
+
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or CSV manifests.")],
+    top: Annotated[int, typer.Option("--top", "-k", help="Classes to show per image.")] = 3,
+    tta: TtaOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="CSV output: path,class,probability[,class,probability ...]")
+    ] = False,
+    weights: HeadWeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+    min_confidence: Annotated[
+        float | None,
+        typer.Option("--min-confidence", help="Mark images whose top probability is below this as `uncertain`."),
+    ] = None,
+    compile: CompileOpt = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto | fp32 | bf16 | fp16 | int8: the backbone's precision (use the one the head's cache was "
+            "extracted in: `rt info CACHE` says it).",
+        ),
+    ] = "auto",
+) -> None:
+    """Classify new images with a fitted head (or finetuned model).
+
+    Unreadable images are skipped and listed (exit code 3), never fatal.
+
+    Examples:
+
+        rt predict cat-head/ photo1.jpg photo2.png --top 3
+
+        rt predict cat-head/ ./new-photos --tta flip --csv > predictions.csv
+    """
+    from ..models import predict as run_predict
+
+    if as_json and as_csv:
+        typer.echo("error: choose one of --json and --csv", err=True)
+        raise typer.Exit(2)
+    res = common.call(
+        run_predict,
+        model_dir,
+        list(inputs),
+        tta=tta,
+        top=top,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        min_confidence=min_confidence,
+        compile=compile,
+        precision=precision,
+    )
+    marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
+    if as_json:
+        common.echo_json(
+            {
+                "classes": res.classes,
+                "predictions": [{**r, "top": [{"class": c, "probability": p} for c, p in r["top"]]} for r in res.rows],
+                "skipped": [{"path": p, "reason": why} for p, why in res.skipped],
+            }
+        )
+    elif as_csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        k = max((len(r["top"]) for r in res.rows), default=0)
+        pcol = ["prediction"] if marked else []
+        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        for r in res.rows:
+            pval = [r["prediction"]] if marked else []
+            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+    else:
+        from ..base import print_table
+
+        columns = ["image", *(["prediction"] if marked else [])] + [
+            f"#{i + 1}" for i in range(min(top, len(res.classes)))
+        ]
+        rows = [
+            [r["path"], *([r["prediction"]] if marked else []), *[f"{c} {p:.3f}" for c, p in r["top"]]]
+            for r in res.rows
+        ]
+        print_table(columns, rows, title=f"{len(res.rows)} image(s)")
+    if res.skipped:
+        raise typer.Exit(3)
+
+
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Labelled images: a folder of class folders, or a CSV.")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", "-c", help="Or a labelled feature cache of the same backbone.")
+    ] = None,
+    tta: TtaOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write report.json + confusion.png here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the machine-readable report.")] = False,
+    weights: HeadWeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+    worst: Annotated[
+        int, typer.Option("--worst", help="Write OUT/worst.png: the N most confidently wrong images.")
+    ] = 0,
+    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Show a cosine kNN beside the head (--cache).")] = True,
+    knn_cache: Annotated[
+        Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="With --cache and --worst: the folder it was extracted from.")
+    ] = None,
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Also log-loss and expected calibration error at T=1 and at the head's temperature (OUT/reliability.png),
+    and, on a cache, a kNN on the same features beside the head.
+
+    Examples:
+
+        rt evaluate cat-head/ --data ./pets-test
+
+        rt evaluate cat-head/ --cache pets-test.h5 --json
+
+        rt evaluate cat-head/ --data ./pets-test --tta tencrop --out eval/
+    """
+    from ..models import evaluate as run_evaluate
+
+    res = common.call(
+        run_evaluate,
+        model_dir,
+        data=data,
+        cache=cache,
+        tta=tta,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        out=out,
+        worst=worst,
+        knn=knn,
+        knn_cache=knn_cache,
+        root=root,
+    )
+    r = res.report
+    if as_json:
+        common.echo_json(r)
+    else:
+        from ..base import format_table, metrics_rows
+
+        typer.echo(f"accuracy: {r['accuracy']:.4f} ({r['n']} images, {r['source']})")
+        if r.get("balanced_accuracy") is not None:
+            typer.echo(f"balanced accuracy: {r['balanced_accuracy']:.4f}   macro F1: {r['macro_f1']:.4f}")
+        cols, rows = metrics_rows(r)
+        typer.echo(format_table(cols, [[str(x) for x in row] for row in rows]))
+        typer.echo("confusion matrix (rows: true, columns: predicted):")
+        names = [str(c) for c in r["classes"]]
+        width = max(len(c) for c in names)
+        cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
+        for c, line in zip(names, cells):
+            typer.echo(f"  {c:>{width}} " + " ".join(line))
+        from ..models import summary_lines
+
+        for line in summary_lines(r):
+            typer.echo(line)
+    if res.skipped:
+        raise typer.Exit(3)

@@ -1,0 +1,116 @@
+"""What every command module shares: the error-mapping call, JSON output, shared options, small parsers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+STATE = {"debug": False, "quiet": False}
+T = TypeVar("T")
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines in logs: ``RT_PROGRESS_INTERVAL`` (default 10; 0: every step)."""
+    from ..base import DEFAULT_PROGRESS_INTERVAL
+
+    try:
+        return max(0.0, float(os.environ.get("RT_PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)))
+    except ValueError:
+        return DEFAULT_PROGRESS_INTERVAL
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a library call with a console reporter; RtError -> one line on stderr and its exit code (2, or
+    130 for an interrupt the library turned into a message saying how to resume)."""
+    from ..base import Reporter, RtError, set_reporter
+
+    previous = set_reporter(Reporter(verbose=not STATE["quiet"], progress_interval=progress_interval()))
+    try:
+        return fn(*args, **kwargs)
+    except RtError as exc:
+        if STATE["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        set_reporter(previous)
+
+
+def echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Backbone: a timm name (`resnet50`, `resnet50.a1_in1k`, any timm CNN) or torchvision "
+        "`tv:resnet18|34|50|101|152`.",
+    ),
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="`imagenet` (pretrained, from the hub or its local cache), `none` (random init), or a PATH to "
+        "a .pth/.safetensors state dict or a model directory written by `rt finetune`.",
+    ),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option("--image-size", help="Input size (crop) in pixels; default: the model's own eval size."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+CompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="auto | on | off: compile the forward pass with torch.compile (inductor). auto compiles when the "
+        "images to run repay the compile on this host (or it is already in inductor's cache).",
+    ),
+]
+
+
+TtaOpt = Annotated[
+    str | None,
+    typer.Option("--tta", help="Test-time augmentation: `flip` (2 views) or `tencrop` (10 crops, ResNet paper)."),
+]
+HeadWeightsOpt = Annotated[
+    str | None,
+    typer.Option("--weights", "-w", help="Backbone checkpoint, if it moved since the head was fitted."),
+]
+
+
+def epoch_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        typer.echo(f"error: --unfreeze-at {text!r}: give epochs as integers, e.g. 3,6", err=True)
+        raise typer.Exit(2) from None
+
+
+def exit_3_if_skipped(result: Any) -> None:
+    from ..base import launched
+
+    if result.skipped and not launched():  # torchrun reports any non-zero exit as a crashed worker
+        raise typer.Exit(3)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """``"5,10,all"`` -> ``[5, 10, 0]`` (0 = all rows); a bad entry is a usage error naming ``option``."""
+    try:
+        return [0 if x.lower() == "all" else int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        typer.echo(f"error: {option} {text!r}: give integers separated by commas, e.g. 5,10,20", err=True)
+        raise typer.Exit(2) from None

@@ -1,0 +1,52 @@
+"""The head wing: the softmax head module, its scikit-learn estimator and solvers, feature-set choice,
+``fit_head``, temperature scaling, calibration and the kNN beside the head.
+"""
+
+from __future__ import annotations
+
+from ..base.lazy import face
+
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "calibration": (
+            "UNCERTAIN",
+            "calibration_report",
+            "expected_calibration_error",
+            "head_temperature",
+            "log_loss",
+            "log_probabilities",
+            "mark_uncertain",
+            "plot_reliability",
+            "reliability",
+            "softmax",
+        ),
+        "estimator": ("SoftmaxHead",),
+        "fitting": (
+            "FitHeadConfig",
+            "fit_head",
+        ),
+        "knn": (
+            "choose_k",
+            "fit_knn",
+            "knn_beside_head",
+            "knn_report",
+        ),
+        "module": (
+            "HeadModule",
+            "build_head_module",
+            "predict_logits",
+            "predict_probabilities",
+        ),
+        "select": (
+            "CV_BELOW",
+            "feature_candidates",
+            "feature_name",
+            "select_features",
+        ),
+        "temperature": (
+            "calibration_summary",
+            "fit_temperature",
+        ),
+    },
+)

@@ -1,0 +1,44 @@
+"""The images wing: listing a folder or manifest, the class index, the one split, robust decoding, the
+threaded loader, transforms and contact sheets.
+"""
+
+from __future__ import annotations
+
+from ..base.lazy import face
+
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "data": (
+            "ImageDataset",
+            "ImageDecodeError",
+            "ImageList",
+            "class_index_map",
+            "class_order",
+            "collate",
+            "extended_class_order",
+            "iter_batches",
+            "list_images",
+            "load_image",
+            "normalized_batches",
+            "remap_labels",
+            "stratified_split",
+        ),
+        "sheets": (
+            "contact_sheet",
+            "image_root",
+            "most_confidently_wrong",
+            "plot_top_losses",
+            "resolve",
+        ),
+        "transforms": (
+            "TransformConfig",
+            "VIEWS",
+            "eval_transform",
+            "eval_transform_uint8",
+            "normalize_batch",
+            "train_transform",
+            "tta_transform",
+        ),
+    },
+)

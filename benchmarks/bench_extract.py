@@ -51,7 +51,7 @@ NAME = "extract"
 _PRELUDE = """
 import os, time
 if ARGS.get("tune"):
-    from resnet_transfer.runtime import tune_process
+    from resnet_transfer.base import tune_process
     tune_process()
 import torch
 torch.set_num_threads(ARGS["threads"])
@@ -83,7 +83,7 @@ print(json.dumps({"seconds": dt, "images": len(ds)}))
 )
 
 _TIMING = """
-import resnet_transfer.compiled as _rc
+import resnet_transfer.backbone.compiled as _rc
 CALLS = []  # (seconds since t0 when the forward call returned, images, compiled-in-this-call)
 _orig_call = _rc.CompiledForward.__call__
 def _timed_call(self, x):
@@ -111,15 +111,15 @@ OURS = (
     _PRELUDE
     + """
 import h5py, timm, torchvision  # imported before the clock, as on the baseline side
-import resnet_transfer.backbones, resnet_transfer.cache, resnet_transfer.data, resnet_transfer.report
-from resnet_transfer.extract import ExtractConfig, extract
+import resnet_transfer.backbone.networks, resnet_transfer.cache.reader, resnet_transfer.images.data, resnet_transfer.base.report
+from resnet_transfer.cache import ExtractConfig, extract
 t0 = 0.0
 """
     + _TIMING
     + """
 if ARGS.get("no_draft"):  # the benchmark's switch: full decode, recorded as such in the identity
     import dataclasses
-    import resnet_transfer.backbones as B
+    import resnet_transfer.backbone.networks as B
     _build = B.build_backbone
     def _no_draft(*a, **k):
         bb = _build(*a, **k)
@@ -140,9 +140,9 @@ CEILING = (
     _PRELUDE
     + """
 import h5py, timm, torchvision  # imported before the clock, as on the other sides
-from resnet_transfer.backbones import build_backbone
-from resnet_transfer.compiled import compiled_forward
-from resnet_transfer.runtime import resolve_device, resolve_precision
+from resnet_transfer.backbone import build_backbone
+from resnet_transfer.backbone import compiled_forward
+from resnet_transfer.base import resolve_device, resolve_precision
 t0 = 0.0
 """
     + _TIMING
@@ -173,8 +173,8 @@ ACCURACY = (
     _PRELUDE
     + """
 import numpy as np
-from resnet_transfer.backbones import build_backbone
-from resnet_transfer.data import ImageDataset, collate, eval_transform, list_images
+from resnet_transfer.backbone import build_backbone
+from resnet_transfer.images import ImageDataset, collate, eval_transform, list_images
 bb = build_backbone(ARGS["model"], "none", ARGS.get("size"))
 net = bb.net.eval().to(memory_format=torch.channels_last)
 tf = eval_transform(bb.transform)
@@ -196,14 +196,14 @@ ref = feats(ARGS["data"], "fp32")
 res = {"bf16_vs_fp32": cos(feats(ARGS["data"], "bf16"), ref)}
 # rt's fused resize+crop vs torchvision's Resize + CenterCrop (the transform a user would write)
 import torchvision.transforms as T
-from resnet_transfer.data import _interpolation
+from resnet_transfer.images import interpolation_mode
 c = bb.transform
-two_step = T.Compose([T.Resize(c.resize_size, interpolation=_interpolation(c.interpolation)),
+two_step = T.Compose([T.Resize(c.resize_size, interpolation=interpolation_mode(c.interpolation)),
                       T.CenterCrop(c.input_size), T.ToTensor(), T.Normalize(c.mean, c.std)])
 res["fused_vs_torchvision"] = cos(ref, feats(ARGS["data"], "fp32", transform=two_step))
 if ARGS.get("compiled"):  # the compiled forward (bf16) vs eager bf16 on the same photos
-    from resnet_transfer.compiled import compiled_forward
-    from resnet_transfer.runtime import resolve_device
+    from resnet_transfer.backbone import compiled_forward
+    from resnet_transfer.base import resolve_device
     xs = collate([ImageDataset(list_images(ARGS["data"]), tf)[i] for i in range(64)])[0]
     xs = xs.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

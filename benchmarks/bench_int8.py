@@ -1,4 +1,4 @@
-"""int8: the forward `rt extract --precision int8` runs (resnet_transfer.quantized: torchao PT2E with the
+"""int8: the forward `rt extract --precision int8` runs (resnet_transfer.backbone.quantized: torchao PT2E with the
 ``X86InductorQuantizer``, calibrated on fixed crops of the photos scikit-learn ships, compiled by inductor)
 vs the compiled and the eager bf16 forward, forward-only, interleaved in one process.
 
@@ -28,7 +28,7 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
     import numpy as np
 
     from resnet_transfer.cache import ExtractConfig, FeatureCache, extract
-    from resnet_transfer.models import read_model_dir
+    from resnet_transfer.head import read_model_dir
     from resnet_transfer.tools import CurveConfig, curve, t_interval
 
     model = run / "models" / "source"

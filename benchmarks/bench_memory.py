@@ -17,11 +17,11 @@ from typing import Any
 from benchmarks.common import command_line, emit, fmt, machine_info, make_photo_jpegs, median, ratio, run_child
 
 CHILD = """
-from resnet_transfer.runtime import tune_process
+from resnet_transfer.base import tune_process
 tune_process()
 import time, torch
 torch.set_num_threads(ARGS["threads"])
-from resnet_transfer.extract import ExtractConfig, extract
+from resnet_transfer.cache import ExtractConfig, extract
 t = time.perf_counter()
 r = extract(ExtractConfig(data=ARGS["data"], out=ARGS["out"], model=ARGS["model"], weights="none",
                           image_size=ARGS["size"], overwrite=True, device=ARGS["device"]))

@@ -31,10 +31,10 @@ def _step_fn(model: Any, policy: Any, x: Any, y: Any, precision: str, compiled: 
     import torch
 
     from resnet_transfer.base import autocast
-    from resnet_transfer.finetuning.training import _adamw
+    from resnet_transfer.finetuning.start import adamw
 
     groups = policy.param_groups(0.01)
-    opt = _adamw(groups, 1e-4, torch.device("cpu"))
+    opt = adamw(groups, 1e-4, torch.device("cpu"))
 
     def fwd_bwd() -> Any:
         with autocast(torch.device("cpu"), precision):

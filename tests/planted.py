@@ -12,9 +12,8 @@ from PIL import Image
 
 from resnet_transfer.backbone import BackboneIdentity
 from resnet_transfer.cache import CacheWriter
-from resnet_transfer.head import HeadModule
+from resnet_transfer.head import HEAD_FILE, HeadModule, write_model_dir
 from resnet_transfer.images import TransformConfig
-from resnet_transfer.models import HEAD_FILE, write_model_dir
 
 
 def identity(dim: int) -> BackboneIdentity:

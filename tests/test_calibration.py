@@ -22,7 +22,7 @@ from resnet_transfer.head import (
     reliability,
     softmax,
 )
-from resnet_transfer.models import evaluate
+from resnet_transfer.models import EvaluateConfig, evaluate
 
 runner = CliRunner()
 
@@ -60,7 +60,7 @@ def _overconfident(tmp_path: Path, sharpen: float = 4.0) -> tuple[Path, Path]:
 
 def test_overconfident_head_ece_drops_after_temperature(tmp_path: Path) -> None:
     cache, head = _overconfident(tmp_path)
-    rep = evaluate(head, cache=cache, out=tmp_path / "eval").report
+    rep = evaluate(EvaluateConfig(head, cache=cache, out=tmp_path / "eval")).report
     cal = rep["calibration"]
     assert cal["temperature"] == 4.0
     assert cal["ece"]["before"] > 0.1 and cal["ece"]["after"] < cal["ece"]["before"] / 3

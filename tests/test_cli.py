@@ -153,12 +153,12 @@ def test_reporter_writes_plain_unwrapped_lines_and_periodic_progress() -> None:
 @pytest.mark.parametrize(
     ("target", "args"),
     [
-        ("resnet_transfer.cache.info.describe", ["info", "x.h5"]),
+        ("resnet_transfer.models.info.describe", ["info", "x.h5"]),
         ("resnet_transfer.head.fitting.fit_head", ["fit-head", "--cache", "x.h5"]),
         ("resnet_transfer.models.prediction.predict", ["predict", "head", "x.png"]),
         ("resnet_transfer.models.prediction.evaluate", ["evaluate", "head", "--cache", "x.h5"]),
         ("resnet_transfer.finetuning.training.finetune", ["finetune", "--data", "x"]),
-        ("resnet_transfer.models.exporting.export_model", ["export", "head"]),
+        ("resnet_transfer.models.exporting.export", ["export", "head"]),
         ("resnet_transfer.cli.common.call", ["info", "x.h5"]),  # outside any library call
     ],
 )

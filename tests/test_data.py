@@ -182,11 +182,11 @@ def _photo(w: int, h: int, seed: int) -> Image.Image:
 def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.images.transforms import ResizeCenterCrop, _interpolation
+    from resnet_transfer.images import ResizeCenterCrop, interpolation_mode
 
     sizes = [(500, 375), (375, 500), (300, 800), (800, 300), (256, 256), (640, 481), (227, 300), (1000, 999)]
     for resize, crop in [(256, 224), (146, 128)]:
-        ref = T.Compose([T.Resize(resize, interpolation=_interpolation(interpolation)), T.CenterCrop(crop)])
+        ref = T.Compose([T.Resize(resize, interpolation=interpolation_mode(interpolation)), T.CenterCrop(crop)])
         fused = ResizeCenterCrop(resize, crop, interpolation)
         for k, (w, h) in enumerate(sizes):
             img = _photo(w, h, seed=k)
@@ -203,14 +203,14 @@ def test_fused_resize_crop_matches_torchvision(interpolation: str) -> None:
 def test_fused_resize_crop_falls_back_where_it_must() -> None:
     from torchvision import transforms as T
 
-    from resnet_transfer.images.transforms import ResizeCenterCrop, _interpolation
+    from resnet_transfer.images import ResizeCenterCrop, interpolation_mode
 
     # an input smaller than the crop after resizing (padding) and the knife-edge filters: torchvision's
     # own two steps, so the result is exactly theirs
     cases = [((3, 2), 36, 32, "bicubic"), ((50, 40), 30, 32, "bilinear"), ((500, 375), 256, 224, "nearest")]
     for (w, h), resize, crop, interp in cases:
         img = _photo(w, h, seed=1)
-        ref = T.Compose([T.Resize(resize, interpolation=_interpolation(interp)), T.CenterCrop(crop)])(img)
+        ref = T.Compose([T.Resize(resize, interpolation=interpolation_mode(interp)), T.CenterCrop(crop)])(img)
         assert np.array_equal(np.asarray(ResizeCenterCrop(resize, crop, interp)(img)), np.asarray(ref))
 
 

@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from resnet_transfer.backbone import build_backbone
 from resnet_transfer.cli import app
-from resnet_transfer.head import HeadModule
-from resnet_transfer.models import read_model_dir
+from resnet_transfer.head import HeadModule, read_model_dir
 
 runner = CliRunner()
 

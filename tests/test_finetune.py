@@ -24,9 +24,9 @@ from resnet_transfer.finetuning import (
     lr_factor,
     resolve_bn,
 )
-from resnet_transfer.head import HeadModule
+from resnet_transfer.head import HeadModule, read_model_dir, write_model_dir
 from resnet_transfer.images import stratified_split
-from resnet_transfer.models import Classifier, read_model_dir, write_model_dir
+from resnet_transfer.models import Classifier
 
 SIZE = 32
 FAST = {"image_size": None, "batch_size": 8, "precision": "fp32", "workers": 0}

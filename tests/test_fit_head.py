@@ -21,7 +21,7 @@ from resnet_transfer.cache import CacheWriter, ExtractConfig, FeatureCache, extr
 from resnet_transfer.cli import app
 from resnet_transfer.head import FitHeadConfig, fit_head
 from resnet_transfer.images import TransformConfig
-from resnet_transfer.models import evaluate, predict
+from resnet_transfer.models import EvaluateConfig, PredictConfig, evaluate, predict
 
 runner = CliRunner()
 SIZE = 64
@@ -85,10 +85,10 @@ def test_head_directory_holds_everything_to_predict(head_dir: Path, train_cache:
 
 
 def test_head_predicts_held_out_images_well_above_chance(head_dir: Path, test_folder: Path) -> None:
-    res = evaluate(head_dir, data=test_folder)
+    res = evaluate(EvaluateConfig(head_dir, data=test_folder))
     assert res.report["n"] == 18
     assert res.report["accuracy"] >= 0.7  # chance is 1/3
-    pred = predict(head_dir, [test_folder], top=2)
+    pred = predict(PredictConfig(head_dir, [test_folder], top=2))
     assert len(pred.rows) == 18 and not pred.skipped
     acc = np.mean([Path(r["path"]).parent.name == r["prediction"] for r in pred.rows])
     assert acc == pytest.approx(res.report["accuracy"])
@@ -98,8 +98,8 @@ def test_head_predicts_held_out_images_well_above_chance(head_dir: Path, test_fo
 
 
 def test_evaluate_on_cache_matches_images(head_dir: Path, test_cache: Path, test_folder: Path) -> None:
-    by_cache = evaluate(head_dir, cache=test_cache).report
-    by_images = evaluate(head_dir, data=test_folder).report
+    by_cache = evaluate(EvaluateConfig(head_dir, cache=test_cache)).report
+    by_images = evaluate(EvaluateConfig(head_dir, data=test_folder)).report
     # the same backbone, transform and precision: the same decisions on (nearly) every image
     assert abs(by_cache["accuracy"] - by_images["accuracy"]) <= 1 / 18 + 1e-9
     assert by_cache["n"] == 18
@@ -107,14 +107,14 @@ def test_evaluate_on_cache_matches_images(head_dir: Path, test_cache: Path, test
 
 def test_tta_shapes_and_probabilities(head_dir: Path, test_folder: Path) -> None:
     files = sorted((test_folder / "circle").iterdir())[:3]
-    plain = predict(head_dir, files, top=3)
+    plain = predict(PredictConfig(head_dir, files, top=3))
     for mode in ("flip", "tencrop"):
-        res = predict(head_dir, files, top=3, tta=mode)
+        res = predict(PredictConfig(head_dir, files, top=3, tta=mode))
         assert res.probabilities.shape == (3, 3)
         np.testing.assert_allclose(res.probabilities.sum(1), 1.0, rtol=1e-5)
         assert not np.allclose(res.probabilities, plain.probabilities)  # the views do change the average
     with pytest.raises(UsageError, match="--tta"):
-        predict(head_dir, files, tta="rotate")
+        predict(PredictConfig(head_dir, files, tta="rotate"))
 
 
 def test_predict_skips_unreadable_images(head_dir: Path, test_folder: Path, tmp_path: Path, reporter: Reporter) -> None:
@@ -122,7 +122,7 @@ def test_predict_skips_unreadable_images(head_dir: Path, test_folder: Path, tmp_
     shutil.copy(good, tmp_path / good.name)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     (tmp_path / "empty.png").write_bytes(b"")
-    res = predict(head_dir, [tmp_path])
+    res = predict(PredictConfig(head_dir, [tmp_path]))
     assert len(res.rows) == 1 and Path(res.rows[0]["path"]).name == good.name
     assert sorted(Path(p).name for p, _ in res.skipped) == ["broken.jpg", "empty.png"]
     assert any("could not be read" in w for w in reporter.warnings)
@@ -194,7 +194,7 @@ def test_separate_validation_cache(train_cache: Path, test_cache: Path, tmp_path
 def test_identity_mismatch_is_refused(head_dir: Path, train_cache: Path, tmp_path: Path) -> None:
     other = _tiny_cache(tmp_path / "other.h5", {"circle": 4, "square": 4, "triangle": 4})
     with pytest.raises(IdentityMismatch, match="another backbone"):
-        evaluate(head_dir, cache=other)
+        evaluate(EvaluateConfig(head_dir, cache=other))
     with pytest.raises(IdentityMismatch):
         fit_head(FitHeadConfig(cache=train_cache, val=other, out=tmp_path / "h"))
 
@@ -288,7 +288,7 @@ def test_an_overconfident_head_gets_a_temperature_above_one(tmp_path: Path, repo
 
 
 def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path, tmp_path: Path) -> None:
-    from resnet_transfer.models import HEAD_FILE, read_model_dir, write_model_dir
+    from resnet_transfer.head import HEAD_FILE, read_model_dir, write_model_dir
 
     md = read_model_dir(head_dir)
 
@@ -303,8 +303,10 @@ def test_predict_uses_the_recorded_temperature(head_dir: Path, test_folder: Path
         )
 
     files = sorted((test_folder / "circle").iterdir())[:3]
-    flat = predict(with_temperature(1000.0), files, top=3).probabilities  # unsaturated: reveals the logits
-    warm = predict(with_temperature(3.0), files, top=3).probabilities
+    flat = predict(
+        PredictConfig(with_temperature(1000.0), files, top=3)
+    ).probabilities  # unsaturated: reveals the logits
+    warm = predict(PredictConfig(with_temperature(3.0), files, top=3)).probabilities
     z = np.log(flat) * 1000.0  # the logits up to a per-row constant
     expect = np.exp((z - z.max(1, keepdims=True)) / 3.0)
     np.testing.assert_allclose(warm, expect / expect.sum(1, keepdims=True), rtol=1e-3, atol=1e-5)

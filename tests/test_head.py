@@ -10,9 +10,8 @@ import torch
 
 from resnet_transfer.backbone import BackboneIdentity
 from resnet_transfer.base import UsageError
-from resnet_transfer.head import HeadModule, SoftmaxHead, build_head_module
+from resnet_transfer.head import HeadModule, SoftmaxHead, build_head_module, read_model_dir, write_model_dir
 from resnet_transfer.images import TransformConfig, stratified_split
-from resnet_transfer.models import read_model_dir, write_model_dir
 
 
 def blobs(n: int = 300, d: int = 20, k: int = 3, sep: float = 6.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

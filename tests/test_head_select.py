@@ -23,10 +23,10 @@ from resnet_transfer.head import (
     feature_candidates,
     feature_name,
     fit_head,
+    read_model_dir,
     select_features,
 )
 from resnet_transfer.images import TransformConfig
-from resnet_transfer.models import read_model_dir
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,8 @@ import torch
 
 from resnet_transfer.backbone import BackboneIdentity
 from resnet_transfer.base import ModelDirError, UsageError
-from resnet_transfer.head import HeadModule
+from resnet_transfer.head import HeadModule, read_model_dir, write_model_dir
 from resnet_transfer.images import TransformConfig
-from resnet_transfer.models import read_model_dir, write_model_dir
 
 
 def _write(out: Path) -> HeadModule:
@@ -133,11 +132,11 @@ def test_predict_feeds_a_stage_features_head_its_stages(tmp_path: Path, image_fo
     those (not the final features, whose width would not even fit)."""
     from resnet_transfer.backbone import pooled_stage_features
     from resnet_transfer.images import eval_transform, load_image
-    from resnet_transfer.models import load_classifier, predict
+    from resnet_transfer.models import PredictConfig, load_classifier, predict
 
     hd = _head_dir(tmp_path / "h", ["layer3", "layer4"], in_features=256 + 512)
     img = sorted((image_folder / "circle").iterdir())[0]
-    res = predict(hd, [img], precision="fp32", batch_size=2)
+    res = predict(PredictConfig(hd, [img], precision="fp32", batch_size=2))
     clf, md = load_classifier(hd)
     x = eval_transform(md.identity.transform)(load_image(img))[None]
     with torch.no_grad():

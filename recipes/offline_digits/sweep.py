@@ -1,7 +1,7 @@
 """The trained-network rows of offline_digits: from scratch, finetune layer4 / all, for several k and seeds.
 
 Each (method, k, seed) is exactly one `rt finetune` + one `rt evaluate` (the same library calls the CLI
-makes: ``resnet_transfer.finetuning.training.finetune`` and ``resnet_transfer.models.prediction.evaluate``), run in this one
+makes: ``resnet_transfer.finetuning.finetune`` and ``resnet_transfer.models.evaluate``), run in this one
 process so that the recipe pays Python/torch start-up (~5-8 s on 2 cores) once instead of 2 x 20 times. The
 equivalent command line of every run is printed. The k training images per class are drawn from
 ``DATA/train`` by seed with the same sampler as the probe curves (``results.subset_rows``) and written as a
@@ -97,11 +97,11 @@ def _command(manifest: Path, out: Path, seed: int, s: dict[str, Any], head: Path
 
 
 def _evaluate(args: argparse.Namespace, model: Path, report_dir: Path, **where: Any) -> float:
-    from resnet_transfer.models import evaluate
+    from resnet_transfer.models import EvaluateConfig, evaluate
 
     src = where.get("cache") or where.get("data")
     print(f"$ rt evaluate {model} --{next(iter(where))} {src} --out {report_dir}", flush=True)
-    return float(evaluate(model, precision=args.precision, out=report_dir, **where).report["accuracy"])
+    return float(evaluate(EvaluateConfig(model, precision=args.precision, out=report_dir, **where)).report["accuracy"])
 
 
 def probe_head(args: argparse.Namespace, manifest: Path, k: int, seed: int) -> Path:

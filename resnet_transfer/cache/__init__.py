@@ -9,11 +9,11 @@ from ..base.lazy import face
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
-        "extraction": (
+        "config": (
             "ExtractConfig",
-            "extract",
+            "ExtractResult",
         ),
-        "info": ("describe",),
+        "extraction": ("extract",),
         "layout": ("ChunkStore",),
         "reader": (
             "FEATURE_CHUNK_ROWS",

@@ -15,55 +15,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..base import DataError, Interrupted, RtError, UsageError, get_reporter
-
-
-@dataclass
-class ExtractConfig:
-    """Everything `rt extract` needs; the CLI fills it from its options."""
-
-    data: Path
-    out: Path
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    image_size: int | None = None
-    cut: list[str] = field(default_factory=list)
-    batch_size: int = 32
-    workers: int | None = None  # None: chosen for the device
-    device: str = "auto"
-    precision: str = "auto"
-    compile: str = "auto"  # auto | on | off: the forward compiled by inductor (compiled.compiled_forward)
-    dtype: str = "float16"
-    overwrite: bool = False
-    allow_outside: bool = False
-    strict: bool = False
-    chunk_rows: int = 256
-    record_root: bool = False
-    max_pixels: int | None = None
-    merge: bool = False  # write one self-contained file (real datasets, no chunk folder)
-    dry_run: bool = False  # print the plan; compute and write nothing
-    pool_stages: list[str] = field(default_factory=list)  # stages whose pooled features are stored too
-    calibration: Path | None = None  # --precision int8: images to calibrate on (default: fixed photo crops)
-
-
-@dataclass
-class ExtractResult:
-    path: Path
-    rows: int
-    new_rows: int
-    skipped: list[tuple[str, str]]
-    seconds: float
-    images_per_s: float
-    notes: list[str] = field(default_factory=list)
-    changes: dict[str, int] = field(default_factory=dict)  # added, changed, removed, relabelled, moved, unchanged
-    summary: str = ""  # the one line saying what changed
-    computed: int = 0  # images that went through the forward pass
+from ..base import RtError, UsageError, get_reporter
+from .compute import compute, stage_shapes
+from .config import ExtractConfig, ExtractResult, RunSetup
 
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
@@ -88,7 +46,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         plan = _plan(writer, images)
         todo, keys = plan.todo()
         _announce(cfg, setup, plan, len(images))
-        computed, seconds = _compute(cfg, setup, todo, keys, writer.store) if len(todo) else (0, 0.0)
+        computed, seconds = compute(cfg, setup, todo, keys, writer.store) if len(todo) else (0, 0.0)
         return _finish(cfg, writer, plan, computed, seconds, t0)
 
 
@@ -126,21 +84,7 @@ def _listing(cfg: ExtractConfig) -> Any:
     return images
 
 
-@dataclass
-class _Setup:
-    """The built backbone and everything decided once for a run."""
-
-    device: Any
-    precision: str
-    backbone: Any
-    net: Any
-    stage_shapes: dict[str, tuple[int, ...]]
-    pooled_dims: dict[str, int]
-    workers: int
-    calibration: list[str] | None = None  # int8: the calibration images (precision is then int8@<digest>)
-
-
-def _setup(cfg: ExtractConfig) -> _Setup:
+def _setup(cfg: ExtractConfig) -> RunSetup:
     import torch
 
     from ..backbone import build_backbone
@@ -167,9 +111,9 @@ def _setup(cfg: ExtractConfig) -> _Setup:
     names = list(dict.fromkeys([*cfg.cut, *cfg.pool_stages]))
     shapes = _cached_shapes(cfg, backbone.identity, names)
     if shapes is None:  # a dry forward pass tells them
-        shapes = _stage_shapes(net, names, backbone.transform.input_size) if names else {}
+        shapes = stage_shapes(net, names, backbone.transform.input_size) if names else {}
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    return _Setup(
+    return RunSetup(
         device,
         precision,
         backbone,
@@ -201,7 +145,7 @@ def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[
         return None
 
 
-def _writer(cfg: ExtractConfig, setup: _Setup, images: Any, lock: bool = True) -> Any:
+def _writer(cfg: ExtractConfig, setup: RunSetup, images: Any, lock: bool = True) -> Any:
     from .writer import CacheWriter
 
     attrs = {
@@ -235,7 +179,7 @@ def _plan(writer: Any, images: Any) -> Any:
     )
 
 
-def _announce(cfg: ExtractConfig, setup: _Setup, plan: Any, total: int) -> None:
+def _announce(cfg: ExtractConfig, setup: RunSetup, plan: Any, total: int) -> None:
     from ..base import decode_threads
 
     rep = get_reporter()
@@ -315,141 +259,6 @@ def _dry_run(cfg: ExtractConfig, writer: Any, images: Any) -> ExtractResult:
     )
 
 
-# ------------------------------------------------------------------------------------------ forward
-
-
-def _compute(cfg: ExtractConfig, setup: _Setup, todo: Any, keys: list[str], store: Any) -> tuple[int, float]:
-    """Forward the images of ``todo`` (content ``keys``) through :func:`forward.forward_images`, committing a
-    chunk file every ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). Returns
-    (images forwarded, seconds)."""
-    from ..backbone import forward_images
-
-    rep = get_reporter()
-    names = list(dict.fromkeys([*setup.stage_shapes, *setup.pooled_dims]))
-    batches = forward_images(
-        setup.backbone,
-        todo,
-        batch_size=cfg.batch_size,
-        device=setup.device,
-        precision=setup.precision,
-        maps=names,
-        workers=setup.workers,
-        max_pixels=cfg.max_pixels,
-        compile=cfg.compile,
-        calibration=setup.calibration,
-    )
-    buf = _Buffer(setup)
-    t_run = time.perf_counter()
-    forwarded = 0
-    try:
-        with rep.progress("extract", total=len(todo), unit="img") as bar:
-            for b in batches:
-                for i, e in b.skipped:
-                    buf.skip(todo.paths[i], keys[i], e)
-                    if cfg.strict:
-                        raise DataError(
-                            f"{Path(todo.root) / todo.paths[i]}: {e}", "fix or remove the file, or drop --strict"
-                        )
-                if b.features is not None:
-                    forwarded += len(b.ok)
-                    buf.add(
-                        [(todo.paths[i], int(todo.labels[i]), keys[i]) for i in b.ok],
-                        b.features.cpu().numpy(),
-                        {n: b.maps[n].cpu().numpy() for n in setup.stage_shapes},
-                        {n: b.maps[n].mean(dim=(2, 3)).cpu().numpy() for n in setup.pooled_dims},
-                    )
-                if buf.rows >= cfg.chunk_rows:
-                    buf.flush(store)
-                bar.advance(len(b.indices))
-            buf.flush(store, force=True)
-    except KeyboardInterrupt:
-        buf.flush(store, force=True)
-        raise Interrupted(
-            f"interrupted: finished chunks are saved in {store.dir}",
-            "run the same command again to resume where it stopped",
-        ) from None
-    finally:
-        batches.close()  # stop the decode threads now, not when the generator is collected
-    return forwarded, time.perf_counter() - t_run
-
-
-def _capture(store: dict[str, Any], name: str) -> Any:
-    def hook(_module: Any, _inp: Any, output: Any) -> None:
-        store[name] = output
-
-    return hook
-
-
-def _stage_shapes(net: Any, cut: list[str], size: int) -> dict[str, tuple[int, ...]]:
-    import torch
-
-    captured: dict[str, Any] = {}
-    hooks = [net.get_submodule(n).register_forward_hook(_capture(captured, n)) for n in cut]
-    try:
-        with torch.inference_mode():
-            p = next(net.parameters())
-            net(torch.zeros(1, 3, size, size, device=p.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: tuple(int(s) for s in captured[n].shape[1:]) for n in cut}
-
-
-class _Buffer:
-    """Rows waiting to be committed as one chunk file."""
-
-    def __init__(self, setup: _Setup) -> None:
-        self.setup = setup
-        self.clear()
-
-    def clear(self) -> None:
-        self.rows_: list[tuple[str, int, str]] = []
-        self.feats: list[np.ndarray] = []
-        self.maps: dict[str, list[np.ndarray]] = {n: [] for n in self.setup.stage_shapes}
-        self.pooled: dict[str, list[np.ndarray]] = {n: [] for n in self.setup.pooled_dims}
-        self.skipped: list[tuple[str, str, str]] = []
-
-    @property
-    def rows(self) -> int:
-        return len(self.rows_)
-
-    def add(
-        self,
-        rows: list[tuple[str, int, str]],
-        feats: np.ndarray,
-        maps: dict[str, np.ndarray],
-        pooled: dict[str, np.ndarray],
-    ) -> None:
-        self.rows_ += rows
-        self.feats.append(feats)
-        for k, v in maps.items():
-            self.maps[k].append(v)
-        for k, v in pooled.items():
-            self.pooled[k].append(v)
-
-    def skip(self, path: str, key: str, reason: str) -> None:
-        self.skipped.append((path, key, reason))
-
-    def flush(self, store: Any, force: bool = False) -> None:
-        from .writer import Row, SkippedFile
-
-        if not self.rows_ and not (force and self.skipped):
-            return
-        s = self.setup
-        dim = s.backbone.identity.num_features
-        feats = np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32)
-        maps = {
-            k: np.concatenate(v) if v else np.zeros((0, *s.stage_shapes[k]), np.float32) for k, v in self.maps.items()
-        }
-        pooled = {
-            k: np.concatenate(v) if v else np.zeros((0, s.pooled_dims[k]), np.float32) for k, v in self.pooled.items()
-        }
-        rows = [Row(p, lab, k) for p, lab, k in self.rows_]
-        skipped = [SkippedFile(p, reason, k) for p, k, reason in self.skipped]
-        store.write(rows, feats, maps, pooled, skipped)
-        self.clear()
-
-
 # ------------------------------------------------------------------------------------- sharded (torchrun)
 
 
@@ -485,7 +294,7 @@ def _extract_sharded(cfg: ExtractConfig) -> ExtractResult:
                 setup = held["setup"] if env.is_main else _setup(cfg)
                 store = held["writer"].store if env.is_main else ChunkStore(Path(cfg.out), work.spec)
                 mine = work.todo.subset(list(block))
-                return _compute(cfg, setup, mine, [work.keys[i] for i in block], store)[0]
+                return compute(cfg, setup, mine, [work.keys[i] for i in block], store)[0]
 
             computed = sum(agree(run_block))
             return on_main(lambda: _finish(cfg, held["writer"], held["plan"], computed, time.perf_counter() - t0, t0))

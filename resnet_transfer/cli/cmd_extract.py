@@ -10,6 +10,33 @@ import typer
 from . import common
 from .common import CompileOpt, DeviceOpt, ImageSizeOpt, ModelOpt, WeightsOpt
 
+ExtractPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16 | int8 (x86 CPUs, pooled "
+        "features only: a quantized copy of the backbone, calibrated on fixed photos or --calibration; "
+        "needs pip install 'resnet_transfer[int8]'; see docs/performance.md for its speed and accuracy).",
+    ),
+]
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibration",
+        help="With --precision int8: a folder or manifest of your own images (64 are used) to calibrate the "
+        "quantized backbone on. Use it when the backbone was trained on another kind of image than "
+        "natural photos (the default set); later runs into the same cache must give the same images.",
+    ),
+]
+MergeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge",
+        help="Write one self-contained HDF5 file (real datasets, no <out>.chunks/ folder). Default: a small "
+        "index whose datasets are virtual over immutable chunk files, so an update writes only what changed.",
+    ),
+]
+
 
 def extract(
     data: Annotated[
@@ -36,24 +63,8 @@ def extract(
         ),
     ] = None,
     device: DeviceOpt = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="auto (fp16 on CUDA, bf16 on CPUs that have it) | fp32 | bf16 | fp16 | int8 (x86 CPUs, pooled "
-            "features only: a quantized copy of the backbone, calibrated on fixed photos or --calibration; "
-            "needs pip install 'resnet_transfer[int8]'; see docs/performance.md for its speed and accuracy).",
-        ),
-    ] = "auto",
-    calibration: Annotated[
-        Path | None,
-        typer.Option(
-            "--calibration",
-            help="With --precision int8: a folder or manifest of your own images (64 are used) to calibrate the "
-            "quantized backbone on. Use it when the backbone was trained on another kind of image than "
-            "natural photos (the default set); later runs into the same cache must give the same images.",
-        ),
-    ] = None,
+    precision: ExtractPrecisionOpt = "auto",
+    calibration: CalibrationOpt = None,
     compile: CompileOpt = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage type of pooled features: float16 | float32.")
@@ -73,14 +84,7 @@ def extract(
         int,
         typer.Option("--chunk-rows", help="Rows per committed chunk: at most this much work is redone after a kill."),
     ] = 256,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge",
-            help="Write one self-contained HDF5 file (real datasets, no <out>.chunks/ folder). Default: a small "
-            "index whose datasets are virtual over immutable chunk files, so an update writes only what changed.",
-        ),
-    ] = False,
+    merge: MergeOpt = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would change (added, changed, removed, ...) and compute nothing."),
@@ -111,32 +115,15 @@ def extract(
 
         rt extract --data ./pets --precision int8 --out pets-int8.h5
     """
+    options = dict(locals())
     from ..cache import ExtractConfig
     from ..cache import extract as run_extract
 
-    cfg = ExtractConfig(
-        data=data,
-        out=out,
-        model=model,
-        weights=weights,
-        image_size=image_size,
+    cfg = common.build(
+        ExtractConfig,
+        options,
         cut=list(cut or []),
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        compile=compile,
-        dtype=dtype,
-        overwrite=overwrite,
-        allow_outside=allow_outside,
-        strict=strict,
-        record_root=record_root,
-        max_pixels=max_pixels,
-        chunk_rows=chunk_rows,
-        merge=merge,
-        dry_run=dry_run,
         pool_stages=[x.strip() for x in (pool_stages or "").split(",") if x.strip()],
-        calibration=calibration,
     )
     result = common.call(run_extract, cfg)
     from ..base import launched
@@ -154,7 +141,7 @@ def info(
     skipped: Annotated[bool, typer.Option("--skipped", help="List every skipped file with its reason.")] = False,
 ) -> None:
     """Show what a cache (or a head/model directory) holds: backbone identity, classes, sizes, skips."""
-    from ..cache import describe
+    from ..models import describe
 
     summary = common.call(describe, path, skipped)
     if as_json:

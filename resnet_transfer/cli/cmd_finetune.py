@@ -10,12 +10,41 @@ import typer
 from . import common
 from .common import DeviceOpt, ImageSizeOpt
 
+UnfreezeOpt = Annotated[
+    str,
+    typer.Option(
+        "--unfreeze",
+        "-u",
+        help="Train this stage and everything above it: head | layer4 | layer3 | layer2 | layer1 | all | auto "
+        "(depth from labelled images per class; the rule is printed).",
+    ),
+]
+BnOpt = Annotated[
+    str,
+    typer.Option(
+        "--bn",
+        help="BatchNorm in the stages that train: frozen (keep the pretrained running statistics; scale and "
+        "shift still learn) | train (batch statistics) | auto (frozen for pretrained weights, train for "
+        "--weights none). Frozen keeps the fitted head's features intact when the backbone starts to move.",
+    ),
+]
+CheckpointEveryOpt = Annotated[
+    int,
+    typer.Option(
+        "--checkpoint-every",
+        help="Write the resume checkpoint (model, optimiser, RNG: ~3x the model's size) every N epochs and "
+        "after the last; an interrupted run resumes from the last one written. 0: never (a short run "
+        "that is cheaper to redo than to save).",
+    ),
+]
+HeadDirArg = Annotated[
+    Path | None,
+    typer.Argument(help="A head directory from `rt fit-head` to start from (omit it to start with a fresh head)."),
+]
+
 
 def finetune(
-    head_dir: Annotated[
-        Path | None,
-        typer.Argument(help="A head directory from `rt fit-head` to start from (omit it to start with a fresh head)."),
-    ] = None,
+    head_dir: HeadDirArg = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder or CSV manifest to train on.")] = None,
     cache: Annotated[
         Path | None,
@@ -34,15 +63,7 @@ def finetune(
         typer.Option("--weights", "-w", help="Without a head dir: imagenet (default) | none (from scratch) | PATH."),
     ] = None,
     image_size: ImageSizeOpt = None,
-    unfreeze: Annotated[
-        str,
-        typer.Option(
-            "--unfreeze",
-            "-u",
-            help="Train this stage and everything above it: head | layer4 | layer3 | layer2 | layer1 | all | auto "
-            "(depth from labelled images per class; the rule is printed).",
-        ),
-    ] = "layer4",
+    unfreeze: UnfreezeOpt = "layer4",
     schedule: Annotated[
         str, typer.Option("--schedule", help="fixed (all at once) | progressive (one stage at a time from the top).")
     ] = "fixed",
@@ -98,24 +119,8 @@ def finetune(
         typer.Option("--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm in the stages that train."),
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
-    bn: Annotated[
-        str,
-        typer.Option(
-            "--bn",
-            help="BatchNorm in the stages that train: frozen (keep the pretrained running statistics; scale and "
-            "shift still learn) | train (batch statistics) | auto (frozen for pretrained weights, train for "
-            "--weights none). Frozen keeps the fitted head's features intact when the backbone starts to move.",
-        ),
-    ] = "auto",
-    checkpoint_every: Annotated[
-        int,
-        typer.Option(
-            "--checkpoint-every",
-            help="Write the resume checkpoint (model, optimiser, RNG: ~3x the model's size) every N epochs and "
-            "after the last; an interrupted run resumes from the last one written. 0: never (a short run "
-            "that is cheaper to redo than to save).",
-        ),
-    ] = 1,
+    bn: BnOpt = "auto",
+    checkpoint_every: CheckpointEveryOpt = 1,
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 
@@ -139,50 +144,19 @@ def finetune(
 
         rt finetune --resume cat-l3/
     """
+    options = dict(locals())
     from ..finetuning import FinetuneConfig
     from ..finetuning import finetune as run_finetune
 
     if resume is not None:
         common.exit_3_if_skipped(common.call(run_finetune, FinetuneConfig(out=resume), resume=resume))
         return
-    cfg = FinetuneConfig(
-        out=out,
+    cfg = common.build(
+        FinetuneConfig,
+        options,
+        cli_only=("head_dir", "resume"),
         head=head_dir,
-        data=data,
-        cache=cache,
-        val=val,
-        model=model,
-        weights=weights,
-        image_size=image_size,
-        unfreeze=unfreeze,
-        schedule=schedule,
         unfreeze_at=common.epoch_list(unfreeze_at),
-        probe_epochs=probe_epochs,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_mult=lr_mult,
-        lr_schedule=lr_schedule,
-        warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
-        color_jitter=color_jitter,
-        crop_scale=crop_scale,
-        hflip=hflip,
-        val_fraction=val_fraction,
-        monitor=monitor,
-        patience=patience,
-        fresh_head=fresh_head,
-        hidden=hidden,
-        seed=seed,
-        device=device,
-        precision=precision,
-        workers=workers,
-        overwrite=overwrite,
-        sync_bn=sync_bn,
-        strict=strict,
-        checkpoint_every=checkpoint_every,
-        bn=bn,
     )
     common.exit_3_if_skipped(common.call(run_finetune, cfg))
 
@@ -207,6 +181,7 @@ def export(
 
         rt export cat-l4/ --format torchscript --out serve/cat.pt
     """
-    from ..models import export_model
+    from ..models import ExportConfig
+    from ..models import export as run_export
 
-    common.call(export_model, model_dir, fmt, out)
+    common.call(run_export, ExportConfig(model_dir=model_dir, format=fmt, out=out))

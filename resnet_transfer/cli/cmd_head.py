@@ -150,24 +150,15 @@ def predict(
 
         rt predict cat-head/ ./new-photos --tta flip --csv > predictions.csv
     """
+    options = dict(locals())
+    from ..models import PredictConfig
     from ..models import predict as run_predict
 
     if as_json and as_csv:
         typer.echo("error: choose one of --json and --csv", err=True)
         raise typer.Exit(2)
-    res = common.call(
-        run_predict,
-        model_dir,
-        list(inputs),
-        tta=tta,
-        top=top,
-        weights=weights,
-        batch_size=batch_size,
-        device=device,
-        min_confidence=min_confidence,
-        compile=compile,
-        precision=precision,
-    )
+    cfg = common.build(PredictConfig, options, cli_only=("as_json", "as_csv"), inputs=list(inputs))
+    res = common.call(run_predict, cfg)
     marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
     if as_json:
         common.echo_json(
@@ -242,23 +233,11 @@ def evaluate(
 
         rt evaluate cat-head/ --data ./pets-test --tta tencrop --out eval/
     """
+    options = dict(locals())
+    from ..models import EvaluateConfig
     from ..models import evaluate as run_evaluate
 
-    res = common.call(
-        run_evaluate,
-        model_dir,
-        data=data,
-        cache=cache,
-        tta=tta,
-        weights=weights,
-        batch_size=batch_size,
-        device=device,
-        out=out,
-        worst=worst,
-        knn=knn,
-        knn_cache=knn_cache,
-        root=root,
-    )
+    res = common.call(run_evaluate, common.build(EvaluateConfig, options, cli_only=("as_json",)))
     r = res.report
     if as_json:
         common.echo_json(r)

@@ -114,3 +114,17 @@ def int_list(text: str, option: str) -> list[int]:
     except ValueError:
         typer.echo(f"error: {option} {text!r}: give integers separated by commas, e.g. 5,10,20", err=True)
         raise typer.Exit(2) from None
+
+
+def build(config_cls: type[T], options: dict[str, Any], *, cli_only: tuple[str, ...] = (), **overrides: Any) -> T:
+    """The typed config ``config_cls`` from a command's options (``dict(locals())`` at the top of the command):
+    each option fills the config field of its name; ``overrides`` are fields whose option is named or parsed
+    differently; ``cli_only`` names options that are not config fields. Any other option is a bug (an option
+    that would be dropped silently), so it raises."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config_cls)}  # type: ignore[arg-type]
+    stray = set(options) - names - set(overrides) - set(cli_only)
+    if stray:
+        raise TypeError(f"{config_cls.__name__} has no field for the option(s) {sorted(stray)}")
+    return config_cls(**{k: v for k, v in options.items() if k in names} | overrides)

@@ -1,49 +1,20 @@
 """The `rt finetune` checkpoint: ``checkpoints/last.pt`` after every epoch (model, optimiser, scheduler,
-scaler, every random generator and the loop's :class:`~resnet_transfer.finetune.TrainState`), so that
+scaler, every random generator and the loop's :class:`~resnet_transfer.finetuning.config.TrainState`), so that
 ``--resume`` continues bit for bit; ``best.pt`` holds the best epoch's weights. Loaded with
 ``weights_only=True``: tensors and plain data only, no code runs.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..base import RtError, atomic_path, distributed
+from .config import CHECKPOINT_DIR, Run, TrainState
 
-if TYPE_CHECKING:
-    from .training import Run
-
-
-@dataclass
-class TrainState:
-    """What the loop carries from epoch to epoch (saved in every checkpoint as JSON)."""
-
-    epoch: int = 0  # the next epoch to run
-    best: float | None = None  # the best monitored value so far
-    best_epoch: int = -1
-    bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
-    stopped: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
-    precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
-    precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainState:
-        d = json.loads(text)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
 CKPT_FORMAT = "resnet_transfer.finetune-checkpoint"

@@ -337,7 +337,7 @@ def _map_feed(cfg: Any, backbone: Any, classes: list[str] | None) -> Feeding:
 def split_rows(keys: Sequence[str | None] | None, labels: np.ndarray, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` rows: the starting head's recorded split (``split.json``) where it has one and the
     rows have content keys, else the seeded stratified split of :func:`data.stratified_split`."""
-    from ..models import read_split
+    from ..head import read_split
 
     record = read_split(cfg.head) if cfg.head is not None else None
     if record is None:

@@ -8,12 +8,10 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..base import UsageError, atomic_write_json, get_reporter, plot_training_curves
-
-if TYPE_CHECKING:
-    from .training import Run
+from .config import Run
 
 
 @dataclass
@@ -56,7 +54,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
     import torch
 
     from ..backbone import BACKBONE_FILE, BackboneIdentity, save_backbone, sha256_file
-    from ..models import HEAD_FILE, write_model_dir, write_split
+    from ..head import HEAD_FILE, write_model_dir, write_split
 
     cfg, state, model = run.cfg, run.state, run.model
     out = Path(cfg.out)

@@ -48,5 +48,15 @@ __all__, __getattr__, __dir__ = face(
             "calibration_summary",
             "fit_temperature",
         ),
+        "directory": (
+            "HEAD_FILE",
+            "META",
+            "ModelDir",
+            "head_features",
+            "read_model_dir",
+            "read_split",
+            "write_model_dir",
+            "write_split",
+        ),
     },
 )

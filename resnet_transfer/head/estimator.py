@@ -36,6 +36,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ..base import UsageError, get_reporter
 from ..images import stratified_split
+from . import minibatch as mb
 from . import solvers as hs
 from .module import HeadModule, predict_logits, predict_probabilities, set_standardisation
 
@@ -311,7 +312,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.path_: list[dict[str, Any]] = []
         self.history_: list[dict[str, Any]] = []
         if self.solver == "adamw":
-            self._run_adamw(hs.ArraySource(X, yi, w_all, self.batch_size, train_rows), val)
+            self._run_adamw(mb.ArraySource(X, yi, w_all, self.batch_size, train_rows), val)
         else:
             l2 = self.l2
             if l2 is None and val is not None:
@@ -377,9 +378,9 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.n_iter_ = hs.fit_full(self._solver_factory()(X, y, w), self.l2_, budget)
         self.path_.append({"l2": self.l2_, "final_fit_rows": len(X), "iterations": self.n_iter_})
 
-    def _run_adamw(self, source: hs.BatchSource, val: tuple[np.ndarray, np.ndarray] | None) -> None:
+    def _run_adamw(self, source: mb.BatchSource, val: tuple[np.ndarray, np.ndarray] | None) -> None:
         self.l2_ = float(self.l2 if self.l2 is not None else hs.DEFAULT_WEIGHT_DECAY)
-        self.history_, self.n_iter_ = hs.fit_adamw(
+        self.history_, self.n_iter_ = mb.fit_adamw(
             self.module_,
             source,
             val,
@@ -417,7 +418,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
                 yield xb, self.encode(check_labels(yb, "chunk labels", len(xb)), "chunk labels")
 
         # first pass: standardisation statistics and class counts (float64 sums)
-        n, mean, std, counts = hs.stream_statistics(checked(-1), len(self.classes_))
+        n, mean, std, counts = mb.stream_statistics(checked(-1), len(self.classes_))
         if not n or not dims:
             raise HeadInputError("fit_chunks: the training stream yielded no rows")
         per_class = self._class_weights(counts)
@@ -427,7 +428,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         set_standardisation(self.module_, None, mean, std)
         self.path_ = []
         self._run_adamw(
-            hs.ChunkSource(chunks, lambda yb: self.encode(yb, "chunk labels"), per_class, self.batch_size), val
+            mb.ChunkSource(chunks, lambda yb: self.encode(yb, "chunk labels"), per_class, self.batch_size), val
         )
         self.refit_ = False
         self.val_score_ = float(self.score_indices(*val)) if val is not None else None

@@ -143,7 +143,7 @@ def _check_classes(cfg: FitHeadConfig, cache: Any) -> list[str]:
 
 
 def _check_out(cfg: FitHeadConfig) -> Path:
-    from ..models import META
+    from .directory import META
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -384,7 +384,7 @@ def _maybe_choose_features(
 
 def _write_head_dir(out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any]) -> None:
     """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors."""
-    from ..models import write_model_dir
+    from .directory import write_model_dir
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_model_dir(

@@ -9,32 +9,18 @@ predict and evaluate report). Its ``config`` dict is what model directories reco
 defaults, ``temperature`` (1.0) and ``features`` (the pooled stages the head reads; absent = the
 backbone's final pooled features).
 
-:class:`SoftmaxHead` (scikit-learn estimator, in ``head_estimator.py``; its solvers in ``head_solvers.py``)
-is importable from here too. It is loaded on first use, so that commands which only run a head (predict,
-export, finetune) do not pay scikit-learn's import time.
+:class:`SoftmaxHead`, the scikit-learn estimator that fits it, is in ``estimator.py`` (its numerics in
+``solvers.py``); this module imports no scikit-learn, so commands that only run a head (predict, export,
+finetune) do not pay its import time.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .estimator import HeadInputError, HeadNotFittedError, SoftmaxHead
-
-__all__ = [
-    "HeadInputError",
-    "HeadModule",
-    "HeadNotFittedError",
-    "SoftmaxHead",
-    "build_head_module",
-    "predict_logits",
-    "predict_probabilities",
-    "set_standardisation",
-]
 
 
 class HeadModule(nn.Module):
@@ -147,12 +133,3 @@ def predict_probabilities(module: HeadModule, X: np.ndarray, batch: int = 65536)
     """Calibrated probabilities (``softmax(logits / module.temperature)``) for the rows of ``X``."""
     logits = torch.from_numpy(predict_logits(module, X, batch))
     return torch.softmax(logits / float(getattr(module, "temperature", 1.0)), 1).numpy()
-
-
-def __getattr__(name: str) -> Any:
-    """``SoftmaxHead`` and its errors come from head_estimator.py on first use (scikit-learn loads then)."""
-    if name in ("SoftmaxHead", "HeadInputError", "HeadNotFittedError"):
-        from . import estimator as head_estimator
-
-        return getattr(head_estimator, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,7 @@ data and owns the fitted state; these functions do the numerical work on already
   MLP: autograd) or scikit-learn's ``LogisticRegression`` (``solver="sklearn"``, the reference).
 * :func:`l2_path` -- the L2 strength chosen on validation rows, walking a grid from strong to weak with
   warm starts (the curvature history is carried along the path).
-* :func:`fit_adamw` -- minibatch AdamW with early stopping, fed by :class:`ArraySource` (in memory) or
-  :class:`ChunkSource` (streamed blocks, e.g. ``FeatureCache.iter_chunks``).
+Minibatch AdamW (``fit_adamw`` and its batch sources) is in ``minibatch.py``.
 
 ``module`` is a :class:`head.HeadModule` (``mean``/``scale`` buffers, ``net``); its standardisation
 (:func:`head.set_standardisation`) and logits (:func:`head.predict_logits`) live with it in head.py.
@@ -16,7 +15,6 @@ data and owns the fitted state; these functions do the numerical work on already
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -394,128 +392,3 @@ def l2_path(
         f"(val accuracy {best[0]:.4f})"
     )
     return best_l2, path
-
-
-# ---------------------------------------------------------------------------------------------- AdamW
-
-
-class BatchSource:
-    """Minibatches ``(x, y, w)`` (features, output indices, row weights) for one epoch."""
-
-    def batches(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError  # pragma: no cover - interface
-
-
-class ArraySource(BatchSource):
-    """Shuffled minibatches of ``rows`` of in-memory arrays."""
-
-    def __init__(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, batch_size: int, rows: np.ndarray) -> None:
-        self.X = torch.from_numpy(X)
-        self.y = torch.from_numpy(y)
-        self.w = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        self.rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        self.bs = int(batch_size)
-
-    def batches(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = self.rows[torch.randperm(len(self.rows), generator=g)]
-        for i in range(0, len(perm), self.bs):
-            idx = perm[i : i + self.bs]
-            yield self.X[idx], self.y[idx], self.w[idx]
-
-
-class ChunkSource(BatchSource):
-    """Minibatches cut from streamed blocks (e.g. whole HDF5 chunks read in shuffled order); ``encode``
-    turns a block's labels into output indices."""
-
-    def __init__(
-        self,
-        chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
-        encode: Callable[[np.ndarray], np.ndarray],
-        per_class: np.ndarray,
-        batch_size: int,
-    ) -> None:
-        self.chunks = chunks
-        self.encode = encode
-        self.per_class = per_class.astype(np.float32)
-        self.bs = int(batch_size)
-
-    def batches(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        rng = np.random.default_rng(seed * 100_003 + epoch)
-        for xb, yb in self.chunks(epoch):
-            xb = np.ascontiguousarray(xb, dtype=np.float32)
-            yi = self.encode(np.asarray(yb))
-            perm = rng.permutation(len(xb))
-            for i in range(0, len(perm), self.bs):
-                idx = perm[i : i + self.bs]
-                yield torch.from_numpy(xb[idx]), torch.from_numpy(yi[idx]), torch.from_numpy(self.per_class[yi[idx]])
-
-
-def fit_adamw(
-    module: nn.Module,
-    source: BatchSource,
-    val: tuple[np.ndarray, np.ndarray] | None,
-    *,
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-    patience: int,
-    label_smoothing: float = 0.0,
-    seed: int = 0,
-) -> tuple[list[dict[str, Any]], int]:
-    """Minibatch AdamW with early stopping on the validation loss (the best epoch's weights are kept).
-    Returns ``(history, epochs run)``; without ``val`` it runs ``epochs`` epochs."""
-    opt = torch.optim.AdamW(list(module.parameters()), lr=float(lr), weight_decay=float(weight_decay))
-    Xv_t = torch.from_numpy(val[0]) if val is not None else None
-    yv_t = torch.from_numpy(np.asarray(val[1], np.int64)) if val is not None else None
-    best_loss, best_state, bad = math.inf, None, 0
-    history: list[dict[str, Any]] = []
-    epoch = 0
-    for epoch in range(int(epochs)):
-        module.train()
-        total, count = 0.0, 0
-        for xb, yb, wb in source.batches(epoch, seed):
-            per = nn.functional.cross_entropy(module(xb), yb, reduction="none", label_smoothing=label_smoothing)
-            loss = (per * wb).sum() / wb.sum().clamp_min(1e-12)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(xb)
-            count += len(xb)
-        module.eval()
-        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        if Xv_t is not None and yv_t is not None:
-            with torch.no_grad():
-                lv = module(Xv_t)
-                entry["val_loss"] = float(nn.functional.cross_entropy(lv, yv_t))
-                entry["val_accuracy"] = float((lv.argmax(1) == yv_t).float().mean())
-            if entry["val_loss"] < best_loss - 1e-4:
-                best_loss, bad = entry["val_loss"], 0
-                best_state = {k: v.clone() for k, v in module.state_dict().items()}
-            else:
-                bad += 1
-        history.append(entry)
-        if bad >= int(patience):
-            get_reporter().info(f"early stop after epoch {epoch + 1} (best val loss {best_loss:.4f})")
-            break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    return history, epoch + 1
-
-
-def stream_statistics(
-    chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """One pass over checked ``(X block, output indices)``: ``(n, mean, std, class counts)`` in float64."""
-    n, s1, s2, counts = 0, None, None, np.zeros(k)
-    for xb, yb in chunks:
-        x64 = xb.astype(np.float64)
-        s1 = x64.sum(0) if s1 is None else s1 + x64.sum(0)
-        s2 = (x64**2).sum(0) if s2 is None else s2 + (x64**2).sum(0)
-        counts += np.bincount(yb, minlength=k)
-        n += len(xb)
-    if not n or s1 is None or s2 is None:
-        return 0, np.zeros(0), np.zeros(0), counts
-    mean = s1 / n
-    return n, mean, np.sqrt(np.maximum(s2 / n - mean**2, 0.0)), counts

@@ -32,6 +32,8 @@ __all__, __getattr__, __dir__ = face(
             "resolve",
         ),
         "transforms": (
+            "ResizeCenterCrop",
+            "interpolation_mode",
             "TransformConfig",
             "VIEWS",
             "eval_transform",

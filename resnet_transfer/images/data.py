@@ -23,9 +23,9 @@ from ..base import DataError, UsageError
 from .transforms import (  # noqa: F401  (re-exported: the transforms lived here before transforms.py)
     ResizeCenterCrop,
     TransformConfig,
-    _interpolation,
     eval_transform,
     eval_transform_uint8,
+    interpolation_mode,
     normalize_batch,
     to_uint8_tensor,
     train_transform,

@@ -65,7 +65,7 @@ _SUPPORT = {1: 3.0, 2: 1.0, 3: 2.0, 5: 1.0}  # PIL filter support (lanczos, bili
 _FUSED = frozenset(_SUPPORT)  # nearest and box pick pixels on knife edges: keep the two-step path
 
 
-def _interpolation(name: str) -> Any:
+def interpolation_mode(name: str) -> Any:
     from torchvision.transforms import InterpolationMode
 
     return {
@@ -106,7 +106,7 @@ class ResizeCenterCrop:
         if new_w < c or new_h < c or self.resample not in _FUSED:
             from torchvision import transforms as T
 
-            resized = T.Resize(s, interpolation=_interpolation(self.interpolation))(img)
+            resized = T.Resize(s, interpolation=interpolation_mode(self.interpolation))(img)
             return T.CenterCrop(c)(resized)
         top = round((new_h - c) / 2.0)
         left = round((new_w - c) / 2.0)
@@ -179,7 +179,9 @@ def train_transform(
     from torchvision import transforms as T
 
     steps: list[Any] = [
-        T.RandomResizedCrop(cfg.input_size, scale=(scale_min, 1.0), interpolation=_interpolation(cfg.interpolation)),
+        T.RandomResizedCrop(
+            cfg.input_size, scale=(scale_min, 1.0), interpolation=interpolation_mode(cfg.interpolation)
+        ),
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
@@ -204,7 +206,7 @@ def tta_transform(cfg: TransformConfig, mode: str) -> Any:
 
         return flip
     if mode == "tencrop":
-        resize = T.Resize(cfg.resize_size, interpolation=_interpolation(cfg.interpolation))
+        resize = T.Resize(cfg.resize_size, interpolation=interpolation_mode(cfg.interpolation))
         ten = T.Compose([resize, T.TenCrop(cfg.input_size)])
         return lambda img: torch.stack([norm(c) for c in ten(img)])
     raise DataError(f"--tta {mode!r} is not known", "use --tta flip or --tta tencrop")

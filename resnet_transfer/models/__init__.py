@@ -1,5 +1,5 @@
 """The models wing: backbone + head as one classifier, head and model directories, ``predict`` /
-``evaluate`` and ``export_model``.
+``evaluate`` and ``export``, each taking its typed config.
 """
 
 from __future__ import annotations
@@ -10,21 +10,20 @@ __all__, __getattr__, __dir__ = face(
     __name__,
     {
         "classifier": ("Classifier",),
-        "exporting": ("export_model",),
-        "insights": ("summary_lines",),
-        "modeldir": (
-            "HEAD_FILE",
-            "META",
-            "head_features",
-            "load_classifier",
-            "read_model_dir",
-            "read_split",
-            "write_model_dir",
-            "write_split",
+        "config": (
+            "EvaluateConfig",
+            "ExportConfig",
+            "PredictConfig",
         ),
+        "exporting": ("export",),
+        "insights": ("summary_lines",),
         "prediction": (
+            "LoadedModel",
             "evaluate",
+            "load_model",
             "predict",
         ),
+        "loading": ("load_classifier",),
+        "info": ("describe",),
     },
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import RtError, UsageError, atomic_path, atomic_write_json, get_reporter
+from .config import ExportConfig
 
 FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 SIDECAR_FORMAT = "resnet_transfer.export"
@@ -34,16 +35,18 @@ class ExportResult:
     checked_with: str
 
 
-def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
-    """Write ``model_dir``'s classifier as ``fmt`` (``torchscript`` | ``onnx``) to ``out`` (default: inside
-    the model directory) with a ``<out>.json`` sidecar; reload it and compare with the eager model."""
+def export(cfg: ExportConfig) -> ExportResult:
+    """Write ``cfg.model_dir``'s classifier as ``cfg.format`` (``torchscript`` | ``onnx``) to ``cfg.out``
+    (default: inside the model directory) with a ``<out>.json`` sidecar; reload it and compare with the eager
+    model."""
     import torch
 
+    fmt, out = cfg.format, cfg.out
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not known", f"use one of: {', '.join(FORMATS)}")
-    from .modeldir import load_classifier
+    from .loading import load_classifier
 
-    model, md = load_classifier(model_dir, normalize=True)
+    model, md = load_classifier(cfg.model_dir, normalize=True)
     size = md.identity.transform.input_size
     path = Path(out) if out is not None else md.path / ("model" + FORMATS[fmt])
     if path.exists() and path.is_dir():

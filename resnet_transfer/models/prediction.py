@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..base import DataError, UsageError, atomic_write_json, get_reporter
+from .config import EvaluateConfig, PredictConfig
 
 TTA_MODES = (None, "none", "flip", "tencrop")
 
@@ -37,7 +38,7 @@ class LoadedModel:
 
 def load_model(model_dir: str | Path, weights: str | None = None) -> LoadedModel:
     """Read ``model_dir`` and build its backbone and head (CPU, eval mode): :func:`modeldir.load_classifier`."""
-    from .modeldir import load_classifier
+    from .loading import load_classifier
 
     clf, md = load_classifier(model_dir, weights)
     return LoadedModel(md, clf.backbone, clf.head, clf)
@@ -142,37 +143,25 @@ class PredictResult:
     notes: list[str] = field(default_factory=list)
 
 
-def predict(
-    model_dir: str | Path,
-    inputs: list[str | Path],
-    *,
-    tta: str | None = None,
-    top: int = 5,
-    weights: str | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    allow_outside: bool = False,
-    max_pixels: int | None = None,
-    min_confidence: float | None = None,
-    compile: str = "auto",
-) -> PredictResult:
+def predict(cfg: PredictConfig) -> PredictResult:
     """Classify images (files, folders, CSV manifests) with the head/model in ``model_dir``.
 
     Unreadable images are skipped and listed in the result (and as warnings), never fatal. With
     ``min_confidence``, rows whose top probability is below it are marked ``uncertain`` (see
     :func:`calibration.mark_uncertain`)."""
-    if top < 1:
-        raise UsageError(f"--top {top} must be at least 1")
+    if cfg.top < 1:
+        raise UsageError(f"--top {cfg.top} must be at least 1")
     t0 = time.perf_counter()
-    model = load_model(model_dir, weights)
-    images = _gather(list(inputs), None, allow_outside)
+    model = load_model(cfg.model_dir, cfg.weights)
+    images = _gather(list(cfg.inputs), None, cfg.allow_outside)
     rep = get_reporter()
     for note in images.notes:
         rep.warn(note)
-    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels, compile)
+    probs, good, skipped = _probabilities(
+        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels, cfg.compile
+    )
     classes = model.classes
-    k = min(top, len(classes))
+    k = min(cfg.top, len(classes))
     rows = []
     for r, i in enumerate(good):
         order = np.argsort(-probs[r], kind="stable")[:k]
@@ -186,7 +175,7 @@ def predict(
         )
     from ..head import mark_uncertain
 
-    mark_uncertain(rows, min_confidence)
+    mark_uncertain(rows, cfg.min_confidence)
     rep.skipped(skipped, "image(s) could not be read and were skipped")
     return PredictResult(rows, skipped, classes, probs, time.perf_counter() - t0, images.notes)
 
@@ -197,24 +186,7 @@ class EvaluateResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def evaluate(
-    model_dir: str | Path,
-    *,
-    data: str | Path | None = None,
-    cache: str | Path | None = None,
-    tta: str | None = None,
-    weights: str | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    out: str | Path | None = None,
-    allow_outside: bool = False,
-    max_pixels: int | None = None,
-    worst: int = 0,
-    knn: bool = True,
-    knn_cache: str | Path | None = None,
-    root: str | Path | None = None,
-) -> EvaluateResult:
+def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of ``model_dir`` on a labelled
     image folder / manifest (``data``) or a feature cache (``cache``, checked against the head's
     backbone identity). ``out``: also write ``report.json`` and ``confusion.png`` there. The report also
@@ -222,23 +194,22 @@ def evaluate(
     ``worst``, ``worst.png`` of the most confidently wrong images (:func:`insights.evaluation_extras`)."""
     from ..base import classification_metrics, plot_confusion
 
-    if (data is None) == (cache is None):
+    if (cfg.data is None) == (cfg.cache is None):
         raise UsageError("give exactly one of --data (images) or --cache (features)", "e.g. --data ./pets-test")
     t0 = time.perf_counter()
-    if cache is not None:
-        if tta not in (None, "none"):
+    if cfg.cache is not None:
+        if cfg.tta not in (None, "none"):
             raise UsageError("--tta needs images: a cache holds one feature vector per image", "drop --tta")
-        ev = _scores_on_cache(model_dir, cache, root)
+        ev = _scores_on_cache(cfg.model_dir, cfg.cache, cfg.root)
     else:
-        assert data is not None
-        ev = _scores_on_images(model_dir, data, weights, tta, batch_size, device, precision, allow_outside, max_pixels)
+        ev = _scores_on_images(cfg)
     md, classes, y, pred, logits, X, files, source, skipped = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
         "model": str(md.path),
         "source": source,
-        "tta": tta if tta not in (None, "none") else None,
+        "tta": cfg.tta if cfg.tta not in (None, "none") else None,
         **metrics,
         "skipped": [list(s) for s in skipped],
     }
@@ -251,16 +222,16 @@ def evaluate(
             logits,
             features=X,
             paths=files,
-            out=out,
-            worst=worst,
-            knn=knn,
-            knn_cache=knn_cache,
+            out=cfg.out,
+            worst=cfg.worst,
+            knn=cfg.knn,
+            knn_cache=cfg.knn_cache,
             title=f"{md.path.name} on {source}",
         )
     )
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    if out is not None:
-        od = Path(out)
+    if cfg.out is not None:
+        od = Path(cfg.out)
         od.mkdir(parents=True, exist_ok=True)
         atomic_write_json(od / "report.json", report)
         plot_confusion(metrics["confusion_matrix"], classes, od / "confusion.png", title=f"{md.path.name} on {source}")
@@ -270,9 +241,8 @@ def evaluate(
 def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path | None) -> tuple[Any, ...]:
     """`rt evaluate --cache`: the head on a cache's labelled features (no backbone is built)."""
     from ..cache import FeatureCache
-    from ..head import build_head_module, predict_logits
+    from ..head import HEAD_FILE, build_head_module, predict_logits, read_model_dir
     from ..images import image_root, resolve
-    from .modeldir import HEAD_FILE, read_model_dir
 
     md = read_model_dir(model_dir)
     classes = list(md.classes)
@@ -290,43 +260,35 @@ def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path 
     return md, classes, y, logits.argmax(1), logits, X, files, source, []
 
 
-def _scores_on_images(
-    model_dir: str | Path,
-    data: str | Path,
-    weights: str | None,
-    tta: str | None,
-    batch_size: int,
-    device: str,
-    precision: str,
-    allow_outside: bool,
-    max_pixels: int | None,
-) -> tuple[Any, ...]:
+def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     """`rt evaluate --data`: the model on labelled images (unreadable ones left out and listed)."""
     from ..head import head_temperature, log_probabilities
 
     rep = get_reporter()
-    model = load_model(model_dir, weights)
+    model = load_model(cfg.model_dir, cfg.weights)
     md = model.md
     classes = model.classes
-    images = _gather([data], classes, allow_outside)
+    images = _gather([cfg.data], classes, cfg.allow_outside)
     for note in images.notes:
         rep.warn(note)
     labelled = [i for i, lab in enumerate(images.labels) if lab >= 0]
     if not labelled:
         raise DataError(
-            f"--data {data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
+            f"--data {cfg.data}: no labelled images (evaluate needs one sub-folder per class, or path,label rows)",
             "use `rt predict` for unlabelled images",
         )
     if len(labelled) < len(images):
         rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
     images = images.subset(labelled)
-    probs, good, skipped = _probabilities(model, images, tta, batch_size, device, precision, max_pixels)
+    probs, good, skipped = _probabilities(
+        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels
+    )
     rep.skipped(skipped, "image(s) could not be read and were left out")
     if not good:
-        raise DataError(f"--data {data}: none of the images could be read", "check the files")
+        raise DataError(f"--data {cfg.data}: none of the images could be read", "check the files")
     y = np.asarray([images.labels[i] for i in good], dtype=np.int64)
     # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
     # constant, which is what the extras expect (they apply the head's temperature themselves)
     logits = log_probabilities(probs) * head_temperature(md.head_config)
     files = [Path(images.paths[i]) for i in good]
-    return md, classes, y, probs.argmax(1), logits, None, files, str(data), skipped
+    return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped

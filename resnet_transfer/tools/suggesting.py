@@ -153,9 +153,8 @@ def _manifest(paths: list[Path | None], out: Path) -> tuple[str, list[str], int]
 def suggest(cfg: SuggestConfig) -> SuggestResult:
     """Rank the unlabelled rows of ``cfg.pool`` for labelling and write the manifest ``cfg.out``."""
     from ..cache import FeatureCache
-    from ..head import build_head_module, head_temperature, predict_logits, softmax
+    from ..head import HEAD_FILE, build_head_module, head_temperature, predict_logits, read_model_dir, softmax
     from ..images import contact_sheet, image_root, resolve
-    from ..models import HEAD_FILE, read_model_dir
 
     rep = get_reporter()
     if cfg.strategy not in STRATEGIES:

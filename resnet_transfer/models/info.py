@@ -15,7 +15,7 @@ def describe(path: str | Path, list_skipped: bool = False) -> dict[str, Any]:
     if not p.exists():
         raise RtError(f"{p}: no such file or directory", "give a cache (.h5) or a model directory")
     if p.is_dir():
-        from ..models import read_model_dir
+        from ..head import read_model_dir
 
         md = read_model_dir(p)
         out: dict[str, Any] = {
@@ -33,7 +33,7 @@ def describe(path: str | Path, list_skipped: bool = False) -> dict[str, Any]:
             except (OSError, ValueError):
                 out["metrics"] = "report.json unreadable"
         return out
-    from .reader import FeatureCache
+    from ..cache import FeatureCache
 
     with FeatureCache(p) as cache:
         out = cache.summary()

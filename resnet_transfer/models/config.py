@@ -1,0 +1,55 @@
+"""The typed configurations of `rt predict`, `rt evaluate` and `rt export` (what the CLI builds from its
+options; the Python API takes the same objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PredictConfig:
+    """Classify ``inputs`` (image files, folders, CSV manifests) with the head or model in ``model_dir``."""
+
+    model_dir: str | Path
+    inputs: list[str | Path] = field(default_factory=list)
+    tta: str | None = None  # None | flip | tencrop
+    top: int = 5
+    weights: str | None = None  # the backbone checkpoint, if it moved since the head was fitted
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "auto"
+    allow_outside: bool = False
+    max_pixels: int | None = None
+    min_confidence: float | None = None  # below it a row is marked `uncertain`
+    compile: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """Score ``model_dir`` on labelled images (``data``) or a feature cache (``cache``): exactly one of them."""
+
+    model_dir: str | Path
+    data: str | Path | None = None
+    cache: str | Path | None = None
+    tta: str | None = None
+    weights: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "auto"
+    out: str | Path | None = None  # also write report.json, confusion.png, reliability.png here
+    allow_outside: bool = False
+    max_pixels: int | None = None
+    worst: int = 0  # with out: worst.png of the N most confidently wrong images
+    knn: bool = True  # a kNN beside the head (cache only)
+    knn_cache: str | Path | None = None  # the kNN's training cache (default: the head's own)
+    root: str | Path | None = None  # where a cache's images are (for worst.png)
+
+
+@dataclass
+class ExportConfig:
+    """Write ``model_dir``'s backbone + head as one servable file (``format``: onnx | torchscript)."""
+
+    model_dir: str | Path
+    format: str = "onnx"
+    out: str | Path | None = None  # default: MODEL_DIR/model.onnx or model.torchscript.pt

@@ -154,6 +154,19 @@ def test_manifest_parser_roundtrip(tmp_path_factory: pytest.TempPathFactory, row
     assert images.classes == sorted({label for _, label in rows if label})
 
 
+def test_skip_reason_describes_the_content_not_the_path(tmp_path: Path) -> None:
+    """PIL names the open file in its message; the recorded reason does not (the same bytes under two
+    paths give one reason, and a cache holds no machine path)."""
+    reasons = set()
+    for name in ("a/x.jpg", "b/y.png"):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_bytes(b"not an image")
+        with pytest.raises(ImageDecodeError) as err:
+            load_image(tmp_path / name)
+        reasons.add(str(err.value))
+    assert reasons == {"not a readable image (UnidentifiedImageError: cannot identify image file)"}
+
+
 def test_unreadable_file_is_a_skip_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Permission errors (simulated: the suite may run as root, which reads anything)."""
     Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")

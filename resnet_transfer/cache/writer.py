@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backbone import BackboneIdentity
 from ..base import CacheError, FileLock, temp_name
+from ..images import path_free
 from .layout import (
     CacheSpec,
     Chunk,
@@ -179,12 +180,13 @@ class CacheWriter:
         return out
 
     def known_skips(self) -> dict[str, str]:
-        """Content key -> reason for every file content found unreadable (not retried until its bytes change)."""
+        """Content key -> reason for every file content found unreadable (not retried until its bytes change).
+        Reasons recorded before they were made path-free (a cache of 0.1.0) lose the file name here."""
         out: dict[str, str] = {}
         if self.existing is not None:
-            out.update(zip(self.existing.skipped_keys, (r for _, r in self.existing.skipped)))
+            out.update(zip(self.existing.skipped_keys, (path_free(r) for _, r in self.existing.skipped)))
         for c in self.chunks():
-            out.update((s.key, s.reason) for s in c.skipped)
+            out.update((s.key, path_free(s.reason)) for s in c.skipped)
         return out
 
     def done_paths(self) -> set[str]:

@@ -21,6 +21,7 @@ __all__, __getattr__, __dir__ = face(
             "list_images",
             "load_image",
             "normalized_batches",
+            "path_free",
             "remap_labels",
             "stratified_split",
         ),

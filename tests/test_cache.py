@@ -13,6 +13,7 @@ from resnet_transfer.backbone import BackboneIdentity
 from resnet_transfer.base import CacheError, IdentityMismatch
 from resnet_transfer.cache import FORMAT_VERSION, CacheWriter, FeatureCache
 from resnet_transfer.images import TransformConfig
+from tests.conftest import examples
 
 DIM = 6
 
@@ -162,7 +163,7 @@ def test_reasons_recorded_with_a_file_name_are_reused_without_it(tmp_path: Path)
         }
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 20),
     chunk=st.integers(1, 7),
@@ -357,7 +358,7 @@ def _counting_backbone(mp: pytest.MonkeyPatch) -> dict[str, int]:
 OPS = st.sampled_from(["edit", "delete", "move", "add", "dup", "corrupt", "repair", "relabel"])
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     manifest=st.booleans(),
     rounds=st.lists(

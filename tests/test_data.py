@@ -17,6 +17,7 @@ from resnet_transfer.images import (
     load_image,
     tta_transform,
 )
+from tests.conftest import examples
 from tests.odd_images import write_odd_images
 
 
@@ -135,7 +136,7 @@ _name = st.text(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     rows=st.lists(st.tuples(_name, st.one_of(st.just(""), _name)), min_size=1, max_size=15, unique_by=lambda r: r[0])
 )

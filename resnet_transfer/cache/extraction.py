@@ -44,7 +44,7 @@ class ExtractConfig:
     allow_outside: bool = False
     strict: bool = False
     chunk_rows: int = 256
-    record_root: bool = False
+    record_root: bool = True  # the absolute data folder in the cache's attributes (--no-record-root: left out)
     max_pixels: int | None = None
     merge: bool = False  # write one self-contained file (real datasets, no chunk folder)
     dry_run: bool = False  # print the plan; compute and write nothing
@@ -202,13 +202,10 @@ def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[
 
 
 def _writer(cfg: ExtractConfig, setup: _Setup, images: Any, lock: bool = True) -> Any:
+    from ..images import root_attrs
     from .writer import CacheWriter
 
-    attrs = {
-        "precision": setup.precision,
-        "source": images.source,
-        "root": str(Path(images.root).resolve()) if cfg.record_root else "",
-    }
+    attrs = {"precision": setup.precision, "source": images.source, **root_attrs(images.root, cfg.out, cfg.record_root)}
     return CacheWriter(
         cfg.out,
         setup.backbone.identity,

@@ -240,7 +240,7 @@ class CacheWriter:
             rows, skipped = self._appended()
         skipped = list(skipped or [])
         same_kind = self.existing is not None and (not merge or not self.existing.is_virtual)
-        if same_kind and self._same_as_existing(rows, skipped):
+        if same_kind and self._same_as_existing(rows, skipped) and self._same_attrs():
             self.store.collect(self._indexed())
             return self.existing.n, 0
         old = set(zip(self.existing.paths, self.existing.keys)) if self.existing is not None else set()
@@ -299,6 +299,13 @@ class CacheWriter:
         ]
         old_skips = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
         return old_rows == list(rows) and old_skips == list(skipped)
+
+    def _same_attrs(self) -> bool:
+        """Whether the existing cache already records this run's attributes (a data folder and cache moved
+        together, or a run with --no-record-root, rewrite the index even when no row changed)."""
+        e = self.existing
+        assert e is not None
+        return all(str(e.attrs.get(k, "")) == str(v) for k, v in self.attrs.items() if v is not None)
 
 
 def label_map(have: Sequence[str], want: Sequence[str]) -> np.ndarray:

@@ -26,11 +26,14 @@ __all__, __getattr__, __dir__ = face(
             "stratified_split",
         ),
         "sheets": (
+            "ImageRoot",
+            "ROOT_HINT",
             "contact_sheet",
             "image_root",
             "most_confidently_wrong",
             "plot_top_losses",
             "resolve",
+            "root_attrs",
         ),
         "transforms": (
             "TransformConfig",

@@ -1,4 +1,4 @@
-"""What checking a cached weights file costs: `weights_cache.check_weights_file` on torchvision-named
+"""What checking a cached weights file costs: `backbone.weights_cache.check_weights_file` on torchvision-named
 checkpoints (ResNet-18, ResNet-50: random-init weights of the real files' sizes) the first time (sha256 of
 the file) and when remembered (a stat and a small JSON read), beside ``torch.load`` of the same file, which
 every run that uses the file pays anyway. The file is in the OS page cache (it was just written): a cold

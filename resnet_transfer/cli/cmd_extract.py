@@ -64,12 +64,7 @@ def extract(
         bool, typer.Option("--allow-outside", help="Let manifest paths point outside the manifest's folder.")
     ] = False,
     record_root: Annotated[
-        bool,
-        typer.Option(
-            "--record-root/--no-record-root",
-            help="Store the absolute data folder in the cache (the default), so rt suggest / audit / evaluate "
-            "--worst find its images; --no-record-root leaves the machine path out.",
-        ),
+        bool, typer.Option("--record-root/--no-record-root", help="Record the absolute data folder (default).")
     ] = True,
     max_pixels: Annotated[
         int | None, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")

@@ -42,18 +42,11 @@ class ImageDecodeError(Exception):
     """An image that cannot be used; ``str(exc)`` is the reason recorded in the cache."""
 
 
-# how Python shows an open file inside a library's message: ``<_io.BufferedReader name='/tmp/x/a.jpg'>``
-_FILE_REPR = re.compile(r"\s*<_io\.\w+ name=(?:'[^']*'|\"[^\"]*\"|\d+)>")
-
-
 def path_free(reason: str, path: str | Path | None = None) -> str:
-    """``reason`` without the file's own name in it (PIL's ``cannot identify image file <_io.BufferedReader
-    name='/abs/a.jpg'>`` becomes ``cannot identify image file``): a skip reason describes the file's
-    content, so the same bytes under any path, in any run, give the same reason and no machine path."""
-    out = _FILE_REPR.sub("", reason)
-    if path is not None:
-        out = out.replace(os.fspath(path), "the file")
-    return out
+    """``reason`` without the file's name (PIL's ``<_io.BufferedReader name='/a.jpg'>``, or ``path``): a skip
+    reason describes the content, the same for the same bytes under any path, in any run."""
+    out = re.sub(r"\s*<_io\.\w+ name=(?:'[^']*'|\"[^\"]*\"|\d+)>", "", reason)
+    return out if path is None else out.replace(os.fspath(path), "the file")
 
 
 @dataclass
@@ -292,8 +285,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression-bomb limit: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        why = path_free(str(exc), p)[:120]
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {why})") from None
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {path_free(str(exc), p)[:120]})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -349,8 +341,7 @@ class ImageDataset:
         except ImageDecodeError as exc:
             return torch.zeros(self._shape or (3, 1, 1)), i, str(exc)
         except Exception as exc:
-            why = path_free(str(exc), self.path(i))
-            return torch.zeros(self._shape or (3, 1, 1)), i, f"transform failed ({type(exc).__name__}: {why})"
+            return torch.zeros(self._shape or (3, 1, 1)), i, f"transform failed ({type(exc).__name__}: {exc})"
 
 
 def collate(batch: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[str]]:

@@ -11,10 +11,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("RT_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Hypothesis profiles. `fixed` is the suite's (pyproject's addopts pass --hypothesis-profile=fixed, so the
+# README's `python -m pytest -q` and CI use it): derandomised, no example database, so every clone draws the
+# same examples and gives the same verdict. `random` hunts for new failures locally, with RANDOM_SCALE times
+# the examples (`python -m pytest -q --hypothesis-profile=random tests/test_cache.py`); its failures are
+# saved in .hypothesis/ (never committed, never read by `fixed`) and printed with a reproduce blob. Every
+# failing example a random run finds is kept on its test as an @example (docs/CONTRIBUTING.md).
+RANDOM_SCALE = 10
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("random", max_examples=100 * RANDOM_SCALE, derandomize=False, print_blob=True)
+
+
+def examples(n: int) -> int:
+    """``n`` examples under the `fixed` profile, ``RANDOM_SCALE * n`` under `random` (the loaded profile's
+    ``max_examples`` over Hypothesis's default of 100). Use as ``@settings(max_examples=examples(25))``."""
+    return max(n, n * settings.default.max_examples // 100)
+
 
 CLASSES = ("circle", "square", "triangle")
 COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (50, 80, 230)}

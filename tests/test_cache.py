@@ -6,13 +6,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resnet_transfer.backbone import BackboneIdentity
 from resnet_transfer.base import CacheError, IdentityMismatch
 from resnet_transfer.cache import FORMAT_VERSION, CacheWriter, FeatureCache
 from resnet_transfer.images import TransformConfig
+from tests.conftest import examples
 
 DIM = 6
 
@@ -148,7 +149,21 @@ def test_disk_full_is_reported_and_previous_cache_stays(tmp_path: Path, monkeypa
     assert not list((tmp_path / "c.h5.chunks").glob(".*tmp*"))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_reasons_recorded_with_a_file_name_are_reused_without_it(tmp_path: Path) -> None:
+    """A cache written before reasons were path-free (PIL's message named the open file) hands its reasons
+    on without the other file's absolute path."""
+    out = tmp_path / "c.h5"
+    old = "not a readable image (UnidentifiedImageError: cannot identify image file <_io.BufferedReader name='/tmp/x/a.jpg'>)"
+    with CacheWriter(out, identity(), ["a", "b", "c"]) as w:
+        w.write_part(["a/1.png"], [0], np.ones((1, DIM)), skipped=[("a/bad.jpg", old)], skipped_keys=["k" * 32])
+        w.finalize()
+    with CacheWriter(out, identity(), ["a", "b", "c"]) as w:
+        assert w.known_skips() == {
+            "k" * 32: "not a readable image (UnidentifiedImageError: cannot identify image file)"
+        }
+
+
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 20),
     chunk=st.integers(1, 7),
@@ -343,13 +358,14 @@ def _counting_backbone(mp: pytest.MonkeyPatch) -> dict[str, int]:
 OPS = st.sampled_from(["edit", "delete", "move", "add", "dup", "corrupt", "repair", "relabel"])
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     manifest=st.booleans(),
     rounds=st.lists(
         st.lists(st.tuples(OPS, st.integers(0, 20), st.integers(0, 5)), min_size=1, max_size=4), min_size=1, max_size=2
     ),
 )
+@example(manifest=False, rounds=[[("add", 0, 0), ("corrupt", 3, 0), ("corrupt", 4, 0)]])  # issue 22: same bytes
 def test_content_keyed_updates_equal_a_fresh_extraction(
     tmp_path_factory: pytest.TempPathFactory, manifest: bool, rounds: list[list[tuple[str, int, int]]]
 ) -> None:
@@ -376,6 +392,7 @@ def test_content_keyed_updates_equal_a_fresh_extraction(
             with FeatureCache(out) as got, FeatureCache(fresh_out) as ref:
                 assert _rows(got) == _rows(ref)
                 assert sorted(got.skipped) == sorted(ref.skipped)
+                assert not [r for _, r in got.skipped if str(d) in r]  # a reason holds no machine path
                 assert set(got.paths) | {p for p, _ in got.skipped} == set(ds.labels)
                 assert all(ds.labels[p] == c for p, (_, c) in _rows(got).items())
                 order = [ref.paths.index(p) for p in got.paths]

@@ -147,3 +147,94 @@ def test_suggest_from_a_folder_of_loose_images(world: dict) -> None:
     by_name = {Path(p).name: i for i, p in enumerate(pool_cache.paths)}
     same = pool_cache.features([by_name[Path(p).name] for p in new.paths])
     np.testing.assert_allclose(new.features(), same, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ where a cache's images are (issue 22)
+
+
+def test_evaluate_worst_and_audit_find_the_images_without_root(world: dict) -> None:
+    """A cache records the folder it was extracted from: no --root needed for the pictures."""
+    tmp = world["tmp"]
+    res = runner.invoke(
+        app, [str(a) for a in ("evaluate", tmp / "head", "--cache", tmp / "test.h5", "--out", tmp / "e2", "--worst", 4)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "not found" not in res.output
+    worst = json.loads((tmp / "e2" / "report.json").read_text())["worst"]["rows"]
+    assert worst and all(Path(r["path"]).is_file() and Path(r["path"]).is_relative_to(world["test"]) for r in worst)
+    res = runner.invoke(
+        app, [str(a) for a in ("audit", "--cache", tmp / "train.h5", "--test", tmp / "test.h5", "--out", tmp / "a2")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "not found" not in res.output and (tmp / "a2" / "audit.png").stat().st_size > 1000
+
+
+def test_a_data_folder_moved_with_its_cache_still_finds_its_images(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    make_image_folder(project / "data", per_class=3, seed=4)
+    rt("extract", "--data", project / "data", "--out", project / "cache" / "c.h5", *BACKBONE)
+    assert FeatureCache(project / "cache" / "c.h5").attrs["root_relative"] == "../data"
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the recorded folder is gone; its place relative to the cache is not
+    res = runner.invoke(app, ["audit", "--cache", str(moved / "cache" / "c.h5"), "--out", str(tmp_path / "audit")])
+    assert res.exit_code == 0, res.output
+    assert "not found" not in res.output
+    # the next extract from the new place records it (no row changed, the index is rewritten for the root)
+    out = rt_all("extract", "--data", moved / "data", "--out", moved / "cache" / "c.h5", *BACKBONE)
+    assert "up to date" in out and FeatureCache(moved / "cache" / "c.h5").attrs["root"] == str(moved / "data")
+    shutil.rmtree(moved / "data")
+    res = runner.invoke(app, ["audit", "--cache", str(moved / "cache" / "c.h5"), "--out", str(tmp_path / "audit")])
+    assert res.exit_code == 0 and f"looked in {moved / 'data'}" in res.output  # says where it looked
+
+
+def _readme_lines(*starts: str) -> list[str]:
+    """The README's command lines beginning with ``starts`` (one each), comments removed."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = []
+    for start in starts:
+        lines = [ln.split("  #")[0].strip() for ln in text.splitlines() if ln.startswith(start)]
+        assert len(lines) == 1, f"README.md: one line starting {start!r}, found {lines}"
+        found.append(lines[0])
+    return found
+
+
+def test_readme_suggest_lines_work_exactly_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rt extract --data ./unlabelled --out pool.h5`, then `rt suggest --head cat-head/ --pool pool.h5 -n 10
+    --out to-label.csv`, read from the README and run as they are: the default backbone (ResNet-50,
+    ImageNet weights from the local Hugging Face cache; here random-init weights the test put there), no
+    --root. The head is planted with the pool's backbone identity."""
+    import shlex
+
+    from fake_hub import hf_snapshot, timm_state, use_hubs
+    from planted import write_head
+
+    from resnet_transfer.head import read_model_dir, write_model_dir
+
+    extract_line, suggest_line = _readme_lines("rt extract --data ./unlabelled ", "rt suggest --head cat-head/ ")
+    hub, _ = use_hubs(monkeypatch, tmp_path / "hubs")
+    hf_snapshot(hub, "timm/resnet50.a1_in1k", timm_state("resnet50"))
+    work = tmp_path / "work"
+    make_image_folder(work / "src", per_class=4, seed=5)
+    (work / "unlabelled").mkdir()
+    for f in sorted((work / "src").rglob("*.*")):
+        f.rename(work / "unlabelled" / f.name)  # 12 loose images
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, shlex.split(extract_line)[1:])
+    assert res.exit_code == 0, res.output
+    pool = FeatureCache(work / "pool.h5")
+    rng = np.random.default_rng(0)
+    planted = write_head(tmp_path / "h", rng.normal(size=(3, pool.dim)), np.zeros(3), ["cat", "dog", "fox"])
+    md = read_model_dir(planted)
+    write_model_dir(
+        work / "cat-head",
+        "head",
+        pool.identity,
+        md.classes,
+        md.head_config,
+        {"head.safetensors": md.load_tensors("head.safetensors")},
+    )
+    res = runner.invoke(app, shlex.split(suggest_line)[1:])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.reader((work / "to-label.csv").open()))[1:]
+    assert len(rows) == 10 and all(label == "" for _, label in rows)
+    assert all((work / p).is_file() and (work / p).parent == work / "unlabelled" for p, _ in rows)

@@ -17,6 +17,7 @@ from resnet_transfer.images import (
     load_image,
     tta_transform,
 )
+from tests.conftest import examples
 from tests.odd_images import write_odd_images
 
 
@@ -135,7 +136,7 @@ _name = st.text(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     rows=st.lists(st.tuples(_name, st.one_of(st.just(""), _name)), min_size=1, max_size=15, unique_by=lambda r: r[0])
 )
@@ -152,6 +153,19 @@ def test_manifest_parser_roundtrip(tmp_path_factory: pytest.TempPathFactory, row
     names = [images.classes[y] if y >= 0 else "" for y in images.labels]
     assert names == [label for _, label in rows]
     assert images.classes == sorted({label for _, label in rows if label})
+
+
+def test_skip_reason_describes_the_content_not_the_path(tmp_path: Path) -> None:
+    """PIL names the open file in its message; the recorded reason does not (the same bytes under two
+    paths give one reason, and a cache holds no machine path)."""
+    reasons = set()
+    for name in ("a/x.jpg", "b/y.png"):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_bytes(b"not an image")
+        with pytest.raises(ImageDecodeError) as err:
+            load_image(tmp_path / name)
+        reasons.add(str(err.value))
+    assert reasons == {"not a readable image (UnidentifiedImageError: cannot identify image file)"}
 
 
 def test_unreadable_file_is_a_skip_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,6 +164,7 @@ def test_two_process_extract_equals_one_process(image_folder: Path, tmp_path: Pa
     assert chunk_ranks(out) == {"r0000", "r0001"}  # both ranks computed, into one chunk folder
     assert_same_cache(ref, FeatureCache(out))
     assert FeatureCache(out).keys == ref.keys
+    assert FeatureCache(out).attrs["root"] == str(image_folder.resolve())  # rank 0's index records it too
 
 
 @pytest.mark.slow

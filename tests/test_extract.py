@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -28,9 +29,26 @@ def test_extract_writes_a_complete_cache(image_folder: Path, tmp_path: Path) -> 
     assert c.n == 24 and c.dim == 512 and c.classes == ["circle", "square", "triangle"]
     assert np.isfinite(c.features()).all() and c.features().std() > 0
     assert c.identity.weights_id == "random:seed=0" and c.identity.transform.input_size == 32
-    assert c.attrs["root"] == ""  # no absolute paths of this machine unless asked
+    assert c.attrs["root"] == str(image_folder.resolve())  # where its images are (sheets.image_root)
     info = rt("info", out, "--json")
     assert info.exit_code == 0 and '"rows": 24' in info.output
+
+
+def test_the_data_folder_is_recorded_unless_no_record_root(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "caches" / "f.h5"
+    assert rt("extract", "--data", image_folder, "--out", out, *FAST).exit_code == 0
+    rel = Path(os.path.relpath(image_folder.resolve(), out.parent)).as_posix()
+    assert FeatureCache(out).attrs["root_relative"] == rel
+    info = rt("info", out)
+    assert f"root: {image_folder.resolve()}" in info.output and f"root_relative: {rel}" in info.output
+    mtime = out.stat().st_mtime_ns
+    r = rt("extract", "--data", image_folder, "--out", out, *FAST, "--no-record-root")
+    assert r.exit_code == 0 and "up to date" in r.output and out.stat().st_mtime_ns != mtime  # attrs rewritten
+    c = FeatureCache(out)
+    assert c.attrs["root"] == "" and c.attrs["root_relative"] == rel  # no machine path; the relative one stays
+    assert "root: None" in rt("info", out).output
+    assert rt("extract", "--data", image_folder, "--out", out, *FAST, "--record-root").exit_code == 0  # still taken
+    assert FeatureCache(out).attrs["root"] == str(image_folder.resolve())
 
 
 def test_rerun_does_nothing_and_new_images_are_added(image_folder: Path, tmp_path: Path) -> None:

@@ -42,6 +42,20 @@ def test_ci_runs_the_readme_setup_commands_byte_for_byte() -> None:
     assert 'pip install -e ".[test]"' in tests[0] and "python -m pytest -q" in tests[0]
 
 
+def test_hypothesis_gives_every_clone_the_same_verdict() -> None:
+    """The README's test command (and CI) runs Hypothesis derandomised and without an example database, so
+    the examples drawn do not depend on luck or on a `.hypothesis/` folder; a random profile with more
+    examples is there for hunting bugs locally."""
+    from hypothesis import settings
+
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "--hypothesis-profile=fixed" in addopts
+    fixed, random = settings.get_profile("fixed"), settings.get_profile("random")
+    assert fixed.derandomize and fixed.database is None
+    assert not random.derandomize and random.max_examples > fixed.max_examples
+    assert ".hypothesis" not in (ROOT / ".ci" / "run").read_text()
+
+
 def _optional_imports(tree: ast.AST) -> set[int]:
     """ids of import nodes inside ``try: ... except ImportError`` (optional speed-ups, e.g. onnxruntime)."""
     out: set[int] = set()

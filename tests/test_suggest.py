@@ -81,7 +81,7 @@ def test_manifest_paths_lead_to_the_same_files(setup: dict) -> None:
 def test_refusals(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="csv"):
         suggest(SuggestConfig(head=setup["head"], pool=setup["cache"], out=tmp_path / "x.txt", root=setup["root"]))
-    with pytest.raises(UsageError, match="--root"):
+    with pytest.raises(DataError, match=r"(?s)its images were not found \(looked in .*pass --root"):
         suggest(SuggestConfig(head=setup["head"], pool=setup["cache"], out=tmp_path / "x.csv"))
     labelled = write_cache(tmp_path / "l.h5", setup["X"][:4], [0, 1, 0, 1], ["left", "right"])
     with pytest.raises(DataError, match="no unlabelled"):

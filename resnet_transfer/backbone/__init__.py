@@ -25,8 +25,13 @@ __all__, __getattr__, __dir__ = face(
             "parse_model_name",
             "pooled_stage_features",
             "save_backbone",
+            "TV_DEFAULT_WEIGHTS",
         ),
         "precision_probe": ("choose_train_precision",),
+        "weights_cache": (
+            "check_weights_file",
+            "record_file",
+        ),
         "quantized": (
             "Int8Forward",
             "calibration_batch",

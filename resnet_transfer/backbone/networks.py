@@ -22,6 +22,7 @@ from torch import nn
 from ..base import UsageError, WeightsError, atomic_path
 from ..images import TransformConfig
 from .identity import BackboneIdentity, sha256_file
+from .weights_cache import check_weights_file, damaged, hf_cached_weights, hf_fix, load_torch_hub_file, remember
 
 TV_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # torchvision's best ImageNet weights per ResNet (what `--model tv:resnetNN` loads with --weights imagenet)
@@ -320,7 +321,11 @@ def _load_timm_pretrained(timm_name: str) -> Any:
     import huggingface_hub.constants as hub_constants
     import timm
 
-    # First try the local cache only: a cached file loads without touching the network.
+    # The files already in the local cache are checked (once: weights_cache remembers) and then loaded
+    # without touching the network; only a cache miss goes to the hub.
+    cached = hf_cached_weights(timm_name)
+    for f in cached:
+        check_weights_file(f, f"timm {timm_name}", hf_fix(f))
     saved = hub_constants.HF_HUB_OFFLINE
     hub_constants.HF_HUB_OFFLINE = True
     try:
@@ -329,6 +334,9 @@ def _load_timm_pretrained(timm_name: str) -> Any:
         cache_miss = exc
     finally:
         hub_constants.HF_HUB_OFFLINE = saved
+    if cached:  # the file is there, yet it does not load: say so, not "offline" or "download failed"
+        why = f"cannot be loaded: {type(cache_miss).__name__}: {str(cache_miss).strip()[:200]}"
+        raise damaged(cached[0], f"timm {timm_name}", why, hf_fix(cached[0])) from cache_miss
     if saved or not host_reachable("huggingface.co"):
         raise _offline_error("timm pretrained", hub_constants.HF_HUB_CACHE, timm_name) from cache_miss
     try:
@@ -347,14 +355,19 @@ def _load_torchvision(arch: str) -> tuple[Any, TransformConfig, str]:
     enum = tvm.get_model_weights(arch)[TV_DEFAULT_WEIGHTS[arch]]
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cached = hub_dir / os.path.basename(enum.url)
-    if not cached.exists() and not host_reachable("download.pytorch.org"):
+    if cached.exists():  # checked against the hash in its name (once), loaded without the network
+        state = load_torch_hub_file(cached, f"torchvision {enum}")
+    elif not host_reachable("download.pytorch.org"):
         raise _offline_error("torchvision", str(hub_dir), f"tv:{arch}")
-    try:
-        state = enum.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"downloading torchvision weights {enum} failed: {exc}", "retry, or use --weights PATH / none"
-        ) from exc
+    else:
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:
+            raise WeightsError(
+                f"downloading torchvision weights {enum} failed: {exc}", "retry, or use --weights PATH / none"
+            ) from exc
+        if cached.exists():
+            remember(cached)  # torch.hub checked the download's hash
     net = timm.create_model(arch, pretrained=False, num_classes=0)
     _load_into(net, state, str(enum))
     t = enum.transforms()

@@ -27,7 +27,7 @@ class ExtractConfig:
     allow_outside: bool = False
     strict: bool = False
     chunk_rows: int = 256
-    record_root: bool = False
+    record_root: bool = True  # the absolute data folder in the cache's attributes (--no-record-root: left out)
     max_pixels: int | None = None
     merge: bool = False  # write one self-contained file (real datasets, no chunk folder)
     dry_run: bool = False  # print the plan; compute and write nothing

@@ -146,13 +146,10 @@ def _cached_shapes(cfg: ExtractConfig, identity: Any, names: list[str]) -> dict[
 
 
 def _writer(cfg: ExtractConfig, setup: RunSetup, images: Any, lock: bool = True) -> Any:
+    from ..images import root_attrs
     from .writer import CacheWriter
 
-    attrs = {
-        "precision": setup.precision,
-        "source": images.source,
-        "root": str(Path(images.root).resolve()) if cfg.record_root else "",
-    }
+    attrs = {"precision": setup.precision, "source": images.source, **root_attrs(images.root, cfg.out, cfg.record_root)}
     return CacheWriter(
         cfg.out,
         setup.backbone.identity,

@@ -305,6 +305,7 @@ class FeatureCache:
             "versions": json.loads(self.attrs.get("versions", "{}")),
             "source": self.attrs.get("source"),
             "root": self.attrs.get("root") or None,
+            "root_relative": self.attrs.get("root_relative") or None,
             "size_mb": round(size / 1e6, 2),
         }
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backbone import BackboneIdentity
 from ..base import CacheError, FileLock, temp_name
+from ..images import path_free
 from .layout import (
     CacheSpec,
     Chunk,
@@ -179,12 +180,13 @@ class CacheWriter:
         return out
 
     def known_skips(self) -> dict[str, str]:
-        """Content key -> reason for every file content found unreadable (not retried until its bytes change)."""
+        """Content key -> reason for every file content found unreadable (not retried until its bytes change).
+        Reasons recorded before they were made path-free (a cache of 0.1.0) lose the file name here."""
         out: dict[str, str] = {}
         if self.existing is not None:
-            out.update(zip(self.existing.skipped_keys, (r for _, r in self.existing.skipped)))
+            out.update(zip(self.existing.skipped_keys, (path_free(r) for _, r in self.existing.skipped)))
         for c in self.chunks():
-            out.update((s.key, s.reason) for s in c.skipped)
+            out.update((s.key, path_free(s.reason)) for s in c.skipped)
         return out
 
     def done_paths(self) -> set[str]:
@@ -238,7 +240,7 @@ class CacheWriter:
             rows, skipped = self._appended()
         skipped = list(skipped or [])
         same_kind = self.existing is not None and (not merge or not self.existing.is_virtual)
-        if same_kind and self._same_as_existing(rows, skipped):
+        if same_kind and self._same_as_existing(rows, skipped) and self._same_attrs():
             self.store.collect(self._indexed())
             return self.existing.n, 0
         old = set(zip(self.existing.paths, self.existing.keys)) if self.existing is not None else set()
@@ -297,6 +299,13 @@ class CacheWriter:
         ]
         old_skips = [SkippedFile(p, r, k, stats[p][0]) for (p, r), k in zip(e.skipped, e.skipped_keys)]
         return old_rows == list(rows) and old_skips == list(skipped)
+
+    def _same_attrs(self) -> bool:
+        """Whether the existing cache already records this run's attributes (a data folder and cache moved
+        together, or a run with --no-record-root, rewrite the index even when no row changed)."""
+        e = self.existing
+        assert e is not None
+        return all(str(e.attrs.get(k, "")) == str(v) for k, v in self.attrs.items() if v is not None)
 
 
 def label_map(have: Sequence[str], want: Sequence[str]) -> np.ndarray:

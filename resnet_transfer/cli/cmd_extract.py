@@ -75,8 +75,8 @@ def extract(
         bool, typer.Option("--allow-outside", help="Let manifest paths point outside the manifest's folder.")
     ] = False,
     record_root: Annotated[
-        bool, typer.Option("--record-root", help="Store the absolute data folder in the cache.")
-    ] = False,
+        bool, typer.Option("--record-root/--no-record-root", help="Record the absolute data folder (default).")
+    ] = True,
     max_pixels: Annotated[
         int | None, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")
     ] = None,

@@ -217,7 +217,11 @@ def evaluate(
         Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
     ] = None,
     root: Annotated[
-        Path | None, typer.Option("--root", help="With --cache and --worst: the folder it was extracted from.")
+        Path | None,
+        typer.Option(
+            "--root",
+            help="With --cache and --worst: the folder it was extracted from (default: the folder the cache records, or found next to it).",
+        ),
     ] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.

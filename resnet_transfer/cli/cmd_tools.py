@@ -29,7 +29,11 @@ def suggest(
         float, typer.Option("--candidates", help="Diversify among the candidates x n most uncertain images.")
     ] = 5.0,
     root: Annotated[
-        Path | None, typer.Option("--root", help="Folder the pool cache's paths are relative to (its --data).")
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Folder the pool cache's paths are relative to (its --data) (default: the folder the cache records, or found next to it).",
+        ),
     ] = None,
     pool_cache: Annotated[
         Path | None, typer.Option("--pool-cache", help="Where a folder/manifest pool is cached (default OUT.pool.h5).")
@@ -77,9 +81,19 @@ def audit(
         float, typer.Option("--near", help="Cosine (mean-centred features) from which two images are near duplicates.")
     ] = 0.95,
     top: Annotated[int, typer.Option("--top", help="Findings shown per kind.")] = 10,
-    root: Annotated[Path | None, typer.Option("--root", help="Folder --cache's paths are relative to.")] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Folder --cache's paths are relative to (default: the folder the cache records, or found next to it).",
+        ),
+    ] = None,
     test_root: Annotated[
-        Path | None, typer.Option("--test-root", help="Folder --test's paths are relative to.")
+        Path | None,
+        typer.Option(
+            "--test-root",
+            help="Folder --test's paths are relative to (default: the folder the cache records, or found next to it).",
+        ),
     ] = None,
     sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write audit.png of the images found.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own error threshold (2x its warning th
 
 class ImageDecodeError(Exception):
     """An image that cannot be used; ``str(exc)`` is the reason recorded in the cache."""
+
+
+def path_free(reason: str, path: str | Path | None = None) -> str:
+    """``reason`` without the file's name (PIL's ``<_io.BufferedReader name='/a.jpg'>``, or ``path``): a skip
+    reason describes the content, the same for the same bytes under any path, in any run."""
+    out = re.sub(r"\s*<_io\.\w+ name=(?:'[^']*'|\"[^\"]*\"|\d+)>", "", reason)
+    return out if path is None else out.replace(os.fspath(path), "the file")
 
 
 @dataclass
@@ -277,7 +285,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression-bomb limit: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {path_free(str(exc), p)[:120]})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

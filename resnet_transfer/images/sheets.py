@@ -2,43 +2,118 @@
 
 Used by `rt evaluate --worst N` (the most confidently wrong images, fastai's ``plot_top_losses``), `rt audit`
 (the images its findings name) and `rt suggest`. A cache stores paths relative to the folder it was
-extracted from; :func:`image_root` finds that folder (``--root``, else the root the cache records with
-``rt extract --record-root``, else the cache's own folder or the working directory when the files are there).
+extracted from; :func:`image_root` is the one answer to "where are a cache's images" for every tool that
+opens them (``--root``, else the absolute folder the cache records, else that folder's recorded place
+relative to the cache file, so a data folder moved together with its cache still works, else the cache's
+own folder or the working directory when the files are there), and says which folders it looked in.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..base import atomic_path
+from ..base import DataError, atomic_path
 
 THUMB = 112
 CAPTION_LINES = 2
 MAX_COLS = 8
 
 
-def image_root(cache: Any, root: str | Path | None = None) -> Path | None:
-    """The folder ``cache.paths`` are relative to: ``root`` if given, else the recorded root, else the
-    cache's folder or the working directory if the first path exists under it; ``None`` if none works."""
+SAMPLE = 8  # rows whose files are looked for to tell whether a folder holds a cache's images
+
+
+@dataclass(frozen=True)
+class ImageRoot:
+    """Where a cache's relative image paths lead. ``folder`` is None when no folder tried holds the
+    images; ``looked_in`` lists every folder tried, in order, with why it was tried; ``found`` says whether
+    the images are in ``folder`` (a ``--root`` is used as given, even when they are not)."""
+
+    folder: Path | None
+    how: str = ""
+    looked_in: tuple[tuple[Path, str], ...] = ()
+    found: bool = True
+
+    def where(self) -> str:
+        """``looked in /a (the folder it was extracted from), /b (...)``."""
+        return "looked in " + ", ".join(f"{p} ({why})" for p, why in self.looked_in)
+
+    def missing(self, what: str) -> str:
+        """A one-line message: the images of ``what`` (``--pool pool.h5``) were not found, and where."""
+        return f"{what}: its images were not found ({self.where()})"
+
+    def require(self, what: str) -> Path:
+        """``folder``, or a :class:`DataError` naming ``what`` and the folders looked in."""
+        if self.folder is None:
+            raise DataError(self.missing(what), ROOT_HINT)
+        return self.folder
+
+    def resolve(self, paths: Sequence[str]) -> list[Path | None]:
+        """:func:`resolve` of ``paths`` under ``folder``."""
+        return resolve(paths, self.folder)
+
+
+ROOT_HINT = "pass --root (the --data folder the cache was extracted from)"
+
+
+def image_root(cache: Any, root: str | Path | None = None) -> ImageRoot:
+    """Where ``cache.paths`` lead (``cache``: a :class:`FeatureCache` or anything with ``paths``, ``attrs``
+    and ``path``): ``root`` if given; else the first of these that holds the files of its first rows: the
+    absolute folder the cache records (``root``), that folder's recorded place relative to the cache file
+    (``root_relative``: the data folder and the cache moved together), the cache's own folder, the working
+    directory. The one place that decides it, for every tool that opens a cache's images."""
+    attrs = getattr(cache, "attrs", {}) or {}
+    sample = [p for p in cache.paths[:SAMPLE] if p]
+    relative = [p for p in sample if not Path(p).is_absolute()]
+    if sample and not relative:
+        return ImageRoot(Path("/"), "absolute paths")
     if root is not None:
-        return Path(root)
-    recorded = (getattr(cache, "attrs", {}) or {}).get("root")
-    if recorded:
-        return Path(recorded)
-    first = next((p for p in cache.paths if p), None)
-    if first is None:
-        return None
-    if Path(first).is_absolute():
-        return Path("/")
-    for guess in (Path(cache.path).parent, Path.cwd()):
-        if (guess / first).exists():
-            return guess
-    return None
+        given = Path(root)
+        return ImageRoot(given, "--root", ((given, "--root"),), _holds(given, relative))
+    here = Path(cache.path).resolve().parent
+    tries = [
+        (attrs.get("root"), "the folder it was extracted from, as recorded"),
+        (_beside(here, attrs.get("root_relative")), "its recorded place next to the cache"),
+        (here, "the cache's folder"),
+        (Path.cwd(), "the working directory"),
+    ]
+    looked: list[tuple[Path, str]] = []
+    for folder, why in tries:
+        if not folder or any(Path(folder) == p for p, _ in looked):
+            continue
+        looked.append((Path(folder), why))
+        if _holds(Path(folder), relative):
+            return ImageRoot(Path(folder), why, tuple(looked))
+    return ImageRoot(None, "", tuple(looked), False)
+
+
+def root_attrs(root: str | Path, out: str | Path, record: bool = True) -> dict[str, str]:
+    """The attributes `rt extract` writes for :func:`image_root`: ``root``, the absolute data folder ("" when
+    not ``record``: ``--no-record-root``), and ``root_relative``, that folder relative to the cache file's
+    folder (POSIX, ``.`` when the same; "" on another drive), which names no machine path."""
+    folder = Path(root).resolve()
+    try:
+        rel = Path(os.path.relpath(folder, Path(out).resolve().parent)).as_posix()
+    except ValueError:  # another drive (Windows)
+        rel = ""
+    return {"root": str(folder) if record else "", "root_relative": rel}
+
+
+def _beside(here: Path, relative: str | None) -> Path | None:
+    return Path(os.path.normpath(here / relative)) if relative else None
+
+
+def _holds(folder: Path, relative: Sequence[str]) -> bool:
+    """Whether ``folder`` holds any of the files ``relative`` (a cache without rows: whether it exists)."""
+    if not relative:
+        return folder.is_dir()
+    return any((folder / p).exists() for p in relative)
 
 
 def resolve(paths: Sequence[str], root: Path | None) -> list[Path | None]:

@@ -20,6 +20,7 @@ def evaluation_extras(
     *,
     features: np.ndarray | None = None,
     paths: Sequence[Path | None] | None = None,
+    missing: str = "",
     out: str | Path | None = None,
     worst: int = 0,
     knn: bool = True,
@@ -30,7 +31,8 @@ def evaluation_extras(
 
     ``logits``: the head's untempered logits (or log-probabilities of its untempered softmax) for the rows
     with true labels ``y``; ``features``: their cached features (the kNN needs them; without them it is
-    skipped); ``paths``: their image files (for ``worst``). With ``out``, writes ``reliability.png`` and
+    skipped); ``paths``: their image files (for ``worst``; ``missing``: what to say when none of them is
+    found, e.g. :meth:`sheets.ImageRoot.missing`). With ``out``, writes ``reliability.png`` and
     (``worst > 0``) ``worst.png`` there."""
     from ..head import calibration_report, head_temperature, plot_reliability, softmax
 
@@ -60,11 +62,9 @@ def evaluation_extras(
         files = list(paths) if paths is not None else [None] * len(y)
         if not any(f is not None and f.exists() for f in files):
             from ..base import get_reporter
+            from ..images import ROOT_HINT
 
-            get_reporter().warn(
-                "--worst: the images are not where the cache's relative paths lead: pass --root (the folder "
-                "the cache was extracted from), or extract with --record-root"
-            )
+            get_reporter().warn(f"--worst: {missing or 'the images were not found'}: {ROOT_HINT}")
         probs = softmax(logits, temperature)
         rows = plot_top_losses(
             files, y, probs, md.classes, worst, od / "worst.png", title=f"most confidently wrong: {title}"

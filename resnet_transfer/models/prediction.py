@@ -203,7 +203,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         ev = _scores_on_cache(cfg.model_dir, cfg.cache, cfg.root)
     else:
         ev = _scores_on_images(cfg)
-    md, classes, y, pred, logits, X, files, source, skipped = ev
+    md, classes, y, pred, logits, X, files, source, skipped, missing = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -222,6 +222,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             logits,
             features=X,
             paths=files,
+            missing=missing,
             out=cfg.out,
             worst=cfg.worst,
             knn=cfg.knn,
@@ -242,7 +243,7 @@ def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path 
     """`rt evaluate --cache`: the head on a cache's labelled features (no backbone is built)."""
     from ..cache import FeatureCache
     from ..head import HEAD_FILE, build_head_module, predict_logits, read_model_dir
-    from ..images import image_root, resolve
+    from ..images import image_root
 
     md = read_model_dir(model_dir)
     classes = list(md.classes)
@@ -253,11 +254,13 @@ def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path 
         )
         X = fc.features(rows, stage=md.head_config.get("features"))
         source = str(fc.path)
-        files = resolve([fc.paths[i] for i in rows], image_root(fc, root))
+        found = image_root(fc, root)
+        files = found.resolve([fc.paths[i] for i in rows])
     head = build_head_module(md.head_config)
     head.load_state_dict(md.load_tensors(HEAD_FILE))
     logits = predict_logits(head, X)
-    return md, classes, y, logits.argmax(1), logits, X, files, source, []
+    missing = "" if found.found else found.missing(f"--cache {cache}")
+    return md, classes, y, logits.argmax(1), logits, X, files, source, [], missing
 
 
 def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
@@ -291,4 +294,4 @@ def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     # constant, which is what the extras expect (they apply the head's temperature themselves)
     logits = log_probabilities(probs) * head_temperature(md.head_config)
     files = [Path(images.paths[i]) for i in good]
-    return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped
+    return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped, ""

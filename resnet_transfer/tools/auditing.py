@@ -156,11 +156,12 @@ class _Side:
     files: list[Path | None]
     keys: list[str]
     key_kind: str
+    missing: str = ""  # where its images were looked for, when they were not found (sheets.ImageRoot.missing)
 
 
 def _load(path: Path, root: Path | None, classes: list[str] | None, identity: Any = None) -> tuple[_Side, Any]:
     from ..cache import FeatureCache
-    from ..images import image_root, resolve
+    from ..images import image_root
 
     with FeatureCache(path) as fc:
         if identity is not None:
@@ -173,7 +174,8 @@ def _load(path: Path, root: Path | None, classes: list[str] | None, identity: An
             names = classes
         if not len(rows):
             raise DataError(f"{path}: no labelled rows to audit", "extract a labelled folder or manifest")
-        files_all = resolve(fc.paths, image_root(fc, root))
+        found = image_root(fc, root)
+        files_all = found.resolve(fc.paths)
         keys_all, kind = content_keys(fc, files_all)
         side = _Side(
             str(path),
@@ -185,6 +187,7 @@ def _load(path: Path, root: Path | None, classes: list[str] | None, identity: An
             [files_all[i] for i in rows],
             [keys_all[i] for i in rows],
             kind,
+            "" if found.found else found.missing(str(path)),
         )
         return side, fc.identity
 
@@ -336,8 +339,10 @@ def audit(cfg: AuditConfig) -> AuditResult:
     items = _sheet_items(report, tr, te, cfg.top)
     if cfg.sheet and items:
         if not any(f is not None and f.is_file() for f, _ in items):
+            where = "; ".join(s.missing for s in (tr, te) if s is not None and s.missing)
             get_reporter().warn(
-                "audit.png: the images were not found: pass --root / --test-root (their --data folders)"
+                f"audit.png: the images were not found{f' ({where})' if where else ''}: "
+                "pass --root / --test-root (the --data folders the caches were extracted from)"
             )
         files.append(contact_sheet(items, out / "audit.png", title=f"audit of {Path(tr.name).name}"))
     get_reporter().info(f"wrote {', '.join(str(f) for f in files)}")

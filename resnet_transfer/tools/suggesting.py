@@ -154,7 +154,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     """Rank the unlabelled rows of ``cfg.pool`` for labelling and write the manifest ``cfg.out``."""
     from ..cache import FeatureCache
     from ..head import HEAD_FILE, build_head_module, head_temperature, predict_logits, read_model_dir, softmax
-    from ..images import contact_sheet, image_root, resolve
+    from ..images import contact_sheet, image_root
 
     rep = get_reporter()
     if cfg.strategy not in STRATEGIES:
@@ -176,14 +176,10 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
                 "give a folder of loose images, or a manifest whose rows to label have an empty label",
             )
         X = pool.features(rows)
-        root = image_root(pool, cfg.root)
-        paths = resolve([pool.paths[i] for i in rows], root)
+        found = image_root(pool, cfg.root)
+        found.require(f"--pool {cfg.pool}")
+        paths = found.resolve([pool.paths[i] for i in rows])
         n_pool = pool.n
-    if root is None:
-        raise UsageError(
-            f"--pool {cfg.pool}: cannot tell which folder its image paths are relative to",
-            "pass --root (the --data folder it was extracted from), or extract with --record-root",
-        )
     probs = softmax(predict_logits(head, X), head_temperature(md.head_config))
     scores = uncertainty(probs, cfg.strategy)
     picks = diverse_top(X, scores, min(cfg.n, len(rows)), cfg.candidates, cfg.seed)

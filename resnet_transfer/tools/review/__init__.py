@@ -7,46 +7,23 @@ Keys set classes, exclude and undo; every change is written at once to a ``path,
 writes, a journal) that ``rt extract --data MANIFEST --out CACHE`` reads: the content-keyed cache computes
 nothing for relabelled or excluded images, and ``rt fit-head`` refits. Needs the ``review`` extra
 (``pip install 'resnet_transfer[review]'``: Starlette and uvicorn), imported only when a server starts.
+
+Modules: ``manifest`` (the journaled manifest), ``state`` (rows, filters, pages, a row's detail),
+``vectors`` (head probabilities and cosine neighbours, blockwise), ``findings`` (audit.json, copies by key),
+``files`` (what may be served), ``thumbs`` (the thumbnail cache), ``guard`` (token, Host, headers),
+``server`` (the Starlette app), ``serve`` (config, binding, uvicorn), ``commands`` (the loop's commands).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from ...base.lazy import face
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .manifest import EXCLUDED, ReviewManifest
-    from .serve import MissingExtra, ReviewConfig, ReviewServer, build_state, open_review
-    from .server import create_app
-    from .thumbs import ThumbCache
-
-__all__ = [
-    "EXCLUDED",
-    "MissingExtra",
-    "ReviewConfig",
-    "ReviewManifest",
-    "ReviewServer",
-    "ThumbCache",
-    "build_state",
-    "create_app",
-    "open_review",
-]
-
-_WHERE = {
-    "EXCLUDED": "manifest",
-    "ReviewManifest": "manifest",
-    "MissingExtra": "serve",
-    "ReviewConfig": "serve",
-    "ReviewServer": "serve",
-    "build_state": "serve",
-    "open_review": "serve",
-    "create_app": "server",
-    "ThumbCache": "thumbs",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "manifest": ("EXCLUDED", "ReviewManifest"),
+        "serve": ("MissingExtra", "ReviewConfig", "ReviewServer", "build_state", "open_review", "require_extra"),
+        "server": ("create_app",),
+        "thumbs": ("ThumbCache", "default_folder"),
+    },
+)

@@ -313,7 +313,9 @@ def test_the_page_and_its_assets_come_from_this_server_only(client: TestClient) 
 def test_info_names_the_loop_commands_with_the_cache_options(client: TestClient, review_set: ReviewSet) -> None:
     info = _authed(client).get("/api/info").json()
     extract, fit = info["commands"]
-    assert extract.startswith("rt extract --data ") and "--model timm:resnet18 --weights none --image-size 32" in extract
+    assert (
+        extract.startswith("rt extract --data ") and "--model timm:resnet18 --weights none --image-size 32" in extract
+    )
     assert f"--out {review_set.cache}" in extract or "--out train.h5" in extract
     assert fit.startswith("rt fit-head --cache ") and "--overwrite" in fit
     assert json.dumps(info)  # plain JSON

@@ -40,8 +40,8 @@ def make_review_set(tmp: Path, per_class: int = 10, dim: int = 16, audit: bool =
     head = write_head(tmp / "head", centres / 4.0 * 3.0, np.zeros(len(CLASSES), np.float32), CLASSES)
     audit_dir = None
     if audit:
-        from resnet_transfer.audit import AuditConfig
-        from resnet_transfer.audit import audit as run_audit
+        from resnet_transfer.tools import AuditConfig
+        from resnet_transfer.tools import audit as run_audit
 
         audit_dir = tmp / "audit"
         run_audit(AuditConfig(cache=cache, out=audit_dir, root=root, sheet=False, top=10))

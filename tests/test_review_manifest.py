@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_transfer.data import list_images
-from resnet_transfer.errors import UsageError
+from resnet_transfer.base import UsageError
+from resnet_transfer.images import list_images
 from resnet_transfer.tools.review import EXCLUDED, ReviewManifest
 
 PATHS = ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png", "loose/e.png"]

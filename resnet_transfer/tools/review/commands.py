@@ -11,7 +11,7 @@ from typing import Any
 def extract_options(cache: Any) -> list[str]:
     """The `rt extract` options that give rows comparable with ``cache``'s (model, weights, input size,
     stored stages, precision, dtype, recorded root): without them the next run would refuse the cache."""
-    from ...runtime import precision_kind
+    from ...base import precision_kind
 
     ident = cache.identity
     out = ["--model", ident.model, "--weights", ident.weights, "--image-size", str(ident.transform.input_size)]

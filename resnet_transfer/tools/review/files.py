@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...data import IMAGE_EXTENSIONS
+from ...images import IMAGE_EXTENSIONS
 
 
 def unsafe_segment(path: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import DataError
+from ...base import DataError
 
 KINDS = ("label_error", "duplicate", "leak", "outlier")
 TITLES = {"label_error": "label error", "duplicate": "duplicate", "leak": "leak", "outlier": "outlier"}

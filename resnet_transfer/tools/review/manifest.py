@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import DataError, UsageError
-from ...fsutil import atomic_write_text
+from ...base import DataError, UsageError, atomic_write_text
 
 EXCLUDED = "\x00excluded"  # a row's state when it is excluded (no CSV label can be this)
 State = str | None  # a class name, None (unlabelled) or EXCLUDED

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import RtError, UsageError
-from ...report import get_reporter
+from ...base import RtError, UsageError, get_reporter
 from .thumbs import ThumbCache
 
 EXTRA_HINT = "pip install 'resnet_transfer[review]'"
@@ -52,7 +51,7 @@ def require_extra() -> None:
 
 
 def _images(cache: Any, root: Path | None, prefix: str, option: str) -> Any:
-    from ...sheets import image_root
+    from ...images import image_root
     from .files import ImageFiles
     from .state import Images
 

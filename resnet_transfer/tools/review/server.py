@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
 
-from ...errors import RtError
+from ...base import RtError
 from .guard import Guard
 from .state import Images, Query, ReviewState
 from .thumbs import SIZES, ThumbCache, ThumbnailError
@@ -187,7 +187,7 @@ class _Api:
 
 
 def _row(body: dict[str, Any]) -> int:
-    from ...errors import UsageError
+    from ...base import UsageError
 
     row = body.get("row")
     if not isinstance(row, int) or isinstance(row, bool):

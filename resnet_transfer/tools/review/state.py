@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ...errors import UsageError
+from ...base import UsageError
 from .files import ImageFiles
 from .findings import KINDS, Findings
 from .manifest import EXCLUDED, ReviewManifest, State

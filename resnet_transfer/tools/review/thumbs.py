@@ -83,7 +83,7 @@ def render(file: Path, size: int) -> bytes:
 
     from PIL import Image
 
-    from ...data import ImageDecodeError, load_image
+    from ...images import ImageDecodeError, load_image
 
     try:
         img = load_image(file, draft=size)

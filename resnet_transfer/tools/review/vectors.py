@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import UsageError
+from ...base import UsageError
 
 BLOCK = 4096
 MEMORY_BUDGET = 512 * 2**20
@@ -81,7 +81,7 @@ class Vectors:
                     _probabilities(module, md, self.cache.features(rows[lo : lo + BLOCK], stage=head_stages))
                     for lo in range(0, self.n, BLOCK)
                 ]
-            from ...calibration import head_temperature
+            from ...head import head_temperature
 
             self.head = HeadVerdicts(
                 Path(md.path),
@@ -135,7 +135,7 @@ class Vectors:
 
 def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
     from ...head import build_head_module
-    from ...modeldir import HEAD_FILE, read_model_dir
+    from ...models import HEAD_FILE, read_model_dir
 
     md = read_model_dir(head)
     if md.kind != "head":
@@ -152,13 +152,12 @@ def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
 def _head_stages(md: Any) -> list[str] | None:
     if md is None:
         return None
-    from ...modeldir import head_features
+    from ...models import head_features
 
     return head_features(md.head_config)
 
 
 def _probabilities(module: Any, md: Any, X: np.ndarray) -> np.ndarray:
-    from ...calibration import head_temperature, softmax
-    from ...head import predict_logits
+    from ...head import head_temperature, predict_logits, softmax
 
     return softmax(predict_logits(module, X), head_temperature(md.head_config)).astype(np.float32)

@@ -162,18 +162,18 @@ class _Api:
         return self.state.images if src == "train" else self.state.test_images if src == "test" else None
 
     def thumb(self, request: Any) -> Any:
-        from starlette.responses import FileResponse
+        from starlette.responses import Response
 
         images = self._images(request.path_params["src"])
         size = SIZES.get(request.path_params["size"])
         file = images.files.servable_path(request.path_params["path"]) if images and size else None
         if file is None:
             return self._not_found()
-        try:
-            thumb = self.thumbs.get(file, size)
+        try:  # a thumbnail is a few KB: read here, in this request's thread (no extra hops for streaming)
+            data = self.thumbs.get(file, size).read_bytes()
         except (ThumbnailError, OSError):
             return self._not_found()
-        return FileResponse(thumb, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
     def file(self, request: Any) -> Any:
         from starlette.responses import FileResponse

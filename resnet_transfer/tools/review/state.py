@@ -117,6 +117,7 @@ class ReviewState:
 
     def __post_init__(self) -> None:
         self._version = -1
+        self._losses: tuple[int, np.ndarray] | None = None
         self._queries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self.neighbours = functools.lru_cache(maxsize=512)(self._neighbours)
         self._sync()
@@ -218,13 +219,18 @@ class ReviewState:
         return out
 
     def _loss(self) -> np.ndarray:
-        """-log p(current label) per row under the head (NaN: unlabelled, excluded, or a class it lacks)."""
+        """-log p(current label) per row under the head (NaN: unlabelled, excluded, or a class it lacks);
+        computed once per state of the labels."""
+        if self._losses is not None and self._losses[0] == self._version:
+            return self._losses[1]
         head = self.vectors.head
         assert head is not None
         cur = self.current
         hid = np.where(cur >= 0, self._head_map[np.clip(cur, 0, None)], -1)
         p = head.probs[np.arange(len(cur)), np.clip(hid, 0, None)]
-        return np.where(hid >= 0, -np.log(np.maximum(p, 1e-12)), np.nan)
+        loss = np.where(hid >= 0, -np.log(np.maximum(p, 1e-12)), np.nan)
+        self._losses = (self._version, loss)
+        return loss
 
     def select(self, q: Query) -> np.ndarray:
         """The rows ``q`` shows, in its order (cached per filter set until the labels change)."""

@@ -1,7 +1,7 @@
 """What the review computes from the cached features, in one blockwise pass and no forward pass.
 
 - The head's verdict (``--head DIR``): its calibrated probabilities for every row (the head on the cached
-  pooled features, as `rt evaluate --cache` runs it), so the page can show the wrong, the uncertain, and sort
+  pooled features, in numpy: :mod:`resnet_transfer.head.arrays`, no torch), so the page can show the wrong, the uncertain, and sort
   by loss or confidence.
 - Nearest neighbours: cosine similarity of mean-centred features (raw post-ReLU features all look alike),
   the query row against every row in blocks of :data:`BLOCK` rows: one N-vector per query, never an N x N
@@ -50,8 +50,8 @@ class Vectors:
         self.head: HeadVerdicts | None = None
         self._unit: np.ndarray | None = None
         self._norm_inv: np.ndarray | None = None
-        module, md = _load_head(cache, head) if head is not None else (None, None)
-        self._index(module, md, memory_budget)
+        arrays, md = _load_head(cache, head) if head is not None else (None, None)
+        self._index(arrays, md, memory_budget)
 
     def _blocks(self) -> Any:
         ds = self.cache.dataset("features")
@@ -61,7 +61,7 @@ class Vectors:
             ds.read_direct(buf, np.s_[lo:hi], np.s_[0 : hi - lo])
             yield lo, hi, buf[: hi - lo]
 
-    def _index(self, module: Any, md: Any, budget: int) -> None:
+    def _index(self, arrays: Any, md: Any, budget: int) -> None:
         keep = self.n * self.dim * 2 <= budget
         raw = np.empty((self.n, self.dim), dtype=np.float16) if keep else None
         total = np.zeros(self.dim, dtype=np.float64)
@@ -71,14 +71,14 @@ class Vectors:
             total += X.sum(0, dtype=np.float64)
             if raw is not None:
                 raw[lo:hi] = X
-            if module is not None and head_stages is None:
-                probs.append(_probabilities(module, md, X))
+            if arrays is not None and head_stages is None:
+                probs.append(_probabilities(arrays, md, X))
         self.mean = (total / max(self.n, 1)).astype(np.float32)
-        if module is not None:
+        if arrays is not None:
             if head_stages is not None:  # a head on pooled stages reads those, block by block too
                 rows = np.arange(self.n)
                 probs = [
-                    _probabilities(module, md, self.cache.features(rows[lo : lo + BLOCK], stage=head_stages))
+                    _probabilities(arrays, md, self.cache.features(rows[lo : lo + BLOCK], stage=head_stages))
                     for lo in range(0, self.n, BLOCK)
                 ]
             from ...head import head_temperature
@@ -134,7 +134,8 @@ class Vectors:
 
 
 def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
-    from ...head import build_head_module
+    """The head's arrays (numpy: no torch import) and its directory, checked against the cache."""
+    from ...head import load_head_arrays
     from ...models import HEAD_FILE, read_model_dir
 
     md = read_model_dir(head)
@@ -144,9 +145,7 @@ def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
             "give the `rt fit-head` directory fitted on this cache (or extract a cache with the finetuned model)",
         )
     cache.check_identity(md.identity, f"the head in {md.path}")
-    module = build_head_module(md.head_config)
-    module.load_state_dict(md.load_tensors(HEAD_FILE))
-    return module.eval(), md
+    return load_head_arrays(md.path / HEAD_FILE), md
 
 
 def _head_stages(md: Any) -> list[str] | None:
@@ -157,7 +156,7 @@ def _head_stages(md: Any) -> list[str] | None:
     return head_features(md.head_config)
 
 
-def _probabilities(module: Any, md: Any, X: np.ndarray) -> np.ndarray:
-    from ...head import head_temperature, predict_logits, softmax
+def _probabilities(arrays: Any, md: Any, X: np.ndarray) -> np.ndarray:
+    from ...head import head_probabilities
 
-    return softmax(predict_logits(module, X), head_temperature(md.head_config)).astype(np.float32)
+    return head_probabilities(arrays, md.head_config, X).astype(np.float32)

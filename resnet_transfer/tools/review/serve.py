@@ -199,7 +199,8 @@ class ReviewServer:
             return False
 
     def run(self) -> None:
-        """Serve until interrupted (Ctrl-C), then release the manifest."""
+        """Serve until Ctrl-C (or :meth:`stop`), then release the manifest. Ctrl-C is how a review ends: it
+        returns normally (every change is on disk already)."""
         import uvicorn
 
         config = uvicorn.Config(
@@ -213,7 +214,8 @@ class ReviewServer:
         )
         self._server = uvicorn.Server(config)
         try:
-            self._server.run(sockets=[self.sock])
+            with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down on SIGINT, then raises it again
+                self._server.run(sockets=[self.sock])
         finally:
             self.close()
 

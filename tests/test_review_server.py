@@ -198,7 +198,7 @@ def test_filters_narrow_the_rows(client: TestClient, review_set: ReviewSet) -> N
     assert [r["row"] for r in unl["rows"]] == [UNLABELLED]
     errors = c.get("/api/rows", params={"finding": "label_error"}).json()
     assert errors["rows"][0]["row"] == FLIPPED  # in the audit's order: the most likely first
-    assert errors["rows"][0]["badges"][0] == {"kind": "label_error", "text": "-> cat?"}
+    assert errors["rows"][0]["badges"][0] == {"kind": "label_error", "text": "→ cat?"}
     dups = {r["row"] for r in c.get("/api/rows", params={"finding": "duplicate"}).json()["rows"]}
     assert {COPY, COPY_OF} <= dups
     wrong = c.get("/api/rows", params={"verdict": "wrong"}).json()

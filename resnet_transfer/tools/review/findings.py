@@ -58,7 +58,7 @@ class Findings:
         for kind, items in self.of(row).items():
             d = items[0]
             if kind == "label_error":
-                text = f"-> {d['suggested']}?"
+                text = f"→ {d['suggested']}?"
             elif kind == "duplicate":
                 text = "copy" if d.get("exact") else f"near {d.get('cosine', 0):.2f}"
             elif kind == "leak":

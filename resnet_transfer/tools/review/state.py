@@ -331,6 +331,8 @@ class ReviewState:
         self._sync()
         out = self.row(i)
         out["large"] = self.images.thumb(self.paths[i], "l")
+        loc = self.images.files.location(i)
+        out["location"] = str(loc) if loc is not None else None
         out["file"] = self.images.file(self.paths[i])
         head = self.vectors.head
         if head is not None:
@@ -345,12 +347,18 @@ class ReviewState:
 
     def _small(self, j: int) -> dict[str, Any]:
         p = self.paths[j]
-        return {"row": j, "path": p, "label": self.label_name(int(self.current[j])), "thumb": self.images.thumb(p)}
+        return {
+            "row": j,
+            "path": p,
+            "label": self.label_name(int(self.current[j])),
+            "thumb": self.images.thumb(p),
+            "exists": self.images.files.exists(j),
+        }
 
     def _findings(self, i: int) -> list[dict[str, Any]]:
         out = []
         for kind, items in self.findings.of(i).items():
-            for d in items[:6]:
+            for d in items[:3]:
                 item = {"kind": kind, **{k: v for k, v in d.items() if k != "row"}}
                 if kind == "duplicate" and d.get("row") is not None:
                     item["partner"] = self._small(int(d["row"]))

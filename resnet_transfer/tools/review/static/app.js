@@ -92,7 +92,8 @@
   async function loadInfo() {
     S.info = await api("/api/info");
     const i = S.info;
-    $("cache-name").textContent = `${i.name} · ${fmt(i.rows)} rows`;
+    $("cache-name").textContent = `${i.name.split("/").pop()} · ${fmt(i.rows)} rows`;
+    $("cache-name").title = i.name;
     $("manifest-path").textContent = `manifest: ${i.manifest}`;
     $("help-commands").textContent = i.commands.join("\n");
     const cls = $("f-class");
@@ -252,8 +253,10 @@
     $("panel-body").hidden = !d;
     if (!d) return;
     $("peek").hidden = S.peek === null;
-    $("large").src = d.exists ? d.large : "data:,";
-    $("large").alt = d.exists ? d.path : "missing";
+    $("large").hidden = !d.exists;
+    $("large-ph").hidden = d.exists;
+    if (d.exists) { $("large").src = d.large; $("large").alt = d.path; }
+    else { $("large").removeAttribute("src"); $("large-ph").textContent = `missing: ${d.location || d.path}`; }
     $("large-link").href = d.file;
     $("p-path").textContent = d.path;
     const lab = $("p-label");
@@ -297,7 +300,8 @@
     $("h-findings").hidden = !d.findings.length;
     for (const f of d.findings) {
       const kids = [];
-      if (f.partner) {
+      if (f.partner && f.partner.exists === false) kids.push(placeholder("missing"));
+      else if (f.partner) {
         const img = image(f.partner.thumb, f.partner.path, (e) => e.target.replaceWith(placeholder("?")));
         if (f.partner.row !== undefined) { img.style.cursor = "pointer"; img.addEventListener("click", () => peek(f.partner.row)); }
         kids.push(img);
@@ -309,7 +313,7 @@
   function renderNeighbours(d) {
     const box = $("p-neighbours");
     box.replaceChildren(...d.neighbours.map((n) => el("div", { class: "nb", title: `${n.path}\ncosine ${n.cosine}`, onclick: () => peek(n.row) },
-      el("div", { class: "frame" }, image(n.thumb, n.path, (e) => e.target.replaceWith(placeholder("?")))),
+      el("div", { class: "frame" }, n.exists ? image(n.thumb, n.path, (e) => e.target.replaceWith(placeholder("?"))) : placeholder("missing")),
       el("div", { class: "cap" }, chip(n.label), el("span", { class: "muted", text: n.cosine.toFixed(2) })))));
   }
   function peek(row) {

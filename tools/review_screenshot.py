@@ -34,8 +34,15 @@ def make_data(root: Path) -> None:
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(30):
             draw_image(cls, rng, int(rng.integers(80, 160))).save(root / cls / f"{cls}_{i:02d}.jpg", quality=92)
-    for i, (src, dst) in enumerate([("square", "circle"), ("circle", "triangle"), ("triangle", "square"),
-                                    ("cross", "circle"), ("square", "triangle")]):
+    for i, (src, dst) in enumerate(
+        [
+            ("square", "circle"),
+            ("circle", "triangle"),
+            ("triangle", "square"),
+            ("cross", "circle"),
+            ("square", "triangle"),
+        ]
+    ):
         f = root / src / f"{src}_{i + 20:02d}.jpg"
         f.rename(root / dst / f"{src}_{i + 20:02d}.jpg")  # mislabelled: now in another class folder
     shutil.copy(root / "circle" / "circle_03.jpg", root / "square" / "copy_of_circle_03.jpg")

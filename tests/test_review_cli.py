@@ -79,6 +79,7 @@ def test_ctrl_c_stops_it_and_prints_the_next_commands(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "resnet_transfer", "review", "--cache", str(rs.cache), "--root", str(rs.root)]
     cmd += ["--thumbs", str(tmp_path / "t")]
+    before = set(tmp_path.rglob("*"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = proc.stdout.readline().strip() if proc.stdout else ""
     assert url.startswith("http://127.0.0.1:") and "/?token=" in url
@@ -95,3 +96,6 @@ def test_ctrl_c_stops_it_and_prints_the_next_commands(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "1 change(s) in" in err and "rt extract --data" in err and "rt fit-head" in err
     assert (rs.root / "review.csv").read_text().splitlines()[1] == f"{rs.paths[0]},dog"
+    # the manifest and its journal are all it wrote (besides the thumbnail folder it was given)
+    written = {p for p in tmp_path.rglob("*") if p not in before and tmp_path / "t" not in (p, *p.parents)}
+    assert written == {rs.root / "review.csv", rs.root / "review.csv.journal"}

@@ -169,3 +169,23 @@ def test_a_cut_journal_line_is_ignored(tmp_path: Path) -> None:
 def test_a_manifest_must_be_a_csv(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"\.csv"):
         ReviewManifest(tmp_path / "fixes.txt", tmp_path, PATHS, LABELS)
+
+
+def test_a_change_to_the_same_state_writes_nothing(tmp_path: Path) -> None:
+    root = _images(tmp_path / "images")
+    m = _open(root, root / "review.csv")
+    m.set(0, "cat")  # already cat
+    assert not (root / "review.csv").exists() and m.can_undo == 0
+    m.set(0, "dog")
+    m.set(0, "dog")
+    assert m.can_undo == 1 and len(m.journal_path.read_text().splitlines()) == 1
+    m.close()
+
+
+def test_a_review_without_changes_leaves_no_file(tmp_path: Path) -> None:
+    root = _images(tmp_path / "images")
+    before = sorted(p.name for p in root.iterdir())
+    m = _open(root, root / "review.csv")
+    assert m.journal_path.exists()  # held for the lock while it runs
+    m.close()
+    assert sorted(p.name for p in root.iterdir()) == before

@@ -319,3 +319,16 @@ def test_info_names_the_loop_commands_with_the_cache_options(client: TestClient,
     assert f"--out {review_set.cache}" in extract or "--out train.h5" in extract
     assert fit.startswith("rt fit-head --cache ") and "--overwrite" in fit
     assert json.dumps(info)  # plain JSON
+
+
+def test_including_an_excluded_image_brings_back_its_fixed_label(client: TestClient) -> None:
+    c = _authed(client)
+    h = {"X-RT-Token": TOKEN}
+    c.post("/api/label", json={"row": 3, "label": "fox"}, headers=h)
+    c.post("/api/exclude", json={"row": 3, "excluded": True}, headers=h)
+    r = c.post("/api/exclude", json={"row": 3, "excluded": False}, headers=h).json()
+    assert r["row"]["label"] == "fox" and r["row"]["status"] == "relabelled"
+    r = c.post("/api/exclude", json={"row": 3, "excluded": False}, headers=h).json()  # not excluded: no change
+    assert r["row"]["label"] == "fox"
+    c.post("/api/exclude", json={"row": 4, "excluded": True}, headers=h)
+    assert c.post("/api/exclude", json={"row": 4, "excluded": False}, headers=h).json()["row"]["label"] == "cat"

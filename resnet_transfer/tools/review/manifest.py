@@ -85,6 +85,7 @@ class ReviewManifest:
         self.journal_path = self.path.with_name(self.path.name + JOURNAL_SUFFIX)
         self.folder = self.path.parent.resolve()
         self.root = Path(root)
+        self._real_root = self.root.resolve()
         self.paths = list(paths)
         self.base: list[State] = list(labels)
         self.state: list[State] = list(labels)
@@ -108,7 +109,7 @@ class ReviewManifest:
 
     def _file(self, p: str) -> Path:
         q = Path(p)
-        return Path(os.path.normpath(q if q.is_absolute() else self.root.resolve() / q))
+        return Path(os.path.normpath(q if q.is_absolute() else self._real_root / q))
 
     @property
     def outside(self) -> int:
@@ -140,8 +141,12 @@ class ReviewManifest:
         self._recount()
 
     def close(self) -> None:
-        """Release the journal's lock (the files stay)."""
+        """Release the journal's lock. A review that changed nothing leaves no file behind (its empty
+        journal, made for the lock, is removed); otherwise the manifest and its journal stay."""
         if self._journal_fd is not None:
+            if os.fstat(self._journal_fd).st_size == 0 and not self.path.exists():
+                with contextlib.suppress(OSError):
+                    self.journal_path.unlink()
             os.close(self._journal_fd)  # closing the descriptor drops the flock
             self._journal_fd = None
 
@@ -328,6 +333,8 @@ class ReviewManifest:
                 raise UsageError(f"row {row} is not a row of the cache (0..{len(self.paths) - 1})")
             reloaded = self.check_disk()
             before = self.state[row]
+            if before == state:  # no change: nothing written, nothing to undo
+                return Change(row, before, state, reloaded, self._seq)
             return self._apply(row, before, state, {"op": "set"}, reloaded)
 
     def undo(self) -> Change | None:
@@ -367,6 +374,17 @@ class ReviewManifest:
         self.pending += (after != self.base[row]) - (before != self.base[row])
         self.version += 1
         return Change(row, before, after, reloaded, self._seq)
+
+    def before_exclusion(self, row: int) -> tuple[bool, State]:
+        """``(True, state)``: the state ``row`` had before it was excluded (the latest such change still in
+        the history); ``(False, None)`` when the history does not say (an outside edit excluded it)."""
+        path = self.paths[row]
+        for e in reversed(self._undo):
+            if e.get("path") == path and e.get("after", {}).get("excluded"):
+                before = _decode(e.get("before", {}))
+                if before != EXCLUDED:
+                    return True, before
+        return False, None
 
     @property
     def can_undo(self) -> int:

@@ -167,9 +167,12 @@ class ReviewState:
             raise UsageError(f"row {row} is not a row of the cache")
         if excluded:
             target: State = EXCLUDED
-        else:
+        elif self.manifest.state[row] != EXCLUDED:
+            target = self.manifest.state[row]  # not excluded: nothing to include
+        else:  # back to what it was before (a relabel kept), else to the cache's label
             gid = int(self.given[row])
-            target = self.classes[gid] if gid >= 0 else None
+            known, before = self.manifest.before_exclusion(row)
+            target = before if known else self.classes[gid] if gid >= 0 else None
         return self._change(self.manifest.set(row, target))
 
     def undo(self) -> dict[str, Any]:

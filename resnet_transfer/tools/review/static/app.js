@@ -324,42 +324,47 @@
   }
 
   // ------------------------------------------------------------------------------------------ changes
-  async function change(path, body) {
-    const row = activeRow();
-    if (row === undefined || row === null || S.busy) return;
-    S.busy = true;
-    try {
-      const res = await api(path, { row, ...body });
-      afterChange(res, true);
-    } catch (e) { /* toast shown */ } finally { S.busy = false; }
+  let chain = Promise.resolve();
+  function queue(fn) {  // changes go to the server one after another, in the order of the key presses
+    chain = chain.then(fn).catch(() => {});
+    return chain;
   }
-  function afterChange(res, advance) {
+  function change(path, body) {
+    const row = activeRow();
+    if (row === undefined || row === null) return chain;
+    return queue(async () => {
+      S.busy = true;
+      try { afterChange(await api(path, { row, ...body }), { advance: true }); } finally { S.busy = false; }
+    });
+  }
+  function afterChange(res, how) {
     counters(res);
     if (res.reloaded) toast("the manifest was changed by another program: reloaded, then your change applied");
     refreshInfoSoon();
     if (!res.row) { toast("nothing to undo"); return; }
     replaceTile(res.row);
-    const wasPeek = S.peek !== null;
     const grid = S.rows.findIndex((r) => r.row === res.row.row);
-    if (advance && !wasPeek && $("advance").checked && grid === S.sel && grid < S.rows.length - 1) { select(grid + 1, false); return; }
-    if (!wasPeek && grid >= 0 && grid !== S.sel) { select(grid, false); return; }
-    loadDetail(wasPeek ? S.peek : res.row.row);
+    if (S.peek !== null) { if (S.peek === res.row.row) loadDetail(S.peek); return; }
+    if (how.focus && grid >= 0 && grid !== S.sel) { select(grid, false); return; }
+    if (grid !== S.sel) return;  // the selection moved on meanwhile: leave it there
+    if (how.advance && $("advance").checked && grid < S.rows.length - 1) { select(grid + 1, false); return; }
+    loadDetail(res.row.row);
   }
   function setLabel(label) { return change("/api/label", { label }); }
-  function toggleExclude() {
-    const d = S.detail;
-    return change("/api/exclude", { excluded: !(d && d.status === "excluded") });
+  function statusOf(row) {
+    const r = S.rows.find((x) => x.row === row);
+    if (r) return r.status;
+    return S.detail && S.detail.row === row ? S.detail.status : null;
   }
-  async function undo() {
-    try {
+  function toggleExclude() {
+    return change("/api/exclude", { excluded: statusOf(activeRow()) !== "excluded" });
+  }
+  function undo() {
+    return queue(async () => {
       const res = await api("/api/undo", {});
-      if (res.row && S.peek === null) {
-        const i = S.rows.findIndex((r) => r.row === res.row.row);
-        if (i >= 0 && i !== S.sel) select(i, false);
-      }
-      afterChange(res, false);
+      afterChange(res, { focus: true });
       if (res.row) toast(`undone: #${res.row.row} is ${res.row.status === "excluded" ? "excluded" : res.row.label ?? "unlabelled"} again`);
-    } catch (e) { /* toast shown */ }
+    });
   }
 
   // ------------------------------------------------------------------------------------------ input

@@ -332,3 +332,16 @@ def test_including_an_excluded_image_brings_back_its_fixed_label(client: TestCli
     assert r["row"]["label"] == "fox"
     c.post("/api/exclude", json={"row": 4, "excluded": True}, headers=h)
     assert c.post("/api/exclude", json={"row": 4, "excluded": False}, headers=h).json()["row"]["label"] == "cat"
+
+
+def test_neighbours_read_from_the_cache_equal_the_in_memory_ones(review_set: ReviewSet) -> None:
+    from resnet_transfer.cache import FeatureCache
+    from resnet_transfer.tools.review.vectors import Vectors
+
+    with FeatureCache(review_set.cache) as fc:
+        mem, disk = Vectors(fc), Vectors(fc, memory_budget=0)
+        assert mem.in_memory and not disk.in_memory
+        for row in (0, FLIPPED, COPY, 29):
+            a, b = mem.neighbours(row), disk.neighbours(row)
+            assert [j for j, _ in a] == [j for j, _ in b]
+            assert np.allclose([c for _, c in a], [c for _, c in b], atol=1e-5)

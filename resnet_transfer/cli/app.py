@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..base import tune_process
-from . import cmd_extract, cmd_finetune, cmd_head, cmd_tools, common
+from . import cmd_extract, cmd_finetune, cmd_head, cmd_review, cmd_tools, common
 
 
 class _Group(TyperGroup):
@@ -76,6 +76,7 @@ app.command()(cmd_finetune.export)
 app.command()(cmd_tools.suggest)
 app.command()(cmd_tools.audit)
 app.command()(cmd_tools.curve)
+app.command()(cmd_review.review)
 
 
 def main() -> None:

@@ -9,6 +9,11 @@ from ..base.lazy import face
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
+        "arrays": (
+            "head_logits",
+            "head_probabilities",
+            "load_head_arrays",
+        ),
         "calibration": (
             "UNCERTAIN",
             "calibration_report",

@@ -10,6 +10,7 @@ __all__, __getattr__, __dir__ = face(
     __name__,
     {
         "data": (
+            "IMAGE_EXTENSIONS",
             "ImageDataset",
             "ImageDecodeError",
             "ImageList",

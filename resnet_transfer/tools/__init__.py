@@ -1,4 +1,4 @@
-"""The tools wing: what the cache makes cheap: ``audit``, ``suggest`` and ``curve``."""
+"""The tools wing: what the cache makes cheap: ``audit``, ``suggest``, ``curve`` and ``review`` (`rt review`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ __all__, __getattr__, __dir__ = face(
             "curve",
             "nested_subsets",
             "t_interval",
+        ),
+        "review": (
+            "ReviewConfig",
+            "ReviewManifest",
+            "open_review",
         ),
         "suggesting": (
             "SuggestConfig",

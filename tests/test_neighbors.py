@@ -44,7 +44,7 @@ def test_self_join_leaves_each_row_out_but_keeps_its_copies(monkeypatch: pytest.
     assert not (res.index == np.arange(len(X))[:, None]).any()
     assert res.index[10, 0] == 200 and res.index[200, 0] == 10
     assert res.similarity[10, 0] == pytest.approx(1.0, abs=1e-5)
-    d, i = _sklearn(X, X, 6, X.mean(0))  # sklearn's own row first (or its copy at the same distance)
+    _, i = _sklearn(X, X, 6, X.mean(0))  # sklearn's own row first (or its copy at the same distance)
     theirs = [set(row[row != r]) for r, row in enumerate(i)]
     assert np.mean([set(a) <= t | {10, 200} for a, t in zip(res.index, theirs)]) == 1.0
     assert np.all(np.diff(res.similarity, axis=1) <= 1e-7)  # highest first

@@ -213,6 +213,7 @@ def evaluate(
     worst: int = 0,
     knn: bool = True,
     knn_cache: str | Path | None = None,
+    knn_search: str = "auto",
     root: str | Path | None = None,
 ) -> EvaluateResult:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of ``model_dir`` on a labelled
@@ -255,6 +256,7 @@ def evaluate(
             worst=worst,
             knn=knn,
             knn_cache=knn_cache,
+            knn_search=knn_search,
             title=f"{md.path.name} on {source}",
         )
     )

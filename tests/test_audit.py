@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from planted import blobs, write_cache
+from planted import PlantedSet, blobs, write_cache, write_planted
 
-from resnet_transfer.tools import AuditConfig, audit, exact_groups, label_issues, near_pairs
+from resnet_transfer.tools import AuditConfig, audit, exact_groups, label_issues, near_pairs, outliers
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -85,3 +85,64 @@ def test_building_blocks() -> None:
     X, y = blobs(20, 5.0 * np.eye(2, 4), spread=1.0, seed=3)
     probs, flagged, _ = label_issues(X, y)
     assert probs.shape == (40, 2) and not flagged.any()
+
+
+# ---------------------------------------------------------------------- a planted cache, both searches
+
+
+@pytest.fixture(scope="module")
+def planted_set(tmp_path_factory: pytest.TempPathFactory) -> PlantedSet:
+    """3,000 training rows of 512 float16 features in 10 classes, with exact and near duplicates, flipped
+    labels and outliers planted, and 300 test rows of which some are (near) copies of training rows."""
+    tmp = tmp_path_factory.mktemp("planted")
+    return write_planted(tmp, 3000, test_rows=300, n_classes=10, dim=512, rate=0.005, seed=1)
+
+
+@pytest.fixture(scope="module", params=["exact", "index"])
+def planted_audit(request: pytest.FixtureRequest, planted_set: PlantedSet) -> dict:
+    if request.param == "index":
+        pytest.importorskip("faiss")
+    out = planted_set.train.parent / f"out-{request.param}"
+    cfg = AuditConfig(planted_set.train, planted_set.test, out, top=20, sheet=False, search=request.param)
+    return audit(cfg).report
+
+
+def test_planted_duplicates_and_leaks_are_found(planted_set: PlantedSet, planted_audit: dict) -> None:
+    ps, d = planted_set, planted_audit["duplicates"]
+    assert ps.duplicates and ps.near and ps.leaks and ps.near_leaks
+    exact = {frozenset(g) for g in d["exact_rows"]}
+    assert all(frozenset(p) in exact for p in ps.duplicates)
+    near = {tuple(n["rows"]) for n in d["near"]}
+    assert all((min(a, b), max(a, b)) in near for a, b in ps.near)
+    assert {tuple(x["rows"]) for x in d["leakage_exact"]} == set(ps.leaks)
+    assert set(ps.near_leaks) <= {tuple(x["rows"]) for x in d["leakage_near"]}
+    assert len(d["near"]) <= 2 * len(ps.near)  # nothing much beyond what was planted
+
+
+def test_planted_label_errors_and_outliers_are_found(planted_set: PlantedSet, planted_audit: dict) -> None:
+    ps = planted_set
+    listed = {r["row"] for r in planted_audit["label_errors"]["rows"]}
+    assert ps.label_errors and np.mean([i in listed for i in ps.label_errors]) >= 0.9
+    top = {r["row"] for r in planted_audit["outliers"]["rows"]}
+    assert ps.outliers and np.mean([i in top for i in ps.outliers]) >= 0.9
+
+
+def test_the_report_says_which_search_ran(planted_audit: dict) -> None:
+    train, test = planted_audit["neighbours"]["train"], planted_audit["neighbours"]["test"]
+    assert train["path"] == test["path"] and train["k"] == 20 and test["k"] == 5
+    assert train["reference_rows"] == 3000 and test["query_rows"] == 300
+    if train["path"] == "index":
+        assert train["recall_at_k"] >= 0.9 and train["recall_queries"] == 500
+        assert "PCA" in train["index"]
+    assert set(planted_audit["seconds"]) == {"load", "neighbours", "label_errors", "outliers"}
+
+
+def test_lof_from_the_neighbour_graph_equals_scikit_learns() -> None:
+    from sklearn.neighbors import LocalOutlierFactor
+
+    X, _ = blobs(60, 4.0 * np.eye(3, 8), spread=1.0, seed=4)
+    X[7] = 9.0 * np.eye(8)[6]  # an outlier
+    for k in (5, 20):
+        want = -LocalOutlierFactor(n_neighbors=k, metric="cosine", algorithm="brute").fit(X).negative_outlier_factor_
+        np.testing.assert_allclose(outliers(X, k), want, rtol=1e-4)
+    assert int(np.argmax(outliers(X))) == 7

@@ -227,6 +227,25 @@ def test_full_read_of_float16_spanning_several_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, feats.astype(np.float16).astype(np.float32))
 
 
+def test_rows_read_as_stored_in_any_order_across_blocks(tmp_path: Path) -> None:
+    """features(rows, dtype=None): the float16 values as stored (no float32 copy), rows in the order asked
+    for (repeats too), read in whole blocks across block edges; float32 on request is the same values."""
+    n = 9000
+    paths, labels, feats, _ = rows(n)
+    with CacheWriter(tmp_path / "big.h5", identity(), ["a", "b", "c"]) as w:
+        w.write_part(paths[:5000], labels[:5000], feats[:5000])  # two chunk files: a virtual dataset
+        w.write_part(paths[5000:], labels[5000:], feats[5000:])
+        w.finalize()
+    want = np.array([8999, 3, 4095, 4096, 3, 0, 8191, 8192, 5000, 4999])
+    with FeatureCache(tmp_path / "big.h5") as fc:
+        stored = fc.features(want, dtype=None)
+        as32 = fc.features(want)
+        assert fc.features(np.zeros(0, dtype=np.int64), dtype=None).shape == (0, feats.shape[1])
+    assert stored.dtype == np.float16 and as32.dtype == np.float32
+    np.testing.assert_array_equal(stored, feats.astype(np.float16)[want])
+    np.testing.assert_array_equal(as32, stored.astype(np.float32))
+
+
 def test_labelled_as_maps_into_another_class_order(tmp_path: Path) -> None:
     from resnet_transfer.base import DataError
 

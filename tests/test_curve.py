@@ -86,3 +86,15 @@ def test_cli(caches: tuple[Path, Path], tmp_path: Path) -> None:
     assert [r["k"] for r in report["curve"] if r["method"] == "probe"] == [2, "all"]
     bad = CliRunner().invoke(app, ["curve", "--train", str(train), "--test", str(test), "--k", "two"])
     assert bad.exit_code == 2 and "--k" in bad.output
+
+
+def test_only_the_rows_the_subsets_hold_are_read(caches: tuple[Path, Path], tmp_path: Path) -> None:
+    """The curve's cost follows its k-subsets, not the training cache: 2 seeds x 3 classes x k=2 read at most
+    12 of the 120 rows; with k=all every row is read, and the scores come from the rows asked for."""
+    train, test = caches
+    small = curve(CurveConfig(train, test, ks=(2,), seeds=2, out=tmp_path / "s", l2=1e-2, plot=False)).report
+    assert small["n_train"] == 120 and 6 <= small["rows_read"] <= 12
+    full = curve(CurveConfig(train, test, ks=(2, 0), seeds=2, out=tmp_path / "f", l2=1e-2, plot=False)).report
+    assert full["rows_read"] == 120
+    two = [r for r in full["curve"] if r["k"] == 2]
+    assert [r["scores"] for r in two] == [r["scores"] for r in small["curve"]]  # the same subsets either way

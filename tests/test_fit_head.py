@@ -209,10 +209,17 @@ def test_out_directory_is_not_clobbered(train_cache: Path, head_dir: Path, tmp_p
 
 
 def test_streaming_fit_when_over_the_memory_budget(train_cache: Path, tmp_path: Path, reporter: Reporter) -> None:
-    res = fit_head(FitHeadConfig(cache=train_cache, out=tmp_path / "h", max_memory_gb=1e-6, lr=1e-2))
+    with FeatureCache(train_cache) as fc:
+        f16 = fc.n * fc.dim * 2  # the stored rows fit the budget, a float32 copy of them does not
+    budget = 1.5 * f16 / 1e9
+    res = fit_head(FitHeadConfig(cache=train_cache, out=tmp_path / "h", max_memory_gb=budget, lr=1e-2))
     assert res.report["streamed"] and res.report["solver"] == "adamw"
     assert any("streaming" in w for w in res.warnings)
     assert res.report["accuracy"] >= 0.5
+    knn = res.report["knn"]  # a streamed head still gets its kNN: it reads the rows as stored (float16)
+    assert "skipped" not in knn and knn["search"]["path"] == "exact" and 0.0 <= knn["accuracy"] <= 1.0
+    tiny = fit_head(FitHeadConfig(cache=train_cache, out=tmp_path / "t", max_memory_gb=1e-6, lr=1e-2))
+    assert "--max-memory-gb" in tiny.report["knn"]["skipped"]  # says why, and how to see it
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from planted import blobs
 
-from resnet_transfer.head import choose_k, fit_knn, knn_report
+from resnet_transfer.head import CosineKnn, choose_k, fit_knn, knn_report
+from resnet_transfer.head import knn as knn_module
 
 
 def _noisy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,3 +50,36 @@ def test_report_compares_with_the_head() -> None:
     assert 0.5 < rep["accuracy"] <= 1.0 and rep["n"] == len(yv)
     assert rep["disagreements"] == int((head_pred != fit_knn(X, y, rep["k"]).predict(Xv)).sum())
     assert rep["agreement_with_head"] == pytest.approx(1 - rep["disagreements"] / len(yv))
+
+
+def test_predictions_equal_scikit_learns_distance_weighted_cosine_knn() -> None:
+    """The same votes as KNeighborsClassifier(metric="cosine", weights="distance") on centred features,
+    including a query that is an exact copy of a training row (distance 0: that row alone decides)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = _noisy(6)
+    Xq, _ = blobs(40, np.array([[3.0, 0, 0], [0, 3.0, 0]]), spread=1.5, seed=7)
+    Xq[0] = X[17]
+    mean = X.mean(0)
+    for k in (1, 5, 15):
+        theirs = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance", algorithm="brute")
+        want = theirs.fit(X - mean, y).predict(Xq - mean)
+        np.testing.assert_array_equal(CosineKnn(k, "exact").fit(X.astype(np.float16), y).predict(Xq), want)
+    assert CosineKnn(5).fit(X, y).predict(Xq[:1])[0] == y[17]
+
+
+def test_leave_one_out_on_a_sample_searches_all_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above LOO_QUERIES rows the k choice classifies a seeded sample of rows, each by its neighbours among
+    all the other rows (not a subsample of the reference)."""
+    monkeypatch.setattr(knn_module, "LOO_QUERIES", 50)
+    X, y = _noisy(8)
+    choice = choose_k(X, y)
+    assert "50 training rows (neighbours among all 200)" in choice.how
+    assert choice.to_dict()["choice_search"]["reference_rows"] == 200
+
+
+def test_report_says_which_search_ran() -> None:
+    X, y = _noisy(9)
+    Xv, yv = blobs(30, np.array([[3.0, 0, 0], [0, 3.0, 0]]), spread=1.0, seed=10)
+    rep = knn_report(X, y, Xv, yv, search="exact")
+    assert rep["search"]["path"] == "exact" and rep["search"]["query_rows"] == len(yv)

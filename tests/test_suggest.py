@@ -95,3 +95,12 @@ def test_diverse_top_keeps_order_and_size() -> None:
     picks = diverse_top(X, s, 10)
     assert len(set(picks.tolist())) == 10 and list(s[picks]) == sorted(s[picks], reverse=True)
     assert len(diverse_top(X[:3], s[:3], 10)) == 3
+
+
+def test_diverse_top_on_float16_features_as_a_cache_stores_them() -> None:
+    """diverse_top reads the mean and the scanned rows only: float16 input gives the float32 answer."""
+    rng = np.random.default_rng(4)
+    X = np.abs(rng.normal(size=(3000, 32))).astype(np.float16)
+    s = rng.random(3000)
+    np.testing.assert_array_equal(diverse_top(X, s, 8), diverse_top(X.astype(np.float32), s, 8))
+    assert X.dtype == np.float16

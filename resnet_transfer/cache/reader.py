@@ -20,6 +20,7 @@ its cache may find rows of edited or deleted images gone (it reads NaN there): r
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -168,19 +169,21 @@ class FeatureCache:
         return np.flatnonzero(self.labels >= 0)
 
     def features(
-        self, rows: Sequence[int] | np.ndarray | None = None, stage: str | Sequence[str] | None = None
+        self,
+        rows: Sequence[int] | np.ndarray | None = None,
+        stage: str | Sequence[str] | None = None,
+        dtype: Any = np.float32,
     ) -> np.ndarray:
-        """Pooled features as float32: all rows, or the given ones (in the given order).
+        """Pooled features: all rows, or the given ones (in the given order), as ``dtype`` (float32; ``None``:
+        as stored, e.g. float16, for tools that convert a block at a time).
 
         ``stage=None``: the backbone's final pooled features (``/features``); a stage name: that stage's
         globally average-pooled features (``/pooled/<stage>``, stored by ``rt extract --pool-stages``); a
-        list of names: their concatenation in that order."""
+        list of names: their concatenation in that order. Read as whole chunks into one reused buffer and
+        converted block by block: no second full-size copy."""
         if stage is not None and not isinstance(stage, str):
-            return np.concatenate([self.features(rows, s) for s in stage], axis=1)
-        ds = self._file()[self._pooled_name(stage)]
-        if rows is None:
-            return self._read_all(ds)
-        return self._take(ds, rows).astype(np.float32, copy=False)
+            return np.concatenate([self.features(rows, s, dtype) for s in stage], axis=1)
+        return self._read_rows(self._file()[self._pooled_name(stage)], rows, dtype)
 
     def _pooled_name(self, stage: str | None) -> str:
         if stage is None:
@@ -193,18 +196,25 @@ class FeatureCache:
         return f"pooled/{stage}"
 
     @staticmethod
-    def _read_all(ds: Any) -> np.ndarray:
-        out = np.empty(ds.shape, dtype=np.float32)
-        if ds.dtype == np.float32:
-            ds.read_direct(out)
+    def _read_rows(ds: Any, rows: Sequence[int] | np.ndarray | None, dtype: Any) -> np.ndarray:
+        n = ds.shape[0]
+        out = np.empty((n if rows is None else len(rows), *ds.shape[1:]), dtype=dtype or ds.dtype)
+        if rows is None and out.dtype == ds.dtype:
+            if n:
+                ds.read_direct(out)
             return out
-        # whole chunks into one reused buffer, converted block by block: no second full-size copy
+        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        wanted = idx[order]
         step = FEATURE_CHUNK_ROWS * 4
-        buf = np.empty((min(step, ds.shape[0]), ds.shape[1]), dtype=ds.dtype)
-        for lo in range(0, ds.shape[0], step):
-            hi = min(ds.shape[0], lo + step)
+        buf = np.empty((min(step, n), *ds.shape[1:]), dtype=ds.dtype)
+        bounds = np.searchsorted(wanted, np.arange(0, n + step, step))
+        for a, b in itertools.pairwise(bounds):
+            if a == b:
+                continue
+            lo, hi = int(wanted[a]), int(wanted[b - 1]) + 1  # the span of this block's wanted rows
             ds.read_direct(buf, np.s_[lo:hi], np.s_[0 : hi - lo])
-            out[lo:hi] = buf[: hi - lo]
+            out[order[a:b]] = buf[wanted[a:b] - lo]
         return out
 
     def stage(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -66,6 +66,7 @@ def fit_head_cmd(
         typer.Option("--max-memory-gb", help="Stream from the cache (AdamW) above this much feature memory."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head in --out.")] = False,
+    knn_search: common.KnnSearchOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Train a softmax head on cached features (seconds; the images are not touched again).
@@ -108,6 +109,7 @@ def fit_head_cmd(
         patience=patience,
         max_memory_gb=max_memory_gb,
         overwrite=overwrite,
+        knn_search=knn_search,
     )
     result = common.call(run_fit_head, cfg)
     if as_json:
@@ -216,6 +218,7 @@ def evaluate(
     knn_cache: Annotated[
         Path | None, typer.Option("--knn-cache", help="The kNN's training cache (default: the head's own).")
     ] = None,
+    knn_search: common.KnnSearchOpt = "auto",
     root: Annotated[
         Path | None,
         typer.Option(

@@ -97,6 +97,7 @@ def audit(
     ] = None,
     sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write audit.png of the images found.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    search: Annotated[str, typer.Option("--search", help=common.SEARCH_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Audit a dataset from its cache: exact and near duplicates, train/test leakage, likely label errors,
@@ -121,6 +122,7 @@ def audit(
         test_root=test_root,
         sheet=sheet,
         seed=seed,
+        search=search,
     )
     res = common.call(run_audit, cfg)
     if as_json:
@@ -137,6 +139,7 @@ def curve(
         float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit, as fit-head).")
     ] = None,
     knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Also the cosine kNN baseline.")] = True,
+    knn_search: common.KnnSearchOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Label-efficiency curve: test accuracy of the linear probe (and a kNN) against labelled images per
@@ -151,7 +154,16 @@ def curve(
     from ..tools import CurveConfig
     from ..tools import curve as run_curve
 
-    cfg = CurveConfig(train=train, test=test, ks=common.int_list(k, "--k"), seeds=seeds, out=out, l2=l2, knn=knn)
+    cfg = CurveConfig(
+        train=train,
+        test=test,
+        ks=common.int_list(k, "--k"),
+        seeds=seeds,
+        out=out,
+        l2=l2,
+        knn=knn,
+        knn_search=knn_search,
+    )
     res = common.call(run_curve, cfg)
     if as_json:
         common.echo_json(res.report)

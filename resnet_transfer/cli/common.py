@@ -88,6 +88,11 @@ HeadWeightsOpt = Annotated[
     str | None,
     typer.Option("--weights", "-w", help="Backbone checkpoint, if it moved since the head was fitted."),
 ]
+SEARCH_HELP = (
+    "Neighbour search: auto (exact while it is fast, else the faiss index when installed), exact, or index "
+    "(pip install 'resnet_transfer[ann]')."
+)
+KnnSearchOpt = Annotated[str, typer.Option("--knn-search", help="The kNN beside the head. " + SEARCH_HELP)]
 
 
 def epoch_list(text: str | None) -> list[int] | None:

@@ -1,5 +1,6 @@
 """The head wing: the softmax head module, its scikit-learn estimator and solvers, feature-set choice,
-``fit_head``, temperature scaling, calibration and the kNN beside the head.
+``fit_head``, temperature scaling, calibration, the kNN beside the head and the one neighbour search
+(exact in blocks, or faiss's index) that the kNN and the cache tools share.
 """
 
 from __future__ import annotations
@@ -32,16 +33,27 @@ __all__, __getattr__, __dir__ = face(
             "fit_head",
         ),
         "knn": (
+            "CosineKnn",
             "choose_k",
             "fit_knn",
             "knn_beside_head",
             "knn_report",
+            "vote",
         ),
         "module": (
             "HeadModule",
             "build_head_module",
             "predict_logits",
             "predict_probabilities",
+        ),
+        "neighbors": (
+            "SEARCHES",
+            "Neighbours",
+            "Unit",
+            "choose_path",
+            "feature_mean",
+            "index_available",
+            "search",
         ),
         "select": (
             "CV_BELOW",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..base import DataError, UsageError, atomic_write_json, get_reporter
+from .neighbors import SEARCHES
 
 CALIBRATION_NOTE = (
     "temperature fitted on the same validation rows it is measured on: the 'after' figures are optimistic"
@@ -56,6 +57,7 @@ class FitHeadConfig:
     max_memory_gb: float | None = None  # above this, stream from the cache (adamw); default: 40% of RAM
     overwrite: bool = False
     plot: bool = True
+    knn_search: str = "auto"  # the kNN beside the head: auto | exact | index (neighbors.py)
     head: dict[str, Any] = field(default_factory=dict)  # SoftmaxHead parameters given explicitly
 
     def __init__(
@@ -71,13 +73,16 @@ class FitHeadConfig:
         max_memory_gb: float | None = None,
         overwrite: bool = False,
         plot: bool = True,
+        knn_search: str = "auto",
         head: dict[str, Any] | None = None,
         **head_params: Any,
     ) -> None:
         self.cache, self.out, self.classes, self.val = cache, out, classes, val
         self.val_fraction, self.seed, self.max_memory_gb = val_fraction, seed, max_memory_gb
         self.features = features
-        self.overwrite, self.plot = overwrite, plot
+        self.overwrite, self.plot, self.knn_search = overwrite, plot, knn_search
+        if knn_search not in SEARCHES:
+            raise UsageError(f"--knn-search {knn_search!r} is not known", f"use one of {', '.join(SEARCHES)}")
         self.head = {**(head or {}), **head_params}
         known = head_parameter_names()
         for name in self.head:
@@ -440,7 +445,9 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         from .knn import knn_beside_fit
 
         rows = split.train_rows
-        knn = knn_beside_fit(cache, rows, cache.labels[rows], split.X_val, split.y_val, head, streamed)
+        knn = knn_beside_fit(
+            cache, rows, cache.labels[rows], split.X_val, split.y_val, head, cfg.knn_search, _memory_budget_bytes(cfg)
+        )
 
     calibration = _calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)

@@ -1,9 +1,13 @@
 """A k-nearest-neighbour classifier on the cached features, shown beside the softmax head.
 
-scikit-learn's ``KNeighborsClassifier`` with the cosine distance on mean-centred features (brute force:
-exact, and fast at the sizes a cache holds), neighbours weighted by inverse distance. ``k`` is chosen on the validation rows when there are
-some, else by leave-one-out cross-validation on the training rows (distances computed once). A cheap, robust baseline
-that needs no training, and a sanity check: where the head and the kNN disagree, one of them is wrong.
+Cosine similarity of features centred on the training mean, neighbours weighted by inverse distance as
+scikit-learn's ``KNeighborsClassifier(metric="cosine", weights="distance")`` does (a neighbour at distance 0
+takes the vote alone). The neighbours come from :mod:`.neighbors`: exact search in blocks, or faiss's index
+where exact search would be slow; the report says which (``search``) and, for the index, its measured
+recall. ``k`` is chosen on the validation rows when there are some (one search for the largest ``k``, every
+``k`` scored from it), else by leave-one-out on a seeded sample of at most ``LOO_QUERIES`` training rows,
+each classified by its neighbours among all the other training rows. A cheap, robust baseline that needs no
+training, and a sanity check: where the head and the kNN disagree, one of them is wrong.
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..base import UsageError
+from .neighbors import Neighbours, feature_mean, search, too_slow
 
 DEFAULT_KS = (1, 3, 5, 7, 10, 15, 20, 30)
-# brute-force distances are (train rows x query rows x dim) multiply-adds: above this the kNN is skipped
-MAX_WORK = 5e10
-LOO_MAX_ROWS = 4000  # leave-one-out k choice on at most this many rows (its distance matrix is rows^2)
+LOO_QUERIES = 4000  # leave-one-out k choice: this many sampled training rows, neighbours among all rows
 
 
 @dataclass
@@ -31,22 +34,65 @@ class KnnChoice:
     k: int
     scores: dict[int, float] = field(default_factory=dict)
     how: str = ""
+    search: dict[str, Any] | None = None  # the neighbour search the scores came from
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "scores": {str(k): v for k, v in self.scores.items()}, "chosen_by": self.how}
+        out: dict[str, Any] = {
+            "k": self.k,
+            "scores": {str(k): v for k, v in self.scores.items()},
+            "chosen_by": self.how,
+        }
+        if self.search is not None:
+            out["choice_search"] = self.search
+        return out
 
 
-def make_knn(k: int) -> Any:
-    """An unfitted cosine kNN classifier with ``k`` neighbours, on features centred on the training mean
-    (raw ReLU features are all positive, so their cosines crowd near 1)."""
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+class CosineKnn:
+    """A cosine kNN classifier (see the module docstring). ``fit`` keeps a reference to ``X`` as given (a
+    float16 cache array stays float16); ``kneighbors`` / ``predict`` search it."""
 
-    if k < 1:
-        raise UsageError(f"k={k}: a kNN needs at least one neighbour")
-    knn = KNeighborsClassifier(n_neighbors=int(k), metric="cosine", weights="distance", algorithm="brute")
-    return make_pipeline(StandardScaler(with_std=False), knn)
+    def __init__(self, k: int, search: str = "auto", seed: int = 0) -> None:
+        if k < 1:
+            raise UsageError(f"k={k}: a kNN needs at least one neighbour")
+        self.k, self.search, self.seed = int(k), search, seed
+
+    def fit(self, X: Any, y: Any) -> CosineKnn:
+        self.X_ = X
+        self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
+        self.mean_ = feature_mean(X)
+        return self
+
+    def kneighbors(self, X: Any, k: int | None = None) -> Neighbours:
+        """The ``k`` (default: this kNN's) nearest training rows of each row of ``X``."""
+        return search(self.X_, X, k or self.k, self.mean_, self.search, self.seed, what="kNN neighbours")
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[vote(self.kneighbors(X), self.y_, self.k, len(self.classes_))]
+
+
+def vote(nb: Neighbours, y: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+    """Each query's class (an index into ``0..n_classes-1``) by the inverse-distance vote of its first ``k``
+    neighbours in ``nb`` (``y``: the reference rows' class indices); ties go to the lower class index."""
+    idx = nb.index[:, :k]
+    d = np.clip(nb.distance[:, :k].astype(np.float64), 0.0, 2.0)
+    zero = d <= 0.0
+    with np.errstate(divide="ignore"):
+        w = np.where(zero.any(1, keepdims=True), zero.astype(np.float64), 1.0 / d)
+    w[idx < 0] = 0.0
+    votes = np.zeros((len(idx), n_classes))
+    rows = np.repeat(np.arange(len(idx)), idx.shape[1])
+    np.add.at(votes, (rows, y[np.maximum(idx, 0)].reshape(-1)), w.reshape(-1))
+    return votes.argmax(1)
+
+
+def make_knn(k: int, search: str = "auto") -> CosineKnn:
+    """An unfitted cosine kNN with ``k`` neighbours (features centred on the training mean)."""
+    return CosineKnn(k, search)
+
+
+def fit_knn(X: Any, y: np.ndarray, k: int, search: str = "auto") -> CosineKnn:
+    """A cosine kNN fitted on ``X``/``y`` (``k`` capped at the number of rows)."""
+    return make_knn(min(int(k), len(y)), search).fit(X, y)
 
 
 def _usable(ks: Sequence[int], n_train: int) -> list[int]:
@@ -54,89 +100,82 @@ def _usable(ks: Sequence[int], n_train: int) -> list[int]:
     return usable or [max(1, min(n_train, 1))]
 
 
-def _cosine_distances(A: np.ndarray, B: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    from sklearn.metrics.pairwise import cosine_distances
-
-    return cosine_distances(A - mean, B - mean)
-
-
-def _scores_on(
-    D_query: np.ndarray, D_train: np.ndarray, y: np.ndarray, y_query: np.ndarray, ks: list[int]
-) -> dict[int, float]:
-    """Accuracy of each ``k`` from precomputed distances (one distance matrix for every ``k`` tried)."""
-    from sklearn.metrics import accuracy_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    scores = {}
-    for k in ks:
-        knn = KNeighborsClassifier(n_neighbors=k, metric="precomputed", weights="distance").fit(D_train, y)
-        scores[k] = float(accuracy_score(y_query, knn.predict(D_query)))
-    return scores
+def _scores(nb: Neighbours, y_ref: np.ndarray, y_query: np.ndarray, ks: list[int], n_classes: int) -> dict[int, float]:
+    """Accuracy of each ``k`` from one neighbour search with the largest ``k``."""
+    return {k: float((vote(nb, y_ref, k, n_classes) == y_query).mean()) for k in ks}
 
 
 def choose_k(
-    X: np.ndarray,
+    X: Any,
     y: np.ndarray,
-    X_val: np.ndarray | None = None,
+    X_val: Any = None,
     y_val: np.ndarray | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    search: str = "auto",
+    seed: int = 0,
 ) -> KnnChoice:
     """Choose ``k`` (best accuracy, ties to the smaller ``k``): on ``X_val`` when given, else by leave-one-out
-    cross-validation on ``X`` (every row classified by the others; the distances are computed once and
-    scikit-learn's classifier runs on them, ``metric="precomputed"``; at most ``LOO_MAX_ROWS`` rows).
-    Features are centred on the training mean, as :func:`make_knn` does."""
-    from sklearn.metrics import accuracy_score
+    cross-validation on a seeded sample of at most ``LOO_QUERIES`` rows of ``X``, each classified by its
+    neighbours among all the other rows."""
+    return _choose(X, y, X_val, y_val, ks, search, seed)[0]
 
+
+def _choose(
+    X: Any, y: np.ndarray, X_val: Any, y_val: Any, ks: Sequence[int], search_: str, seed: int
+) -> tuple[KnnChoice, Neighbours | None, CosineKnn | None]:
     y = np.asarray(y)
     if X_val is not None and y_val is not None and len(y_val):
         cands = _usable(ks, len(y))
-        scores = {k: float(accuracy_score(y_val, make_knn(k).fit(X, y).predict(X_val))) for k in cands}
+        knn = CosineKnn(max(cands), search_, seed).fit(X, y)
+        yq = np.searchsorted(knn.classes_, np.asarray(y_val))
+        yq = np.where(knn.classes_[np.minimum(yq, len(knn.classes_) - 1)] == y_val, yq, -1)  # unseen labels: wrong
+        nb = knn.kneighbors(X_val)
+        scores = _scores(nb, knn.y_, yq, cands, len(knn.classes_))
         how = f"accuracy on {len(y_val)} validation rows"
     else:
         if len(y) < 3 or len(np.unique(y)) < 2:
-            return KnnChoice(_usable(ks, len(y))[0], {}, "not chosen: too few rows to cross-validate")
+            return KnnChoice(_usable(ks, len(y))[0], {}, "not chosen: too few rows to cross-validate"), None, None
         rows = np.arange(len(y))
-        if len(y) > LOO_MAX_ROWS:  # the distance matrix is rows^2: choose on a seeded sample
-            rows = np.sort(np.random.default_rng(0).choice(len(y), LOO_MAX_ROWS, replace=False))
-        Xs, ys = np.asarray(X)[rows], y[rows]
-        D = _cosine_distances(Xs, Xs, Xs.mean(0, keepdims=True))
-        loo = D.copy()
-        np.fill_diagonal(loo, 1e6)  # a row is never its own neighbour (cosine distances are <= 2)
-        cands = _usable(ks, len(ys) - 1)
-        scores = _scores_on(loo, D, ys, ys, cands)
-        how = f"leave-one-out cross-validation on {len(ys)} training rows"
+        if len(y) > LOO_QUERIES:
+            rows = np.sort(np.random.default_rng(seed).choice(len(y), LOO_QUERIES, replace=False))
+        cands = _usable(ks, len(y) - 1)
+        classes, yi = np.unique(y, return_inverse=True)
+        nb = search(X, _rows(X, rows), max(cands), feature_mean(X), search_, seed, "kNN k choice", exclude=rows)
+        scores = _scores(nb, yi, yi[rows], cands, len(classes))
+        how = f"leave-one-out cross-validation on {len(rows)} training rows (neighbours among all {len(y)})"
+        knn = None
     best = max(cands, key=lambda k: (scores[k], -k))
-    return KnnChoice(best, scores, how)
+    return KnnChoice(best, scores, how, nb.info), nb, knn
 
 
-def fit_knn(X: np.ndarray, y: np.ndarray, k: int) -> Any:
-    """A cosine kNN fitted on ``X``/``y`` (``k`` capped at the number of rows)."""
-    return make_knn(min(int(k), len(y))).fit(X, y)
+def _rows(X: Any, rows: np.ndarray) -> Any:
+    return X if len(rows) == len(X) else np.asarray(X[rows])
 
 
 def knn_report(
-    X: np.ndarray,
+    X: Any,
     y: np.ndarray,
-    X_val: np.ndarray | None = None,
+    X_val: Any = None,
     y_val: np.ndarray | None = None,
     head_pred: np.ndarray | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     seed: int = 0,
+    search: str = "auto",
 ) -> dict[str, Any]:
     """Choose ``k``, then the kNN's accuracy on the validation rows and, given the head's predictions on
-    them, how often the two agree. What `rt fit-head` reports beside the head."""
-    choice = choose_k(X, y, X_val, y_val, ks)
+    them, how often the two agree (one neighbour search serves both). What `rt fit-head` reports."""
+    choice, nb, knn = _choose(X, y, X_val, y_val, ks, search, seed)
     out: dict[str, Any] = {**choice.to_dict(), "metric": "cosine", "n_train": len(y)}
-    if X_val is not None and y_val is not None and len(y_val):
-        pred = fit_knn(X, y, choice.k).predict(X_val)
+    if nb is not None and knn is not None and y_val is not None:
+        out.pop("choice_search", None)
+        out["search"] = nb.info
+        pred = knn.classes_[vote(nb, knn.y_, choice.k, len(knn.classes_))]
         out.update(_compare(np.asarray(y_val), pred, head_pred))
     return out
 
 
 def _compare(y: np.ndarray, knn_pred: np.ndarray, head_pred: np.ndarray | None) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score
-
-    out: dict[str, Any] = {"accuracy": float(accuracy_score(y, knn_pred)), "n": len(y)}
+    out: dict[str, Any] = {"accuracy": float((y == knn_pred).mean()) if len(y) else None, "n": len(y)}
     if head_pred is not None:
         head_pred = np.asarray(head_pred)
         agree = head_pred == knn_pred
@@ -162,11 +201,14 @@ def knn_beside_head(
     y_test: np.ndarray,
     head_pred: np.ndarray,
     train_cache: str | Path | None = None,
+    search: str = "auto",
 ) -> dict[str, Any]:
     """The kNN of `rt evaluate`: fitted on the labelled rows of ``train_cache`` (default: the cache the head
-    was fitted on, as its meta.json records), ``k`` as the fit-head report chose it (else chosen by
-    cross-validation here), scored on ``X_test`` beside the head. A missing training cache gives
-    ``{"skipped": why}``, not an error."""
+    was fitted on, as its meta.json records; read as stored, float16 stays float16), ``k`` as the fit-head
+    report chose it (else chosen by leave-one-out here), scored on ``X_test`` beside the head. A missing
+    training cache, or (``search="auto"`` without faiss) an exact search too long to run unasked, gives
+    ``{"skipped": why and how to run it}``."""
+    from ..base import get_reporter
     from ..cache import FeatureCache
 
     recorded = (md.meta.get("fit") or {}).get("cache")
@@ -176,27 +218,24 @@ def knn_beside_head(
     with FeatureCache(path) as fc:
         fc.check_identity(md.identity, f"the head in {md.path}")
         rows, y = fc.labelled_as(md.classes, f"--knn-cache {path}", "use the cache the head was fitted on")
-        X = fc.features(rows)
-    big = _too_big(len(y), len(y_test) * (1 if train_cache is None else len(DEFAULT_KS)), X.shape[1])
-    if big:
-        return {"skipped": big}
+        slow = too_slow(len(y_test), len(y), fc.dim, search)
+        if slow:
+            get_reporter().warn(f"kNN beside the head skipped: {slow}")
+            return {"skipped": slow}
+        X = fc.features(rows, dtype=None)
     k = _recorded_k(Path(md.path)) if train_cache is None else None
-    choice = KnnChoice(k, {}, "recorded by rt fit-head") if k else choose_k(X, y)
-    pred = fit_knn(X, y, choice.k).predict(X_test)
+    choice = KnnChoice(k, {}, "recorded by rt fit-head") if k else choose_k(X, y, search=search)
+    nb = fit_knn(X, y, choice.k, search).kneighbors(X_test)
+    classes, yi = np.unique(y, return_inverse=True)
+    pred = classes[vote(nb, yi, min(choice.k, len(y)), len(classes))]
     return {
         **choice.to_dict(),
         "metric": "cosine",
         "train_cache": str(path),
         "n_train": len(y),
+        "search": nb.info,
         **_compare(np.asarray(y_test), pred, head_pred),
     }
-
-
-def _too_big(n_train: int, n_query: int, dim: int) -> str | None:
-    work = float(n_train) * n_query * dim
-    if work > MAX_WORK:
-        return f"{n_train} x {n_query} rows x {dim} features is too much brute-force work for a side-by-side kNN"
-    return None
 
 
 def knn_beside_fit(
@@ -206,25 +245,38 @@ def knn_beside_fit(
     X_val: np.ndarray | None,
     y_val: np.ndarray | None,
     head: Any,
-    streamed: bool,
+    search: str = "auto",
+    memory_budget: float | None = None,
 ) -> dict[str, Any]:
     """The kNN of `rt fit-head`: ``k`` chosen on its validation rows, accuracy and agreement with ``head``
-    there; skipped (with the reason) when the head was streamed, there are no validation rows, or the
-    brute-force work would be large. Reports one line."""
+    there. The training rows are read as stored (float16 stays float16). Skipped, with the reason and what
+    to do, when there are no validation rows, the stored rows exceed ``memory_budget`` bytes, or (auto,
+    without faiss) the exact search would be too long to run unasked. Reports one line."""
     from ..base import get_reporter
 
-    if streamed:
-        return {"skipped": "the training rows were streamed (too large for memory)"}
+    rep = get_reporter()
     if X_val is None or y_val is None or not len(y_val):
         return {"skipped": "no validation rows to choose k on"}
-    big = _too_big(len(train_rows), len(y_val) * len(DEFAULT_KS), cache.dim)
-    if big:
-        return {"skipped": big}
-    head_pred = head.logits(X_val).argmax(1)  # (n, k) logits; decision_function is (n,) for 2 classes
     stage = getattr(getattr(head, "module_", None), "features", None)  # the head's own input (a chosen stage)
-    out = knn_report(cache.features(train_rows, stage=stage), y_train, X_val, y_val, head_pred)
-    get_reporter().info(
-        f"kNN beside the head (cosine, k={out['k']} chosen on validation): accuracy {out['accuracy']:.4f}, "
-        f"agrees with the head on {out['agreement_with_head']:.1%} of {out['n']} validation rows"
+    dim = X_val.shape[1]
+    stored = len(train_rows) * dim * np.dtype(cache.feature_dtype).itemsize
+    if memory_budget is not None and stored > memory_budget:
+        why = (
+            f"the {len(train_rows):,} training rows' features ({stored / 1e9:.1f} GB as stored) exceed the memory "
+            "budget: raise --max-memory-gb to see the kNN"
+        )
+        rep.warn(f"kNN beside the head skipped: {why}")
+        return {"skipped": why}
+    slow = too_slow(len(y_val), len(train_rows), dim, search)
+    if slow:
+        rep.warn(f"kNN beside the head skipped: {slow}")
+        return {"skipped": slow}
+    head_pred = head.logits(X_val).argmax(1)  # (n, k) logits; decision_function is (n,) for 2 classes
+    X = cache.features(train_rows, stage=stage, dtype=None)
+    out = knn_report(X, y_train, X_val, y_val, head_pred, search=search)
+    rep.info(
+        f"kNN beside the head (cosine, k={out['k']} chosen on validation, {out['search']['path']} search): "
+        f"accuracy {out['accuracy']:.4f}, agrees with the head on {out['agreement_with_head']:.1%} of "
+        f"{out['n']} validation rows"
     )
     return out

@@ -25,6 +25,7 @@ def evaluation_extras(
     worst: int = 0,
     knn: bool = True,
     knn_cache: str | Path | None = None,
+    knn_search: str = "auto",
     title: str = "",
 ) -> dict[str, Any]:
     """``{"calibration": ..., "knn": ..., "worst": ...}`` for the report of `rt evaluate`.
@@ -55,7 +56,7 @@ def evaluation_extras(
     else:
         from ..head import knn_beside_head
 
-        extras["knn"] = knn_beside_head(md, features, y, pred, knn_cache)
+        extras["knn"] = knn_beside_head(md, features, y, pred, knn_cache, knn_search)
     if worst and od is not None:
         from ..images import plot_top_losses
 
@@ -94,8 +95,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if knn and "skipped" not in knn:
         agree = knn.get("agreement_with_head")
         lines.append(
-            f"kNN (cosine, k={knn['k']}, {knn['chosen_by']}): accuracy {knn['accuracy']:.4f}"
-            + (f"; agrees with the head on {agree:.1%}" if agree is not None else "")
+            f"kNN (cosine, k={knn['k']}, {knn['chosen_by']}; {_search_text(knn.get('search'))}): accuracy "
+            f"{knn['accuracy']:.4f}" + (f"; agrees with the head on {agree:.1%}" if agree is not None else "")
         )
     elif knn:
         lines.append(f"kNN: skipped ({knn['skipped']})")
@@ -103,3 +104,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if worst:
         lines.append(f"{len(worst['rows'])} most confidently wrong images: {worst['plot']}")
     return lines
+
+
+def _search_text(info: dict[str, Any] | None) -> str:
+    """ "exact search", or "index search, recall@k R" (the neighbour search a kNN's figures came from)."""
+    if not info:
+        return "exact search"
+    if info.get("path") == "index":
+        return f"index search, recall@{info['k']} {info['recall_at_k']:.3f}"
+    return f"{info.get('path', 'exact')} search"

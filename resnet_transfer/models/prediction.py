@@ -227,6 +227,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             worst=cfg.worst,
             knn=cfg.knn,
             knn_cache=cfg.knn_cache,
+            knn_search=cfg.knn_search,
             title=f"{md.path.name} on {source}",
         )
     )

@@ -12,7 +12,10 @@ __all__, __getattr__, __dir__ = face(
             "audit",
             "exact_groups",
             "label_issues",
+            "local_outlier_factor",
             "near_pairs",
+            "outliers",
+            "pairs",
         ),
         "curves": (
             "CurveConfig",

@@ -1,21 +1,30 @@
 """`rt audit`: what is wrong with a labelled dataset, from its cache alone (no forward pass).
 
+The training rows are read once, as stored (float16 stays float16; blocks become float32 when computed),
+and one neighbour graph of them (each row's ``GRAPH_K`` nearest others, :mod:`..head.neighbors`: exact
+search in blocks, or faiss's index where exact search would be slow) serves the near duplicates and the
+outliers; the test rows' nearest training rows serve the near leakage. The report's ``neighbours`` says
+which search ran for each, and the index's measured recall.
+
 - **Exact duplicates**: the same content key (``FeatureCache.keys`` where the cache has them, else
   ``fsutil.file_digest`` of the image files where they can be found, else identical feature vectors),
   within the training cache and across training / test (leakage).
 - **Near duplicates**: cosine similarity of the mean-centred features (centred on the training rows; raw
-  ReLU features are all positive and look alike) at or above ``near_threshold``, within training and across
-  training / test. scikit-learn's ``NearestNeighbors`` finds them.
-- **Likely label errors** (the idea of cleanlab's confident learning, written here on scikit-learn):
-  out-of-sample probabilities from ``cross_val_predict`` of a logistic regression on the features; a row is
-  flagged when another class is predicted and the probability of its given label is below that class's mean
-  self-confidence; ranked by that probability, lowest first.
+  ReLU features are all positive and look alike) at or above ``near_threshold``, within training (among
+  each row's ``GRAPH_K`` nearest neighbours) and across training / test (each test row's ``NEIGHBOURS``).
+- **Likely label errors** (the idea of cleanlab's confident learning): out-of-sample probabilities from a
+  stratified k-fold fit of the project's softmax head (L-BFGS, the L2 of scikit-learn's
+  ``LogisticRegression(C=0.1)`` on standardised features); a row is flagged when another class is predicted
+  and the probability of its given label is below that class's mean self-confidence; ranked by that
+  probability, lowest first.
 - **Class imbalance**: counts per class, the largest / smallest ratio, classes under half a fair share.
-- **Outliers**: scikit-learn's ``LocalOutlierFactor`` (low kNN density against the neighbours' density).
+- **Outliers**: the local outlier factor (scikit-learn's ``LocalOutlierFactor`` definition: low kNN density
+  against the neighbours' density) computed on the neighbour graph.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +33,15 @@ from typing import Any
 import numpy as np
 
 from ..base import DataError, UsageError, atomic_write_json, get_reporter
+from ..head import SEARCHES
 
 NEAR_THRESHOLD = 0.95
-NEIGHBOURS = 5
+NEIGHBOURS = 5  # nearest training rows of each test row (near leakage)
+GRAPH_K = 20  # nearest other training rows of each training row (near duplicates, outliers)
 MAX_FOLDS = 5
+C_LABELS = 0.1  # the label-error fits' L2 is l2 = 1 / (C_LABELS * rows), LogisticRegression(C=0.1)'s
 TOP = 10
+LABEL_ITER = 30  # L-BFGS iterations of each label-error fit (docs/performance.md: flagged rows vs more)
 
 
 @dataclass
@@ -42,6 +55,7 @@ class AuditConfig:
     test_root: Path | None = None
     sheet: bool = True
     seed: int = 0
+    search: str = "auto"  # neighbour search: auto | exact | index (head.neighbors)
 
 
 @dataclass
@@ -63,7 +77,7 @@ def content_keys(cache: Any, files: list[Path | None]) -> tuple[list[str], str]:
         return keys, "content key"
     if files and all(f is not None and f.is_file() for f in files):
         return [file_digest(f) for f in files], "file digest"  # type: ignore[arg-type]
-    feats = cache.features()
+    feats = cache.features(dtype=None)
     return [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in feats], "identical features"
 
 
@@ -76,49 +90,63 @@ def exact_groups(keys: list[str]) -> list[list[int]]:
 
 
 def near_pairs(
-    A: np.ndarray, B: np.ndarray | None, threshold: float, k: int = NEIGHBOURS
+    A: np.ndarray, B: np.ndarray | None, threshold: float, k: int = NEIGHBOURS, search: str = "exact"
 ) -> list[tuple[int, int, float]]:
     """``(i, j, cosine)`` with cosine >= ``threshold`` between rows of ``A`` and of ``B`` (``B=None``: within
-    ``A``, each pair once, ``i < j``), from each row's ``k`` nearest neighbours."""
-    from sklearn.neighbors import NearestNeighbors
+    ``A``, each pair once, ``i < j``), from each row of ``A``'s ``k`` nearest neighbours (the rows are
+    compared as given: centre them first)."""
+    from ..head import search as neighbours
 
     ref = A if B is None else B
     if len(ref) < (2 if B is None else 1) or not len(A):
         return []
-    kk = min(len(ref), k + (1 if B is None else 0))
-    dist, idx = NearestNeighbors(n_neighbors=kk, metric="cosine", algorithm="brute").fit(ref).kneighbors(A)
-    pairs = {}
-    for i in range(len(A)):
-        for d, j in zip(dist[i], idx[i]):
-            sim = 1.0 - float(d)
-            if sim < threshold or (B is None and i == j):
-                continue
-            j = int(j)  # a numpy integer would reach the JSON report as a string
-            key = (min(i, j), max(i, j)) if B is None else (i, j)
-            pairs[key] = max(sim, pairs.get(key, -1.0))
-    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda t: -t[2])
+    zero = np.zeros(A.shape[1], dtype=np.float32)
+    return pairs(neighbours(ref, None if B is None else A, k, zero, search), threshold, B is None)
+
+
+def pairs(nb: Any, threshold: float, within: bool) -> list[tuple[int, int, float]]:
+    """``(query row, reference row, cosine)`` of the neighbours in ``nb`` at or above ``threshold``, highest
+    first; ``within`` (a self-join): each pair once as ``(min, max)``."""
+    q, c = np.nonzero((nb.similarity >= threshold) & (nb.index >= 0))
+    found: dict[tuple[int, int], float] = {}
+    for i, j, sim in zip(q.tolist(), nb.index[q, c].tolist(), nb.similarity[q, c].tolist()):
+        key = (min(i, j), max(i, j)) if within else (i, j)  # python ints: numpy ones reach JSON as strings
+        found[key] = max(sim, found.get(key, -1.0))
+    return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda t: (-t[2], t[0], t[1]))
 
 
 def label_issues(X: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """Out-of-sample class probabilities of every row (cross-validated logistic regression) and the mask of
-    likely label errors (see the module docstring). Returns ``(probs, flagged, how)``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Out-of-sample class probabilities of every row (stratified k-fold fits of the softmax head, L-BFGS)
+    and the mask of likely label errors (see the module docstring). ``X`` may be float16: each fold's
+    training rows are made float32 for its fit (the log says how large). Returns ``(probs, flagged, how)``."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from ..head import SoftmaxHead
 
     classes, counts = np.unique(y, return_counts=True)
     folds = int(min(MAX_FOLDS, counts.min()))
     if len(classes) < 2 or folds < 2:
         raise DataError("label errors need at least 2 classes with 2 or more images each", "add images")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    n_classes = int(y.max()) + 1
+    probs = np.zeros((len(y), n_classes))
+    fold_rows = len(y) - len(y) // folds
+    get_reporter().info(
+        f"label errors: {folds} folds, each fitting the softmax head on ~{fold_rows:,} rows x {X.shape[1]:,} "
+        f"features as float32 ({fold_rows * X.shape[1] * 4 / 1e9:.2f} GB)"
+    )
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    probs = np.zeros((len(y), int(y.max()) + 1))
-    probs[:, classes] = cross_val_predict(model, X, y, cv=cv, method="predict_proba")
+    for tr, te in cv.split(np.zeros(len(y)), y):
+        head = SoftmaxHead(
+            "lbfgs", l2=1.0 / (C_LABELS * len(tr)), max_iter=LABEL_ITER, num_classes=n_classes, seed=seed
+        )
+        head.fit(np.asarray(X[tr], dtype=np.float32), y[tr])
+        for lo in range(0, len(te), 8192):
+            probs[te[lo : lo + 8192]] = head.predict_proba(np.asarray(X[te[lo : lo + 8192]], dtype=np.float32))
     given = probs[np.arange(len(y)), y]
     threshold = np.array([given[y == c].mean() if (y == c).any() else 1.0 for c in range(probs.shape[1])])
     flagged = (probs.argmax(1) != y) & (given < threshold[y])
-    return probs, flagged, f"{folds}-fold cross_val_predict of a logistic regression"
+    how = f"{folds}-fold cross-validated softmax head (L-BFGS, {LABEL_ITER} iterations, l2 = 1 / ({C_LABELS} x rows))"
+    return probs, flagged, how
 
 
 def imbalance(labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -133,14 +161,27 @@ def imbalance(labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     }
 
 
-def outliers(X: np.ndarray, k: int = 20) -> np.ndarray:
-    """Local outlier factor per row (about 1 = as dense as its neighbours; larger = more isolated)."""
-    from sklearn.neighbors import LocalOutlierFactor
+def outliers(X: np.ndarray, k: int = GRAPH_K, search: str = "exact") -> np.ndarray:
+    """Local outlier factor per row (about 1 = as dense as its neighbours; larger = more isolated), by
+    cosine of the rows as given, from each row's ``k`` nearest others."""
+    from ..head import search as neighbours
 
     if len(X) < 3:
         return np.ones(len(X))
-    lof = LocalOutlierFactor(n_neighbors=min(k, len(X) - 1), metric="cosine", algorithm="brute").fit(X)
-    return -lof.negative_outlier_factor_
+    nb = neighbours(X, None, min(k, len(X) - 1), np.zeros(X.shape[1], dtype=np.float32), search)
+    return local_outlier_factor(nb.distance, nb.index)
+
+
+def local_outlier_factor(dist: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``LocalOutlierFactor`` (``-negative_outlier_factor_``) from a neighbour graph: per row
+    the distances to its ``k`` nearest other rows, ascending, and their indices. reach(p, o) = max(d(p, o),
+    k-distance(o)); lrd(p) = 1 / mean reach(p, .); LOF(p) = mean lrd(neighbours) / lrd(p)."""
+    if len(dist) < 3 or not dist.shape[1]:
+        return np.ones(len(dist))
+    dist = np.asarray(dist, dtype=np.float64)
+    reach = np.maximum(dist, dist[idx, -1])
+    lrd = 1.0 / (reach.mean(1) + 1e-10)
+    return (lrd[idx] / lrd[:, None]).mean(1)
 
 
 @dataclass
@@ -181,7 +222,7 @@ def _load(path: Path, root: Path | None, classes: list[str] | None, identity: An
             str(path),
             names,
             rows,
-            fc.features(rows),
+            fc.features(rows, dtype=None),  # as stored: float16 stays float16
             y,
             [fc.paths[i] for i in rows],
             [files_all[i] for i in rows],
@@ -192,17 +233,17 @@ def _load(path: Path, root: Path | None, classes: list[str] | None, identity: An
         return side, fc.identity
 
 
-def _duplicates(tr: _Side, te: _Side | None, Xc: np.ndarray, Xt: np.ndarray | None, thr: float) -> dict[str, Any]:
+def _duplicates(tr: _Side, te: _Side | None, graph: Any, cross: Any, thr: float) -> dict[str, Any]:
     groups = exact_groups(tr.keys)
     exact_set = {(min(a, b), max(a, b)) for g in groups for a in g for b in g if a != b}
-    near = [(i, j, s) for i, j, s in near_pairs(Xc, None, thr) if (i, j) not in exact_set]
+    near = [(i, j, s) for i, j, s in (pairs(graph, thr, True) if graph else []) if (i, j) not in exact_set]
     out: dict[str, Any] = {
         "key": tr.key_kind,
         "exact": [[tr.paths[i] for i in g] for g in groups],
         "exact_rows": groups,
         "near": [{"a": tr.paths[i], "b": tr.paths[j], "cosine": round(s, 4), "rows": [i, j]} for i, j, s in near],
     }
-    if te is not None and Xt is not None:
+    if te is not None and cross is not None:
         index = defaultdict(list)
         for i, k in enumerate(tr.keys):
             index[k].append(i)
@@ -212,7 +253,7 @@ def _duplicates(tr: _Side, te: _Side | None, Xc: np.ndarray, Xt: np.ndarray | No
         comparable = te.key_kind == tr.key_kind or {te.key_kind, tr.key_kind} <= digests
         leaks = [(i, j) for j, k in enumerate(te.keys) for i in index.get(k, [])] if comparable else []
         leak_set = set(leaks)
-        near_x = [(i, j, s) for j, i, s in near_pairs(Xt, Xc, thr) if (i, j) not in leak_set]
+        near_x = [(i, j, s) for j, i, s in pairs(cross, thr, False) if (i, j) not in leak_set]
         out["leakage_exact"] = [{"train": tr.paths[i], "test": te.paths[j], "rows": [i, j]} for i, j in leaks]
         out["leakage_near"] = [
             {"train": tr.paths[i], "test": te.paths[j], "cosine": round(s, 4), "rows": [i, j]} for i, j, s in near_x
@@ -244,11 +285,12 @@ def _label_errors(tr: _Side, top: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _outliers(tr: _Side, Xc: np.ndarray, top: int) -> dict[str, Any]:
-    score = outliers(Xc)
+def _outliers(tr: _Side, graph: Any, top: int) -> dict[str, Any]:
+    score = local_outlier_factor(graph.distance, graph.index) if graph else np.ones(len(tr.y))
     order = np.argsort(-score, kind="stable")[:top]
+    k = graph.index.shape[1] if graph else 0
     return {
-        "method": "LocalOutlierFactor (cosine, 20 neighbours)",
+        "method": f"local outlier factor (scikit-learn's definition) on the {k}-nearest-neighbour graph (cosine)",
         "rows": [
             {"path": tr.paths[i], "class": tr.classes[tr.y[i]], "lof": round(float(score[i]), 3), "row": int(i)}
             for i in order
@@ -315,11 +357,14 @@ def audit(cfg: AuditConfig) -> AuditResult:
 
     if not -1.0 <= cfg.near_threshold <= 1.0:
         raise UsageError(f"--near {cfg.near_threshold} must be a cosine in [-1, 1]", "e.g. --near 0.95")
+    if cfg.search not in SEARCHES:
+        raise UsageError(f"--search {cfg.search!r} is not known", f"use one of {', '.join(SEARCHES)}")
+    clock = _Clock()
     tr, identity = _load(Path(cfg.cache), cfg.root, None)
     te = _load(Path(cfg.test), cfg.test_root, tr.classes, identity)[0] if cfg.test is not None else None
-    mean = tr.X.mean(0, keepdims=True)
-    Xc = tr.X - mean
-    Xt = te.X - mean if te is not None else None
+    clock.lap("load")
+    graph, cross = _neighbours(tr, te, cfg)
+    clock.lap("neighbours")
     report: dict[str, Any] = {
         "kind": "audit",
         "cache": tr.name,
@@ -327,11 +372,15 @@ def audit(cfg: AuditConfig) -> AuditResult:
         "rows": len(tr.y),
         "test_rows": len(te.y) if te else 0,
         "near_threshold": cfg.near_threshold,
-        "duplicates": _duplicates(tr, te, Xc, Xt, cfg.near_threshold),
-        "label_errors": _label_errors(tr, cfg.top, cfg.seed),
-        "imbalance": imbalance(tr.y, tr.classes),
-        "outliers": _outliers(tr, Xc, cfg.top),
+        "neighbours": {"train": graph.info if graph else None, "test": cross.info if cross else None},
+        "duplicates": _duplicates(tr, te, graph, cross, cfg.near_threshold),
     }
+    report["label_errors"] = _label_errors(tr, cfg.top, cfg.seed)
+    clock.lap("label_errors")
+    report["imbalance"] = imbalance(tr.y, tr.classes)
+    report["outliers"] = _outliers(tr, graph, cfg.top)
+    clock.lap("outliers")
+    report["seconds"] = clock.laps
     _print(report, cfg.top)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,3 +396,27 @@ def audit(cfg: AuditConfig) -> AuditResult:
         files.append(contact_sheet(items, out / "audit.png", title=f"audit of {Path(tr.name).name}"))
     get_reporter().info(f"wrote {', '.join(str(f) for f in files)}")
     return AuditResult(report, files)
+
+
+def _neighbours(tr: _Side, te: _Side | None, cfg: AuditConfig) -> tuple[Any, Any]:
+    """The training rows' neighbour graph (``GRAPH_K`` nearest others) and the test rows' ``NEIGHBOURS``
+    nearest training rows, on features centred on the training mean."""
+    from ..head import feature_mean, search
+
+    mean = feature_mean(tr.X)
+    graph = search(tr.X, None, GRAPH_K, mean, cfg.search, cfg.seed, "train neighbours") if len(tr.y) > 1 else None
+    cross = search(tr.X, te.X, NEIGHBOURS, mean, cfg.search, cfg.seed, "test rows' train neighbours") if te else None
+    return graph, cross
+
+
+class _Clock:
+    """Seconds per stage of the audit (the report's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.t, 3)
+        self.t = now

@@ -39,6 +39,7 @@ class CurveConfig:
     l2: float | None = None  # None: chosen per fit on a split of the k-subset, as rt fit-head does
     knn: bool = True
     plot: bool = True
+    knn_search: str = "auto"  # neighbour search of the kNN fits: auto | exact | index
 
 
 @dataclass
@@ -80,8 +81,8 @@ def _fit_scores(
     head = SoftmaxHead("lbfgs", l2=cfg.l2, num_classes=n_classes, seed=seed).fit(X, y)
     out = {"probe": float(accuracy_score(yt, head.predict(Xt)))}
     if cfg.knn:
-        k = choose_k(X, y).k
-        out["knn"] = float(accuracy_score(yt, fit_knn(X, y, k).predict(Xt)))
+        k = choose_k(X, y, search=cfg.knn_search, seed=seed).k
+        out["knn"] = float(accuracy_score(yt, fit_knn(X, y, k, cfg.knn_search).predict(Xt)))
     return out
 
 
@@ -109,7 +110,27 @@ def _check(cfg: CurveConfig, y: np.ndarray, classes: list[str]) -> list[int]:
     return ks
 
 
-def _load(cfg: CurveConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+@dataclass
+class _Data:
+    """The rows the curve's fits use: training features of the rows some subset holds (as stored, e.g.
+    float16), their positions, the subsets per seed, and the test rows (float32)."""
+
+    X: np.ndarray
+    y: np.ndarray  # labels of every labelled training row
+    needed: np.ndarray  # the labelled-row positions X holds, sorted
+    subsets: list[dict[int, np.ndarray]]
+    ks: list[int]
+    Xt: np.ndarray
+    yt: np.ndarray
+    classes: list[str]
+
+    def subset(self, rows: np.ndarray) -> np.ndarray:
+        return self.X[np.searchsorted(self.needed, rows)]
+
+
+def _load(cfg: CurveConfig) -> _Data:
+    """Check the caches, draw every seed's nested subsets, then read only the training rows they hold (in
+    whole chunks, as stored): the cost follows the k-subsets, not the size of the training cache."""
     from ..cache import FeatureCache
 
     with FeatureCache(cfg.train) as tr, FeatureCache(cfg.test) as te:
@@ -121,7 +142,15 @@ def _load(cfg: CurveConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         trows, yt = te.labelled_as(
             classes, f"--test {cfg.test} (classes of {cfg.train})", "use a test cache of the same classes"
         )
-        return tr.features(rows), tr.labels[rows], te.features(trows), yt, classes
+        y = tr.labels[rows]
+        ks = _check(cfg, y, classes)
+        subsets = [nested_subsets(y, ks, seed, len(classes)) for seed in range(cfg.seeds)]
+        needed = np.unique(np.concatenate([r for sub in subsets for r in sub.values()]))
+        get_reporter().info(
+            f"reading {len(needed):,} of the {len(rows):,} training rows of {cfg.train} (the rows the subsets use)"
+        )
+        X = tr.features(rows[needed], dtype=None)
+        return _Data(X, y, needed, subsets, ks, te.features(trows), yt, classes)
 
 
 def _summary(scores: dict[int, dict[str, list[float]]], n_test: int) -> list[dict[str, Any]]:
@@ -154,8 +183,8 @@ def curve(cfg: CurveConfig) -> CurveResult:
 
     rep = get_reporter()
     t0 = time.perf_counter()
-    X, y, Xt, yt, classes = _load(cfg)
-    ks = _check(cfg, y, classes)
+    data = _load(cfg)
+    y, Xt, yt, classes, ks = data.y, data.Xt, data.yt, data.classes, data.ks
     scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS if m == "probe" or cfg.knn} for k in ks}
     quiet = Reporter(verbose=False)  # per-fit messages (the chosen l2 of 40 fits) stay out of the output
     previous = set_reporter(quiet)
@@ -164,9 +193,9 @@ def curve(cfg: CurveConfig) -> CurveResult:
     # 10-40x on a busy 2-core machine)
     torch.set_num_threads(1)
     try:
-        for seed in range(cfg.seeds):
-            for k, rows in nested_subsets(y, ks, seed, len(classes)).items():
-                for m, s in _fit_scores(X[rows], y[rows], Xt, yt, cfg, seed, len(classes)).items():
+        for seed, subsets in enumerate(data.subsets):
+            for k, rows in subsets.items():
+                for m, s in _fit_scores(data.subset(rows), y[rows], Xt, yt, cfg, seed, len(classes)).items():
                     scores[k][m].append(s)
     finally:
         torch.set_num_threads(threads)
@@ -182,6 +211,7 @@ def curve(cfg: CurveConfig) -> CurveResult:
         "test": str(cfg.test),
         "classes": classes,
         "n_train": len(y),
+        "rows_read": len(data.needed),
         "n_test": len(yt),
         "seeds": cfg.seeds,
         "l2": cfg.l2 if cfg.l2 is not None else "chosen per fit",

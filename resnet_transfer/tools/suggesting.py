@@ -69,14 +69,14 @@ def uncertainty(probs: np.ndarray, strategy: str = "margin") -> np.ndarray:
     raise UsageError(f"--strategy {strategy!r} is not known", f"use one of {', '.join(STRATEGIES)}")
 
 
-def _distinct(Xn: np.ndarray, order: np.ndarray, m: int, dup_cosine: float) -> np.ndarray:
-    """Up to ``m`` rows taken in ``order``, skipping a row whose cosine with one already taken is at least
-    ``dup_cosine`` (copies of one picture count once); scans at most ``20 m`` rows."""
+def _distinct(U: np.ndarray, m: int, dup_cosine: float) -> np.ndarray:
+    """Positions of up to ``m`` rows of ``U`` (unit rows in the order to take them), skipping a row whose
+    cosine with one already taken is at least ``dup_cosine`` (copies of one picture count once)."""
     kept: list[int] = []
-    for i in order[: 20 * m]:
-        if kept and float((Xn[kept] @ Xn[i]).max()) >= dup_cosine:
+    for i in range(len(U)):
+        if kept and float((U[kept] @ U[i]).max()) >= dup_cosine:
             continue
-        kept.append(int(i))
+        kept.append(i)
         if len(kept) == m:
             break
     return np.asarray(kept, dtype=np.int64)
@@ -92,20 +92,24 @@ def diverse_top(
 ) -> np.ndarray:
     """Indices of up to ``n`` rows that are uncertain and unlike each other. Features are mean-centred and
     L2-normalised (cosine geometry); the ``candidates * n`` highest ``scores`` that are not near-copies of
-    each other (cosine < ``dup_cosine``) are clustered by k-means into ``n`` groups (weighted by ``scores``)
-    and each group gives its highest-scoring row. Returned highest score first."""
+    each other (cosine < ``dup_cosine``; at most ``20 * candidates * n`` rows are scanned) are clustered by
+    k-means into ``n`` groups (weighted by ``scores``) and each group gives its highest-scoring row.
+    Returned highest score first. ``features`` may be float16 (as a cache stores them): only the mean and
+    the scanned rows are computed in float32."""
     from sklearn.cluster import KMeans
-    from sklearn.preprocessing import normalize
+
+    from ..head import Unit, feature_mean
 
     if n < 1:
         raise UsageError(f"-n {n} must be at least 1")
-    X = np.asarray(features, dtype=np.float64)
-    Xn = normalize(X - X.mean(0, keepdims=True))
-    order = np.argsort(-scores, kind="stable")
-    cand = _distinct(Xn, order, max(n, int(np.ceil(candidates * n))), dup_cosine)
+    m = max(n, int(np.ceil(candidates * n)))
+    order = np.argsort(-np.asarray(scores), kind="stable")[: 20 * m]
+    U = Unit(features, feature_mean(features)).take(order)
+    keep = _distinct(U, m, dup_cosine)
+    cand, Xn = order[keep], U[keep].astype(np.float64)
     if len(cand) <= n:
         return cand
-    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(Xn[cand], sample_weight=scores[cand] + 1e-6)
+    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(Xn, sample_weight=scores[cand] + 1e-6)
     picks = []
     for c in range(n):
         members = np.flatnonzero(km.labels_ == c)
@@ -113,6 +117,17 @@ def diverse_top(
             picks.append(cand[members[np.argmax(scores[cand][members])]])
     out = np.asarray(picks, dtype=np.int64)
     return out[np.argsort(-scores[out], kind="stable")]
+
+
+def _probabilities(head: Any, X: np.ndarray, temperature: float, block: int = 8192) -> np.ndarray:
+    """The head's tempered probabilities for the rows of ``X``, ``block`` rows (made float32) at a time."""
+    from ..head import predict_logits, softmax
+
+    parts = [
+        softmax(predict_logits(head, np.asarray(X[lo : lo + block], dtype=np.float32)), temperature)
+        for lo in range(0, len(X), block)
+    ]
+    return np.concatenate(parts)
 
 
 def _pool_cache(cfg: SuggestConfig, md: Any) -> Path:
@@ -153,7 +168,7 @@ def _manifest(paths: list[Path | None], out: Path) -> tuple[str, list[str], int]
 def suggest(cfg: SuggestConfig) -> SuggestResult:
     """Rank the unlabelled rows of ``cfg.pool`` for labelling and write the manifest ``cfg.out``."""
     from ..cache import FeatureCache
-    from ..head import HEAD_FILE, build_head_module, head_temperature, predict_logits, read_model_dir, softmax
+    from ..head import HEAD_FILE, build_head_module, head_temperature, read_model_dir
     from ..images import contact_sheet, image_root
 
     rep = get_reporter()
@@ -175,12 +190,12 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
                 f"--pool {cfg.pool}: no unlabelled images (every row has a label)",
                 "give a folder of loose images, or a manifest whose rows to label have an empty label",
             )
-        X = pool.features(rows)
+        X = pool.features(rows, dtype=None)  # as stored: float16 stays float16 (logits a block at a time)
         found = image_root(pool, cfg.root)
         found.require(f"--pool {cfg.pool}")
         paths = found.resolve([pool.paths[i] for i in rows])
         n_pool = pool.n
-    probs = softmax(predict_logits(head, X), head_temperature(md.head_config))
+    probs = _probabilities(head, X, head_temperature(md.head_config))
     scores = uncertainty(probs, cfg.strategy)
     picks = diverse_top(X, scores, min(cfg.n, len(rows)), cfg.candidates, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,7 @@ def build(work: Path, rows: int, dim: int, classes: int) -> tuple[Path, Path, Pa
 def _write_head(out: Path, ident: Any, names: list[str], centres: np.ndarray) -> None:
     import torch
 
-    from resnet_transfer.head import HeadModule
-    from resnet_transfer.models import HEAD_FILE, write_model_dir
+    from resnet_transfer.head import HEAD_FILE, HeadModule, write_model_dir
 
     k, d = centres.shape
     module = HeadModule(d, k)

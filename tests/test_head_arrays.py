@@ -12,12 +12,14 @@ import torch
 from planted import identity
 
 from resnet_transfer.head import (
+    HEAD_FILE,
     HeadModule,
     head_probabilities,
     load_head_arrays,
     predict_probabilities,
+    read_model_dir,
+    write_model_dir,
 )
-from resnet_transfer.models import HEAD_FILE, read_model_dir, write_model_dir
 
 
 @pytest.mark.parametrize("hidden", [0, 7])

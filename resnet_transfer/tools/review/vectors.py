@@ -158,8 +158,7 @@ class Vectors:
 
 def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
     """The head's arrays (numpy: no torch import) and its directory, checked against the cache."""
-    from ...head import load_head_arrays
-    from ...models import HEAD_FILE, read_model_dir
+    from ...head import HEAD_FILE, load_head_arrays, read_model_dir
 
     md = read_model_dir(head)
     if md.kind != "head":
@@ -174,7 +173,7 @@ def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
 def _head_stages(md: Any) -> list[str] | None:
     if md is None:
         return None
-    from ...models import head_features
+    from ...head import head_features
 
     return head_features(md.head_config)
 

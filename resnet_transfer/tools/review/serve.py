@@ -55,15 +55,9 @@ def _images(cache: Any, root: Path | None, prefix: str, option: str) -> Any:
     from .files import ImageFiles
     from .state import Images
 
-    found = image_root(cache, root)
-    where = (
-        option
-        if root is not None
-        else "the root the cache recorded"
-        if (cache.attrs or {}).get("root")
-        else "next to the cache"
-    )
-    images = Images(ImageFiles(found, cache.paths), prefix, where)
+    found = image_root(cache, root)  # the one answer to where a cache's images are (images.sheets)
+    where = option if root is not None else (found.how if found.found else found.where())
+    images = Images(ImageFiles(found.folder, cache.paths), prefix, where)
     images.check()
     return images
 

@@ -90,6 +90,8 @@ def test_grid_filter_keys_reload_and_manifest_in_chromium(served: tuple[ReviewSe
             page.select_option("#f-finding", "label_error")
             page.select_option("#f-class", "")
             page.wait_for_function(f"() => document.querySelector('#grid .tile').dataset.row === '{FLIPPED}'")
+            # the selection follows the narrowed grid before a key is pressed (the grid redraws first)
+            page.wait_for_selector(f"#grid .tile.sel[data-row='{FLIPPED}']")
 
             # a key press relabels the selected image (the audit's top label error: a cat labelled dog)
             page.keyboard.press("1")

@@ -152,7 +152,9 @@
   }
   async function loadRows(keep) {
     const selRow = keep ? (S.rows[S.sel] || {}).row : S.wantRow;
+    const seq = (S.rowsSeq = (S.rowsSeq || 0) + 1);
     const data = await api("/api/rows?" + query());
+    if (seq !== S.rowsSeq) return;  // a later filter or page asked again: its answer wins, not this older one
     if (data.total && S.offset >= data.total) { S.offset = Math.floor((data.total - 1) / S.limit) * S.limit; return loadRows(keep); }
     S.rows = data.rows;
     S.total = data.total;

@@ -76,23 +76,12 @@ def review(
     The server listens on 127.0.0.1 only and answers only requests carrying the printed token; it writes
     the manifest (and its journal, MANIFEST.journal: the undo history) and thumbnails, nothing else.
     """
+    options = dict(locals())
     import webbrowser
 
     from ..tools import ReviewConfig, open_review
 
-    cfg = ReviewConfig(
-        cache=cache,
-        head=head,
-        audit=audit,
-        test=test,
-        manifest=manifest,
-        root=root,
-        test_root=test_root,
-        host=host,
-        port=port,
-        thumbs=thumbs,
-        uncertain=uncertain,
-    )
+    cfg = common.build(ReviewConfig, options, cli_only=("open_browser",))
     server = common.call(open_review, cfg)
     state = server.state
     typer.echo(server.url)

@@ -91,3 +91,14 @@ def test_hdf5_quick_run(tmp_path, capsys) -> None:
     assert json.loads(out[0])["bench"] == "hdf5"
     f = result["figures"]["cache_float16"]
     assert f["write_mb_s"] > 0 and 0 <= f["random_read_share"] <= 1
+
+
+def test_tools_growth_exponent_is_the_log_log_slope() -> None:
+    """`python -m benchmarks tools` reports how cost grows with the rows: 1 linear, 2 quadratic."""
+    from benchmarks.bench_tools import slope
+
+    rows = [10_000, 30_000, 100_000]
+    assert slope(rows, [r * 1e-3 for r in rows]) == pytest.approx(1.0)
+    assert slope(rows, [(r / 1e4) ** 2 for r in rows]) == pytest.approx(2.0)
+    assert slope(rows, [5.0, 5.0, 5.0]) == pytest.approx(0.0)
+    assert slope([10_000], [1.0]) != slope([10_000], [1.0])  # NaN: one size gives no exponent

@@ -43,7 +43,7 @@ class EvaluateConfig:
     worst: int = 0  # with out: worst.png of the N most confidently wrong images
     knn: bool = True  # a kNN beside the head (cache only)
     knn_cache: str | Path | None = None  # the kNN's training cache (default: the head's own)
-    knn_search: str = "auto"  # auto | exact | approx: how the kNN finds neighbours (head.neighbors)
+    knn_search: str = "auto"  # auto | exact | index: how the kNN finds neighbours (head.neighbors)
     root: str | Path | None = None  # where a cache's images are (for worst.png)
 
 

@@ -192,14 +192,19 @@ def test_ctrl_c_during_extract_exits_130_and_keeps_chunks(
     assert "run the same command again" in r.output
 
 
-def test_version_and_shell_completion() -> None:
+def test_version_and_shell_completion(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer.completion
+
     from resnet_transfer import __version__
 
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"rt (resnet_transfer) {__version__}"
     h = runner.invoke(app, ["--help"])
     assert "--install-completion" in h.output and "--show-completion" in h.output
-    c = runner.invoke(app, ["--show-completion", "bash"])
+    # --show-completion is a flag whose shell typer detects from the parent processes: none is found when
+    # the suite runs detached (nohup, a CI runner without a shell), so the test names the shell itself
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    c = runner.invoke(app, ["--show-completion"])
     assert c.exit_code == 0 and "complete" in c.output and "_RT_COMPLETE" in c.output
 
 

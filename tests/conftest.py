@@ -6,7 +6,10 @@ and file format, so the tests exercise decoding, resizing and real (if easy) cla
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,10 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("RT_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# this host's speed records (resnet_transfer.speed_records): the tests' own, never the user's ~/.cache
+_SPEED_DIR = tempfile.mkdtemp(prefix="rt-test-speed-")
+atexit.register(shutil.rmtree, _SPEED_DIR, True)
+os.environ["RT_SPEED_RECORDS"] = os.path.join(_SPEED_DIR, "speed-records.json")
 
 # Hypothesis profiles. `fixed` is the suite's (pyproject's addopts pass --hypothesis-profile=fixed, so the
 # README's `python -m pytest -q` and CI use it): derandomised, no example database, so every clone draws the

@@ -42,9 +42,10 @@ def test_auto_compiles_when_the_images_repay_it(gaining_host: None) -> None:
     # gain per image = 0.04 * (1 - 1/2) = 0.02 s; a 40 s cold compile needs more than 2000 images
     assert resolve_compile("auto", 1999, CPU) is False
     assert resolve_compile("auto", 2001, CPU) is True
-    # a measured eager rate replaces the prior's; a recorded (warm) compile time replaces the cold one
+    # measured figures replace the prior's: the eager rate, the compile time, the compiled rate
     assert resolve_compile("auto", 2001, CPU, eager_s_per_image=0.01) is False
-    assert resolve_compile("auto", 600, CPU, cached_compile_s=10.0) is True
+    assert resolve_compile("auto", 600, CPU, compile_s=10.0) is True
+    assert resolve_compile("auto", 10**6, CPU, 0.04, 10.0, compiled_s_per_image=0.04) is False
 
 
 def test_auto_never_compiles_where_no_gain_is_expected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,11 +54,14 @@ def test_auto_never_compiles_where_no_gain_is_expected(monkeypatch: pytest.Monke
     assert resolve_compile("auto", 10**9, CPU) is False
 
 
-def test_prior_follows_the_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_prior_is_one_conservative_guess_for_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-ISA table: an AMX host and a host without matrix units get the same prior (their own
+    measurements replace it)."""
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    assert runtime.compile_prior(CPU).kind == "cpu-amx"
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert runtime.compile_prior(CPU).kind == "cpu-avx512-bf16"
+    amx = runtime.compile_prior(CPU)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    assert runtime.compile_prior(CPU) == amx
+    assert amx.speedup <= 1.2 and amx.cold_s >= 30
     assert runtime.compile_prior(torch.device("cuda")).kind == "cuda"
 
 
@@ -128,3 +132,34 @@ def test_compiled_features_match_eager_and_the_compile_is_recorded(tmp_path: Pat
     assert record is not None and record.is_relative_to(compiled_mod.inductor_cache_dir())
     assert json.loads(record.read_text())["compile_s"] == pytest.approx(fwd.compile_s, abs=0.01)
     assert fwd.cached_compile_s() == pytest.approx(fwd.compile_s, abs=0.01)
+
+
+def _conv_bn() -> torch.nn.Module:
+    """A convolution and its BatchNorm, flattened: what freezing folds (the BN into the conv), in a graph
+    with no kernel of inductor's own to build (the conv is oneDNN's), so it compiles in seconds."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), bn, torch.nn.Flatten())
+    return net.eval().to(memory_format=torch.channels_last)
+
+
+def test_the_compiled_cpu_forward_is_frozen() -> None:
+    """The weights are folded into the compiled graph (inductor's freezing passes ran: the BNs were folded
+    into the convolutions). ``torch.compile(options={"freezing": True})`` leaves the count at zero."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = _conv_bn()
+    x = _batch(4)
+    with torch.inference_mode():
+        ref = net(x)
+        fwd = compiled_forward(net, CPU, "fp32", "on", 8, "conv-bn")
+        out = fwd(x)
+        again = fwd(x)
+    assert fwd.compiled is True
+    assert counters["inductor"]["binary_folding"] >= 1, dict(counters["inductor"])
+    assert torch.allclose(out, ref, atol=1e-4) and torch.equal(out, again)

@@ -9,7 +9,7 @@ from ..base.lazy import face
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
-        "compiled": ("compiled_forward",),
+        "compiled": ("compiled_forward", "frozen_call"),
         "forward": ("forward_images",),
         "identity": (
             "BackboneIdentity",
@@ -32,12 +32,14 @@ __all__, __getattr__, __dir__ = face(
             "check_weights_file",
             "record_file",
         ),
+        "speed_records": ("read_probe", "record_probe", "records_path"),
         "quantized": (
             "Int8Forward",
             "calibration_batch",
             "calibration_images",
             "require_pooled_only",
             "require_torchao",
+            "int8_hint",
         ),
     },
 )

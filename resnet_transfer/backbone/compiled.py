@@ -1,14 +1,19 @@
 """The inference forward pass, eager or compiled by inductor: ``net(x)`` under the run's autocast, on
 channels_last input, pooled features back as float32.
 
-:func:`compiled_forward` returns a callable used in place of ``net(x)`` by extract and predict. With
-``mode="auto"`` it runs the first two batches eager, times the second, and compiles only when the images
-still to run repay the compile on this host (:func:`runtime.resolve_compile`). Inductor's own cache (its
-usual place, ``TORCHINDUCTOR_CACHE_DIR`` or ``/tmp/torchinductor_<user>``) keeps the compiled artifact; next
-to it we record, per model and shape, how long the last compile took, so a second run knows it will pay
-the warm cost only. A compiled function serves the batch shape it was compiled for (``dynamic=False``);
-other shapes (the last, partial batch) run eager, which on the CPU costs less than a recompile or padding.
-Modules with forward hooks (``--cut`` maps are captured by hooks) stay eager: hooks are Python side effects.
+:func:`compiled_forward` returns a callable used in place of ``net(x)`` by extract and predict. On the CPU
+the compiled graph is *frozen* (:func:`frozen_call`: the weights become constants, BatchNorm folds into the
+convolutions). With ``mode="auto"`` it runs the first two batches eager, times the second, and compiles
+only when the images still to run repay the compile by what this host measured before for the same
+model, precision and batch shape (:mod:`speed_records`: eager and compiled seconds per image, compile
+seconds with an empty and a warm inductor cache); what it has not measured yet comes from a conservative
+prior (:func:`runtime.compile_prior`), and the log line says which. Every run records what it measured
+(:meth:`CompiledForward.finish`). Inductor's own cache (its usual place, ``TORCHINDUCTOR_CACHE_DIR`` or
+``/tmp/torchinductor_<user>``) keeps the compiled kernels; next to it a small record per model and shape
+says the cache holds them (so the warm compile time applies). A compiled function serves the batch shape
+it was compiled for (``dynamic=False``); other shapes (the last, partial batch) run eager, which on the CPU
+costs less than a recompile or padding. Modules with forward hooks (``--cut`` maps are captured by hooks)
+stay eager: hooks are Python side effects.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import COMPILE_MODES, get_reporter, resolve_compile
+from ..base import COMPILE_MODES, compile_prior, get_reporter, resolve_compile
+from .speed_records import StepTimer, work_id
 
 RECORD_DIR = "resnet_transfer"  # inside inductor's cache dir: the record dies with inductor's cache
 
@@ -70,12 +76,15 @@ class CompiledForward:
         mode: str = "auto",
         n_images: int = 0,
         key: str = "",
+        model: str = "",
     ) -> None:
         m = str(mode).lower()
         if m not in COMPILE_MODES:
             resolve_compile(m, 0, device)  # raises the UsageError
         self.device = device
         self.mode = m
+        self.precision = precision
+        self.model = model or "unnamed"
         self.n_images = int(n_images)
         self.eager = _AutocastForward(net, device.type, _precision_dtype(precision))
         self.key = self._record_key(key, precision, device)
@@ -90,12 +99,20 @@ class CompiledForward:
         self._fn: Any = None
         self._shape: tuple[int, ...] | None = None
         self._seen = 0
+        self._calls = 0
+        self._warm: bool | None = None  # inductor's cache held this model when the compile started
+        self._eager_t = StepTimer()  # full-shape eager batches after the cold first one
+        self._compiled_t = StepTimer()  # full-shape compiled batches after the compiling one
+        self._timed = device.type == "cpu"  # (on CUDA a per-batch timing would need a synchronize)
+        self._finished = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
         if self._fn is not None and shape == self._shape:
-            return self._fn(x) if self.compile_s is not None else self._first_compiled(x)
-        if self.compiled is None and self._shape is None:
+            if self.compile_s is None:
+                return self._first_compiled(x)
+            return self._run(self._fn, x, self._compiled_t)
+        if self._shape is None:
             self._shape = shape
         if self.compiled is None and shape == self._shape:
             if self.mode == "on" or self._seen >= 1:
@@ -103,33 +120,72 @@ class CompiledForward:
             return self._eager(x)  # the cold first batch: not a fair eager timing
         return self._eager(x)
 
+    def _run(self, fn: Any, x: torch.Tensor, timer: StepTimer | None) -> torch.Tensor:
+        if timer is None or not self._timed:
+            return fn(x)
+        t = time.perf_counter()
+        out = fn(x)
+        timer.add(time.perf_counter() - t, x.shape[0])
+        return out
+
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        timed = self._calls > 0 and tuple(x.shape) == self._shape
+        self._calls += 1
         self._seen += x.shape[0]
-        return self.eager(x)
+        return self._run(self.eager, x, self._eager_t if timed else None)
 
     def _decide_and_run(self, x: torch.Tensor) -> torch.Tensor:
-        per_image = None
         if self.mode == "auto":  # time this batch eager, then decide for the rest
             t = time.perf_counter()
             out = self._eager(x)
             _sync(self.device)
             per_image = (time.perf_counter() - t) / max(1, x.shape[0])
             left = self.n_images - self._seen
-            self.compiled = resolve_compile("auto", left, self.device, per_image, self.cached_compile_s())
+            self.compiled, line = self._auto(left, per_image)
             if self.compiled:
                 self._compile()
-            get_reporter().info(
-                f"compile auto: {'compiling' if self.compiled else 'eager'} for {left} images left "
-                f"(eager {per_image * 1000:.1f} ms/img)"
-            )
+            get_reporter().info(line)
             return out
         self.compiled = True
         self._compile()
         return self._first_compiled(x)
 
+    def _auto(self, left: int, eager_now: float) -> tuple[bool, str]:
+        """The ``auto`` decision for ``left`` images and its log line (which figures were measured here)."""
+        from .speed_records import read
+
+        rec = read(self.device, self.work)
+        prior = compile_prior(self.device)
+        marker = self.cached_compile_s()  # inductor's cache holds this model: the warm cost applies
+        warm = marker is not None
+        eager = rec.get("eager_s", eager_now)
+        compiled = rec.get("compiled_s")
+        cost = (rec.get("compile_warm_s") or marker) if warm else rec.get("compile_cold_s")
+        guessed = [n for n, v in (("compiled ms/img", compiled), ("compile time", cost)) if v is None]
+        compiled = compiled if compiled is not None else eager / prior.speedup
+        cost = cost if cost is not None else (prior.warm_s if warm else prior.cold_s)
+        go = resolve_compile("auto", left, self.device, eager, cost, compiled)
+        figures = (
+            f"eager {eager * 1000:.1f} ms/img, compiled {compiled * 1000:.1f} ms/img, "
+            f"compile {cost:.0f} s {'warm' if warm else 'cold'}"
+        )
+        verdict = f"-> {'compile' if go else 'eager'} for {left} images left"
+        if not guessed:
+            return go, f"compile auto: measured on this host ({figures}) {verdict}"
+        return go, (
+            f"compile auto: prior for the {' and '.join(guessed)} (nothing recorded on this host for {self.work}; "
+            f"{prior.source}, {prior.speedup:.2f}x): {figures} {verdict}; a run with --compile on measures them"
+        )
+
+    @property
+    def work(self) -> str:
+        """This forward's entry in the speed records (:func:`speed_records.work_id`)."""
+        return work_id(self.model, self.precision, self._shape or ())
+
     def _compile(self) -> None:
-        options = {"freezing": True} if self.device.type == "cpu" else {}
-        self._fn = torch.compile(self.eager, dynamic=False, options=options)
+        self._warm = self.cached_compile_s() is not None
+        fn = torch.compile(self.eager, dynamic=False)
+        self._fn = frozen_call(fn) if self.device.type == "cpu" else fn
 
     def _first_compiled(self, x: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
@@ -138,6 +194,22 @@ class CompiledForward:
         self.compile_s = time.perf_counter() - t
         self._write_record()
         return out
+
+    def finish(self) -> None:
+        """Record what this run measured on this host (once; the end of extract's and predict's loops)."""
+        if self._finished or self._shape is None:
+            return
+        self._finished = True
+        from .speed_records import record
+
+        compile_s = {("compile_warm_s" if self._warm else "compile_cold_s"): self.compile_s}
+        record(
+            self.device,
+            self.work,
+            eager_s=self._eager_t.per_image,
+            compiled_s=self._compiled_t.per_image,
+            **(compile_s if self.compile_s is not None else {}),
+        )
 
     # ------------------------------------------------------------------ record next to inductor's cache
 
@@ -173,6 +245,23 @@ class CompiledForward:
             pass  # a read-only cache dir only costs the next run its estimate
 
 
+def frozen_call(fn: Any) -> Any:
+    """``fn`` (a ``torch.compile`` result) called under inductor's ``freezing`` flag and ``no_grad``: weights
+    become constants folded into the kernels (BN into the convolutions, oneDNN's packed weights).
+
+    The flag must be set in inductor's config while dynamo *traces*, which happens lazily inside the first
+    call (and any recompile): dynamo decides then whether parameters are graph constants. Passing
+    ``options={"freezing": True}`` to ``torch.compile`` does not do that on torch 2.14 (no folding happens;
+    half the speed on an AMX host, docs/performance.md), so every call runs under the patched config."""
+    import torch._inductor.config as ic
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with ic.patch(freezing=True), torch.no_grad():
+            return fn(x)
+
+    return call
+
+
 def _shape_tag(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
@@ -183,11 +272,19 @@ def _sync(device: Any) -> None:
 
 
 def compiled_forward(
-    net: nn.Module, device: Any, precision: str, mode: str = "auto", n_images: int = 0, key: str = ""
+    net: nn.Module,
+    device: Any,
+    precision: str,
+    mode: str = "auto",
+    n_images: int = 0,
+    key: str = "",
+    model: str = "",
 ) -> CompiledForward:
     """The forward pass extract and predict call in place of ``net(x)`` (see the module doc).
 
     ``net`` must already be on ``device``, in eval mode, channels_last; ``key`` names the model (its
-    backbone identity JSON) for the compile-time record; ``n_images`` is how many images this run will
-    forward (the auto rule weighs the compile against them). Call it under ``torch.inference_mode()``."""
-    return CompiledForward(net, device, precision, mode, n_images, key)
+    backbone identity JSON) for the record next to inductor's cache; ``model`` (its architecture name, e.g.
+    ``resnet50``) for this host's speed records; ``n_images`` is how many images this run will
+    forward (the auto rule weighs the compile against them). Call it under ``torch.inference_mode()``;
+    call ``finish()`` after the last batch to record the speeds measured."""
+    return CompiledForward(net, device, precision, mode, n_images, key, model)

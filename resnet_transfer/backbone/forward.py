@@ -78,9 +78,10 @@ def forward_images(
     hooks = [net.get_submodule(name).register_forward_hook(_capture(captured, name)) for name in maps]
     per_batch = max(1, batch_size // views)
     if int8:  # the quantized graph (quantized.py)
-        fn = Int8Forward(net, backbone.transform, dev, calibration)
+        fn = Int8Forward(net, backbone.transform, dev, calibration, model=backbone.identity.arch)
     elif pooled is None:  # autocast inside; compiled when ``compile`` says so and it repays
-        fn = compiled_forward(net, dev, precision, compile, len(images) * views, backbone.identity.to_json())
+        ident = backbone.identity
+        fn = compiled_forward(net, dev, precision, compile, len(images) * views, ident.to_json(), ident.arch)
     batches = normalized_batches(
         images, backbone.transform, per_batch, dev, view=view, workers=workers, max_pixels=max_pixels
     )
@@ -100,6 +101,8 @@ def forward_images(
         for h in hooks:
             h.remove()
         batches.close()
+        if hasattr(fn, "finish"):  # record the speeds measured on this host (speed_records)
+            fn.finish()
 
 
 def _capture(store: dict[str, Any], name: str) -> Any:

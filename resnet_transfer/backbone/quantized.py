@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ..base import UsageError, get_reporter
+from .compiled import frozen_call
+from .speed_records import StepTimer
 
 SCHEME = "pt2e-x86-v1"  # the quantizer and calibration recipe: in the digest of a --calibration set, and logged
 CALIBRATION_CROPS = 64
@@ -141,17 +143,29 @@ class Int8Forward:
     Built on the first call (quantize, then compile on that batch); ``quantize_s`` / ``compile_s`` say what
     that cost. Batches up to that size are padded to it; larger ones are split."""
 
-    def __init__(self, net: nn.Module, transform: Any, device: Any, calibration: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        transform: Any,
+        device: Any,
+        calibration: Sequence[str] | None = None,
+        model: str = "",
+    ) -> None:
         if getattr(device, "type", str(device)) != "cpu":
             raise UsageError("--precision int8 is for x86 CPUs", "use --precision fp16 (or bf16) on the GPU")
         require_torchao()
         self.net = net
         self.transform = transform
+        self.device = torch.device("cpu")
+        self.model = model or "unnamed"  # the architecture name, for this host's speed records
         self.calibration = list(calibration) if calibration else None  # image paths; None: the fixed photo crops
         self.quantize_s: float | None = None
         self.compile_s: float | None = None
         self._fn: Any = None
         self._batch = 0
+        self._shape: tuple[int, ...] = ()
+        self._timer = StepTimer()  # the batches after the compiling one
+        self._finished = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None:
@@ -161,8 +175,21 @@ class Int8Forward:
             return torch.cat([self(part) for part in x.split(self._batch)])
         if n < self._batch:
             pad = x[-1:].expand(self._batch - n, *x.shape[1:])
-            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
-        return self._fn(x)[:n].float()
+            return self._fn(torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))[:n].float()
+        t = time.perf_counter()
+        out = self._fn(x).float()
+        self._timer.add(time.perf_counter() - t, n)
+        return out
+
+    def finish(self) -> None:
+        """Record this run's int8 speed and setup time on this host (:mod:`speed_records`), once."""
+        if self._finished or self._fn is None:
+            return
+        self._finished = True
+        from .speed_records import record, work_id
+
+        setup = (self.quantize_s or 0.0) + (self.compile_s or 0.0)
+        record(self.device, work_id(self.model, "int8", self._shape), int8_s=self._timer.per_image, int8_setup_s=setup)
 
     def _build(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize (outside inference mode: export needs ordinary tensors), compile for ``x``'s shape,
@@ -179,7 +206,8 @@ class Int8Forward:
             qnet = quantize_int8(self.net, calib)
         self.quantize_s = time.perf_counter() - t
         self._batch = int(x.shape[0])
-        self._fn = _frozen_call(torch.compile(qnet, dynamic=False))
+        self._shape = tuple(int(v) for v in x.shape)
+        self._fn = frozen_call(torch.compile(qnet, dynamic=False))
         t = time.perf_counter()
         out = self._fn(x).float()  # the compile happens here
         self.compile_s = time.perf_counter() - t
@@ -190,12 +218,34 @@ class Int8Forward:
         return out
 
 
-def _frozen_call(fn: Any) -> Any:
-    """``fn`` called under inductor's freezing flag (the compiled graph was built with it) and no_grad."""
-    import torch._inductor.config as ic
+INT8_HINT_SPEEDUP = 1.5  # the hint's bar (issue 25): int8 at least this much faster than the run's own forward
+PROBE_POINTS = 0.5  # ... and its linear probe at most this many points below bf16's, measured on this host
 
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with ic.patch(freezing=True), torch.no_grad():
-            return fn(x)
 
-    return call
+def int8_hint(device: Any, model: str, precision: str, shape: tuple[int, ...], n_images: int) -> str | None:
+    """The hint line of a bf16/fp32 CPU run when this host measured ``--precision int8`` at least
+    :data:`INT8_HINT_SPEEDUP` times faster than the fastest forward it measured at ``precision`` (eager or
+    compiled) for ``model`` and ``shape``, ``n_images`` repay int8's quantise + compile time, and this host's
+    probe check (:func:`speed_records.record_probe`) found int8 within :data:`PROBE_POINTS` of bf16; else None."""
+    if device.type != "cpu" or precision.split("@", 1)[0] == "int8" or n_images <= 0:
+        return None
+    from .speed_records import read, read_probe, work_id
+
+    own = read(device, work_id(model, precision, shape))
+    q = read(device, work_id(model, "int8", shape))
+    known = [v for v in (own.get("eager_s"), own.get("compiled_s")) if v]
+    if not known or "int8_s" not in q:
+        return None
+    best, setup = min(known), q.get("int8_setup_s", 0.0)
+    saved = n_images * (best - q["int8_s"]) - setup
+    if best / q["int8_s"] < INT8_HINT_SPEEDUP or saved <= 0:
+        return None
+    probe = read_probe(device, SCHEME)
+    if probe is None or probe["drop_points"] > PROBE_POINTS:
+        return None
+    return (
+        f"hint: --precision int8 ran {best / q['int8_s']:.1f}x the fastest {precision} forward measured on this host "
+        f"({1 / q['int8_s']:.0f} vs {1 / best:.0f} img/s; {setup:.0f} s to quantise and compile): about {saved:.0f} s "
+        f"less for these {n_images} images. Its linear probe ({probe['model']}, measured here) was "
+        f"{probe['drop_points']:.2f} points from bf16's; int8 rows go in a cache of their own (--out)"
+    )

@@ -62,6 +62,7 @@ __all__, __getattr__, __dir__ = face(
             "COMPILE_MODES",
             "CompilePrior",
             "autocast",
+            "compile_prior",
             "cpu_cores",
             "cpu_flags",
             "cpu_supports_bf16",

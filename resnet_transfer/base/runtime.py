@@ -131,11 +131,11 @@ COMPILE_MODES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class CompilePrior:
-    """What ``torch.compile`` (inductor, ``freezing`` on the CPU) is expected to buy on a kind of host:
-    ``speedup`` = compiled / eager steady-state rate (both with the same precision and channels_last),
-    ``cold_s`` / ``warm_s`` = compile + first batch with an empty / a warm inductor cache, and
-    ``eager_s_per_image`` = a ResNet-50 eager image on 2 cores, used when nothing was measured yet.
-    Figures from docs/performance.md; ``source`` says which host measured them."""
+    """What ``torch.compile`` (inductor, ``freezing`` on the CPU) is assumed to buy where this host has not
+    measured it yet (:mod:`speed_records` holds what it has): ``speedup`` = compiled / eager steady-state
+    rate, ``cold_s`` / ``warm_s`` = compile + first batch with an empty / a warm inductor cache,
+    ``eager_s_per_image`` when not even the eager rate is known. Deliberately conservative and the same
+    for every CPU: a host's own figures replace it after its first compiled run."""
 
     kind: str
     speedup: float
@@ -157,17 +157,10 @@ def cpu_flags() -> set[str]:
 
 
 def compile_prior(device: Any) -> CompilePrior:
-    """The compile gain expected on this host, chosen by device and ISA (matrix units or not)."""
+    """The assumed compile gain where nothing was measured: a GPU or a CPU (any ISA)."""
     if device.type == "cuda":  # timm's RTX 4090 ResNet-50 AMP figures, 8237 vs 4218 img/s; times unmeasured
-        return CompilePrior("cuda", 1.95, 60.0, 15.0, 0.0005, "timm's published RTX 4090 figures (unmeasured here)")
-    flags = cpu_flags()
-    if "amx_bf16" in flags or "amx_tile" in flags:
-        return CompilePrior("cpu-amx", 1.74, 42.0, 23.0, 0.037, "2 vCPU Xeon with AMX, ResNet-50 bf16")
-    if "avx512_bf16" in flags:
-        return CompilePrior(
-            "cpu-avx512-bf16", 1.18, 28.0, 7.0, 0.0146, "2 vCPU EPYC Zen 5 (no AMX), ResNet-50 bf16, quiet 2026-12-02"
-        )
-    return CompilePrior("cpu", 1.0, 40.0, 10.0, 0.08, "unmeasured: assumed no gain")
+        return CompilePrior("cuda", 1.95, 60.0, 15.0, 0.0005, "timm's published RTX 4090 figures")
+    return CompilePrior("cpu", 1.1, 60.0, 20.0, 0.05, "a conservative guess for any CPU")
 
 
 def resolve_compile(
@@ -175,21 +168,22 @@ def resolve_compile(
     n_images: int,
     device: Any,
     eager_s_per_image: float | None = None,
-    cached_compile_s: float | None = None,
+    compile_s: float | None = None,
+    compiled_s_per_image: float | None = None,
 ) -> bool:
     """Whether to compile the forward pass: ``on`` / ``off`` as given; ``auto`` when the images still to
-    run repay the compile by this host's expected gain (:func:`compile_prior`):
-    ``n_images * eager_s_per_image * (1 - 1 / speedup) > compile seconds``. ``cached_compile_s`` (the
-    compile time recorded when inductor's cache already holds this model) replaces the cold estimate;
-    ``eager_s_per_image`` is measured on the first batches when the caller can, else the prior's."""
+    run repay the compile: ``n_images * (eager_s_per_image - compiled_s_per_image) > compile_s``. Each
+    figure should be this host's own (:mod:`compiled` reads them from :mod:`speed_records`); a missing one
+    comes from :func:`compile_prior` (the compiled rate as ``eager / speedup``, the cold compile time)."""
     m = str(mode).lower()
     if m not in COMPILE_MODES:
         raise UsageError(f"--compile {mode!r} is not known", "use auto, on or off")
     if m != "auto":
         return m == "on"
-    prior = compile_prior(device)
-    if prior.speedup <= 1.0 or n_images <= 0:
+    if n_images <= 0:
         return False
-    per_image = eager_s_per_image if eager_s_per_image and eager_s_per_image > 0 else prior.eager_s_per_image
-    cost = cached_compile_s if cached_compile_s is not None else prior.cold_s
-    return n_images * per_image * (1.0 - 1.0 / prior.speedup) > cost
+    prior = compile_prior(device)
+    eager = eager_s_per_image if eager_s_per_image and eager_s_per_image > 0 else prior.eager_s_per_image
+    compiled = compiled_s_per_image if compiled_s_per_image and compiled_s_per_image > 0 else eager / prior.speedup
+    cost = compile_s if compile_s is not None else prior.cold_s
+    return n_images * (eager - compiled) > cost

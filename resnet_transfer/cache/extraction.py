@@ -177,6 +177,7 @@ def _plan(writer: Any, images: Any) -> Any:
 
 
 def _announce(cfg: ExtractConfig, setup: RunSetup, plan: Any, total: int) -> None:
+    from ..backbone import int8_hint
     from ..base import decode_threads
 
     rep = get_reporter()
@@ -193,6 +194,14 @@ def _announce(cfg: ExtractConfig, setup: RunSetup, plan: Any, total: int) -> Non
         + (f", keeping {', '.join(cfg.cut)} maps" if cfg.cut else "")
         + (f", pooling {', '.join(cfg.pool_stages)}" if cfg.pool_stages else "")
     )
+    size = ident.transform.input_size
+    hint = (
+        None
+        if cfg.cut or cfg.pool_stages
+        else int8_hint(setup.device, ident.arch, setup.precision, (cfg.batch_size, 3, size, size), n)
+    )
+    if hint:
+        rep.info(hint)
 
 
 def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str]) -> tuple[dict[str, int], str]:

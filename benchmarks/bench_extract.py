@@ -19,6 +19,13 @@ after the imports (torch, timm, torchvision, h5py and our modules on both sides)
   the first, cold batch included), so the ratio is what decoding and writing cost. Also printed: the
   ratio of the loops alone (ours: its images/s from the first batch to the last chunk written; the
   ceiling: from the first batch to the last) and the ceiling's warm rate (first batch excluded).
+- **bound** (:mod:`benchmarks.pipeline_bound`): forward only, in one process, the library's eager and
+  compiled forwards, the plain frozen compile and int8, then the decode per image per thread of these
+  photos; ``1 / (forward_s + decode_s / cores)`` per forward, printed beside ours' steady rates.
+- **rt-process-auto / -on**: `rt extract` (``python -m resnet_transfer extract``) timed as a whole process,
+  interpreter start to exit, ``--compile auto`` / ``on``. Every child of one benchmark run shares one
+  speed-records file (``RT_SPEED_RECORDS`` in the work dir), so ``auto`` decides from what the earlier sides
+  measured on this host, as a user's later runs would.
 
 Also measured, in one more process: the cosine similarity of bf16 vs fp32 features (must be >= 0.999
 for bf16 to be the default), of rt's fused resize+crop vs torchvision's Resize + CenterCrop, and of JPEG
@@ -33,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import TORCH_PRELUDE as _PRELUDE
 from benchmarks.common import (
     command_line,
     emit,
@@ -45,17 +53,10 @@ from benchmarks.common import (
     ratio,
     run_child,
 )
+from benchmarks.extract_accuracy import ACCURACY
+from benchmarks.pipeline_bound import BOUND, bound_figures, process_argv, run_process, summary_lines
 
 NAME = "extract"
-
-_PRELUDE = """
-import os, time
-if ARGS.get("tune"):
-    from resnet_transfer.base import tune_process
-    tune_process()
-import torch
-torch.set_num_threads(ARGS["threads"])
-"""
 
 BASELINE = (
     _PRELUDE
@@ -111,7 +112,7 @@ OURS = (
     _PRELUDE
     + """
 import h5py, timm, torchvision  # imported before the clock, as on the baseline side
-import resnet_transfer.backbone.networks, resnet_transfer.cache.reader, resnet_transfer.images.data, resnet_transfer.base.report
+import resnet_transfer.backbone.networks, resnet_transfer.cache.extraction, resnet_transfer.images.data
 from resnet_transfer.cache import ExtractConfig, extract
 t0 = 0.0
 """
@@ -169,79 +170,6 @@ print(json.dumps({"seconds": t1 - t0, "images": n, "precision": prec, "loop_seco
 """
 )
 
-ACCURACY = (
-    _PRELUDE
-    + """
-import numpy as np
-from resnet_transfer.backbone import build_backbone
-from resnet_transfer.images import ImageDataset, collate, eval_transform, list_images
-bb = build_backbone(ARGS["model"], "none", ARGS.get("size"))
-net = bb.net.eval().to(memory_format=torch.channels_last)
-tf = eval_transform(bb.transform)
-
-def feats(folder, precision, draft=None, transform=None):
-    ds = ImageDataset(list_images(folder), transform or tf, draft=draft)
-    xs, _, _ = collate([ds[i] for i in range(len(ds))])
-    out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for lo in range(0, len(xs), 32):
-            out.append(net(xs[lo:lo + 32].contiguous(memory_format=torch.channels_last)).float())
-    return torch.cat(out)
-
-def cos(a, b):
-    c = torch.nn.functional.cosine_similarity(a, b, dim=1)
-    return {"min": float(c.min()), "median": float(c.median())}
-
-ref = feats(ARGS["data"], "fp32")
-res = {"bf16_vs_fp32": cos(feats(ARGS["data"], "bf16"), ref)}
-# rt's fused resize+crop vs torchvision's Resize + CenterCrop (the transform a user would write)
-import torchvision.transforms as T
-from resnet_transfer.images import interpolation_mode
-c = bb.transform
-two_step = T.Compose([T.Resize(c.resize_size, interpolation=interpolation_mode(c.interpolation)),
-                      T.CenterCrop(c.input_size), T.ToTensor(), T.Normalize(c.mean, c.std)])
-res["fused_vs_torchvision"] = cos(ref, feats(ARGS["data"], "fp32", transform=two_step))
-if ARGS.get("compiled"):  # the compiled forward (bf16) vs eager bf16 on the same photos
-    from resnet_transfer.backbone import compiled_forward
-    from resnet_transfer.base import resolve_device
-    xs = collate([ImageDataset(list_images(ARGS["data"]), tf)[i] for i in range(64)])[0]
-    xs = xs.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        eager = compiled_forward(net, torch.device("cpu"), "bf16", "off")
-        comp = compiled_forward(net, torch.device("cpu"), "bf16", "on", 64, bb.identity.to_json())
-        res["compiled_vs_eager_bf16"] = cos(torch.cat([comp(xs[:32]), comp(xs[32:])]), eager(xs))
-if ARGS.get("phone"):  # 12 MP JPEGs: PIL full decode, PIL draft (DCT-domain downscale), torchvision's decoder
-    phone = ARGS["phone"]
-    full = feats(phone, "fp32")
-    ds_full = ImageDataset(list_images(phone), tf)
-    ds_draft = ImageDataset(list_images(phone), tf, draft=bb.transform.resize_size)
-    def rate(fn, n):
-        t = time.perf_counter()
-        for i in range(n):
-            fn(i)
-        return n / (time.perf_counter() - t)
-    import torchvision.io as tio
-    import torchvision.transforms.v2.functional as TF
-    files = [ds_full.path(i) for i in range(len(ds_full))]
-    mean = torch.tensor(c.mean).view(3, 1, 1) * 255
-    std = torch.tensor(c.std).view(3, 1, 1) * 255
-    def tv(i):  # libjpeg-turbo full decode to uint8, torch's uint8 antialiased resize, crop, normalise
-        img = tio.decode_jpeg(tio.read_file(str(files[i])), mode=tio.ImageReadMode.RGB)
-        img = TF.center_crop(TF.resize(img, c.resize_size, antialias=True), c.input_size)
-        return (img.float() - mean) / std
-    k = min(len(files), 16)
-    res["draft_vs_full"] = cos(feats(phone, "fp32", draft=bb.transform.resize_size), full)
-    xs_tv = torch.stack([tv(i) for i in range(len(files))]).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        res["tv_decode_vs_pil_full"] = cos(net(xs_tv).float(), full)
-    torch.set_num_threads(1)  # per-core decode cost: rt decodes in threads, one image each
-    res["phone_decode_img_s_one_core"] = {"pil_full": rate(lambda i: ds_full[i], k),
-                                          "pil_draft": rate(lambda i: ds_draft[i], k),
-                                          "tv_decode_jpeg_torch_resize": rate(tv, k)}
-print(json.dumps(res))
-"""
-)
-
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks extract", description=__doc__.split("\n\n")[0])
@@ -263,6 +191,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phone-compiled", action="store_true", help="also the phone workload compiled (warm cache)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the bf16 / compile / draft feature comparison")
     p.add_argument("--workdir", type=Path, default=None, help="where the images go (default: a temp dir)")
+    p.add_argument(
+        "--photos",
+        choices=("synthetic", "shipped"),
+        default="synthetic",
+        help="synthetic photo-like JPEGs, or crops of the photographs scikit-learn/-image ship",
+    )
+    p.add_argument("--no-bound", action="store_true", help="skip the pipeline bound (forward only + decode)")
+    p.add_argument("--no-int8", action="store_true", help="the bound without the int8 forward")
+    p.add_argument("--no-process", action="store_true", help="skip `rt extract` timed as a whole process")
     return p.parse_args(argv)
 
 
@@ -283,6 +220,12 @@ def _sides(args: argparse.Namespace, phone: Path | None, work: Path, model: str)
         if not args.no_cold:
             sides["ours-compiled-cold"] = (OURS, {"tune": True, "workers": args.workers, "compile": "on", "ic": "cold"})
             sides["ceiling-compiled-cold"] = (CEILING, {"tune": True, "compile": "on", "ic": "cold"})
+    if not args.no_bound:
+        sides["bound"] = (BOUND, {"kind": "bound", "int8": not args.no_int8, "ic": "warm"})
+    if not args.no_process and not args.device.startswith("cuda"):
+        sides["rt-process-auto"] = ("", {"kind": "process", "compile": "auto", "ic": "warm"})
+        if not args.no_compile:
+            sides["rt-process-on"] = ("", {"kind": "process", "compile": "on", "ic": "warm"})
     if phone is not None:
         ph = {"tune": True, "workers": args.workers, "data": str(phone), "ic": "warm"}
         sides["ours-phone"] = (OURS, {**ph, "compile": "auto"})
@@ -294,6 +237,7 @@ def _sides(args: argparse.Namespace, phone: Path | None, work: Path, model: str)
 
 def _env(kw: dict[str, Any], work: Path, model: str, r: int, side: str) -> dict[str, str]:
     env = {"OMP_WAIT_POLICY": ""} if not kw.get("tune") else {}
+    env["RT_SPEED_RECORDS"] = str(work / "speed-records.json")  # this run's own host figures, not the user's
     if kw.get("ic") == "warm":
         env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-warm-{model}")
     elif kw.get("ic") == "cold":
@@ -322,6 +266,12 @@ def _ratios(med: dict[str, float], x: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+def _unlink_chunks(out: Path) -> None:
+    import shutil
+
+    shutil.rmtree(out.with_name(out.name + ".chunks"), ignore_errors=True)
+
+
 def _run_model(
     args: argparse.Namespace, model: str, common: dict, work: Path, phone: Path | None, repeats: int
 ) -> dict:
@@ -336,12 +286,27 @@ def _run_model(
         for key in ("steady_img_s", "setup_s", "compile_s"):
             extra.setdefault(f"ours-compiled-cold:{key.removesuffix('_img_s')}", []).append(res[key])
         print(f"  [{model} first compiled run, empty cache] ours: setup {fmt(res['setup_s'])} s", file=sys.stderr)
+    bound_runs: list[dict[str, Any]] = []
     for r in range(repeats):
         for side, (code, kw) in sides.items():
             if kw.get("ic") == "cold" and args.cold_repeats is not None and r >= args.cold_repeats:
                 continue
             out = str(work / f"{side}-{model}-{r}.h5")
-            res = run_child(code, {**common, **kw, "model": model, "out": out}, env=_env(kw, work, model, r, side))
+            env = _env(kw, work, model, r, side)
+            if kw.get("kind") == "bound":  # forward only + decode: no whole-run sample
+                samples.pop(side, None)
+                bound_runs.append(run_child(code, {**common, **kw, "model": model}, env=env))
+                print(f"  [{model} run {r + 1}/{repeats}] bound: {bound_runs[-1]['img_s']}", file=sys.stderr)
+                continue
+            if kw.get("kind") == "process":
+                argv = process_argv(common["data"], out, model, common.get("size"), kw["compile"])
+                seconds, said = run_process(argv, env)
+                res = {"images": common["images"], "seconds": seconds}
+                if said:
+                    extra.setdefault(f"{side}:compile_auto", []).append(said)
+                    print(f"  [{model} run {r + 1}/{repeats}] {side}: {said}", file=sys.stderr)
+            else:
+                res = run_child(code, {**common, **kw, "model": model, "out": out}, env=env)
             samples[side].append(res["images"] / res["seconds"])
             for key in ("steady_img_s", "setup_s", "compile_s", "compiled", "loop_images_per_s", "precision"):
                 if res.get(key) is not None:
@@ -353,6 +318,7 @@ def _run_model(
                 file=sys.stderr,
             )
             Path(out).unlink(missing_ok=True)
+            _unlink_chunks(Path(out))
     med = {k: median(v) for k, v in samples.items()}
     xmed = {
         k: median(v) for k, v in extra.items() if v and isinstance(v[0], (int, float)) and not isinstance(v[0], bool)
@@ -365,6 +331,20 @@ def _run_model(
         "precision": (extra.get("ceiling-eager:precision") or [None])[0],
         **_ratios(med, xmed),
     }
+    if bound_runs:
+        merged = {
+            "img_s": {k: [v for b in bound_runs for v in b["img_s"][k]] for k in bound_runs[0]["img_s"]},
+            "decode_s_per_image": [v for b in bound_runs for v in b["decode_s_per_image"]],
+            "setup_s": bound_runs[0]["setup_s"],
+        }
+        entry["bound"] = {**bound_figures(merged, common["threads"]), "raw": bound_runs}
+        ref = entry["bound"]["bound_img_s"].get("library-compiled", float("nan"))
+        for side in ("ours", "ours-compiled-warm", "ours-compiled-cold"):
+            if f"{side}:steady" in xmed:
+                entry[f"{side}_steady_vs_bound"] = ratio(xmed[f"{side}:steady"], ref)
+        for side in ("rt-process-auto", "rt-process-on"):
+            if side in med:
+                entry[f"{side}_whole_process_vs_bound"] = ratio(med[side], ref)
     if not args.no_accuracy and not args.device.startswith("cuda"):
         acc_args = {**common, "model": model, "phone": str(phone) if phone else None, "compiled": not args.no_compile}
         try:
@@ -388,7 +368,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = args.image_size or (112 if args.quick else None)
     with tempfile.TemporaryDirectory(prefix="rt-bench-extract-") as tmp:
         work = Path(args.workdir or tmp)
-        data = make_photo_jpegs(work / "photos", n, size=(500, 375), seed=0)
+        if args.photos == "shipped":  # crops of real photographs, 500x375 (1 in 4 portrait), q90
+            data = make_phone_jpegs(work / "photos-shipped", n, size=(500, 375), seed=0)
+        else:
+            data = make_photo_jpegs(work / "photos", n, size=(500, 375), seed=0)
         phone = make_phone_jpegs(work / "phone", n_phone, seed=1) if n_phone else None
         common = {"data": str(data), "threads": threads, "images": n, "size": size, "device": args.device}
         per_model = {model: _run_model(args, model, common, work, phone, repeats) for model in models}
@@ -399,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             "images": n,
             "photo_size": "500x375 (+-10%, 1 in 4 portrait), JPEG q90",
+            "photos": args.photos,
             "phone_images": n_phone,
             "phone_size": "4032x3024 (1 in 4 portrait), shipped photos upscaled + noise, JPEG q90",
             "repeats": repeats,
@@ -436,6 +420,7 @@ def _summary(per_model: dict[str, Any], n: int, n_phone: int, threads: int, repe
                 f"{k} {fmt(v, 2)}" for k, v in e.items() if k.endswith(("steady", "run")) or k.startswith("ours_vs")
             )
         )
+        lines += summary_lines(e)
         c = e.get("cosine") or {}
         if c:
             lines.append(f"  cosine bf16 vs fp32: min {c['bf16_vs_fp32']['min']:.5f} (needs >= 0.999)")

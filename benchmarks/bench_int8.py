@@ -83,6 +83,7 @@ def probe_check(run: Path, ks: str, seeds: int, work: Path) -> dict[str, Any]:
         "probe": paired,
         "seconds": seconds,
         "image_size": size,
+        "model": f"{ident.arch} @{size} (the offline recipe's source model)",
     }
 
 
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--probe-ks", default="5,10,50,0", help="k per class for the probe check (0: all)")
     p.add_argument("--probe-seeds", type=int, default=10)
     p.add_argument("--no-speed", action="store_true", help="only the probe check")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write the measured rates to this host's speed records (what --compile auto and the int8 hint read)",
+    )
     args = p.parse_args(argv)
     try:
         if not args.no_int8:
@@ -139,6 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 hi = fmt(d["high"], 2) if d["high"] is not None else "n/a"
                 cells.append(f"{side} {r[side + '_mean']:.3f} ({fmt(d['mean'], 2)} pt [{lo}, {hi}])")
             lines.append(f"  k={k}: bf16 {r['bf16_mean']:.3f}, " + ", ".join(cells))
+        if args.record:
+            drop = _record_probe(probe)
+            lines.append(
+                f"  recorded this host's probe check: int8 at most {drop:.2f} points below bf16 (the int8 hint)"
+            )
     return emit(result, lines)
 
 
@@ -164,6 +175,11 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         comp(test)
         setup["compiled_bf16_compile_s"] = time.perf_counter() - t
         paths: dict[str, Any] = {"eager_bf16": eager, "compiled_bf16": comp}
+        plain = _plain_frozen(net)  # the reference the library's compiled forward must stay within 0.9x of
+        t = time.perf_counter()
+        plain(test)
+        setup["plain_frozen_bf16_compile_s"] = time.perf_counter() - t
+        paths["plain_frozen_bf16"] = plain
         if not args.no_int8:
             from resnet_transfer.backbone import Int8Forward
 
@@ -190,6 +206,7 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
             "compiled_vs_eager_bf16": ratio(med["compiled_bf16"], med["eager_bf16"]),
             "int8_vs_compiled_bf16": ratio(med.get("int8_compiled", float("nan")), med["compiled_bf16"]),
             "int8_vs_eager_bf16": ratio(med.get("int8_compiled", float("nan")), med["eager_bf16"]),
+            "library_compiled_vs_plain_frozen": ratio(med["compiled_bf16"], med["plain_frozen_bf16"]),
             "cosine_vs_fp32": cosine,
             "setup_s": setup,
         }
@@ -207,7 +224,58 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         f"{fmt(f['int8_vs_compiled_bf16'], 2)}x, int8 / eager bf16 {fmt(f['int8_vs_eager_bf16'], 2)}x; setup s: "
         + ", ".join(f"{k} {fmt(v)}" for k, v in setup.items())
     )
+    lines.append(
+        f"  the library's compiled bf16 / the plain frozen compile {fmt(f['library_compiled_vs_plain_frozen'], 2)}x "
+        "(needs >= 0.9)"
+    )
+    if args.record:
+        _record(bb, args, med, setup)
+        lines.append("  recorded as this host's figures (speed records: --compile auto, the int8 hint)")
     return lines
+
+
+def _plain_frozen(net: Any) -> Any:
+    """What a user writes from inductor's docs: the global freezing flag (left on in this process: later
+    compiles patch it on anyway), ``torch.compile(model)``, called under bf16 autocast (and the caller's
+    ``inference_mode``)."""
+    import torch
+    import torch._inductor.config as ic
+
+    ic.freezing = True
+    compiled = torch.compile(net)
+
+    def fwd(x: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compiled(x).float()
+
+    return fwd
+
+
+def _record_probe(probe: dict[str, Any]) -> float:
+    """The probe check into this host's speed records: the largest mean drop (points) of int8 (default
+    calibration) against bf16 over the k's, which `rt extract`'s int8 hint requires within 0.5."""
+    import torch
+
+    from resnet_transfer.backbone import record_probe
+    from resnet_transfer.backbone.quantized import SCHEME
+
+    drop = max(-r["int8_minus_bf16_points"]["mean"] for r in probe["probe"].values())
+    record_probe(torch.device("cpu"), SCHEME, probe.get("model", "the offline recipe's source model"), drop)
+    return drop
+
+
+def _record(bb: Any, args: argparse.Namespace, med: dict[str, float], setup: dict[str, float]) -> None:
+    """This run's forward-only figures into this host's speed records (both sides measured the same way)."""
+    import torch
+
+    from resnet_transfer.backbone.speed_records import record, work_id
+
+    cpu, shape = torch.device("cpu"), (args.batch, 3, args.image_size, args.image_size)
+    arch = bb.identity.arch
+    record(cpu, work_id(arch, "bf16", shape), eager_s=1 / med["eager_bf16"], compiled_s=1 / med["compiled_bf16"])
+    if "int8_compiled" in med:
+        q_setup = setup.get("int8_quantise_s", 0.0) + setup.get("int8_compile_s", 0.0)
+        record(cpu, work_id(arch, "int8", shape), int8_s=1 / med["int8_compiled"], int8_setup_s=q_setup)
 
 
 if __name__ == "__main__":

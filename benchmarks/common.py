@@ -172,6 +172,17 @@ def command_line(name: str, argv: Sequence[str] | None) -> str:
 
 # ------------------------------------------------------------------------------------- child processes
 
+# The start of a child that uses torch: ``ARGS["tune"]`` applies rt's process tuning first (as the `rt`
+# entry point does), then torch gets ``ARGS["threads"]`` threads.
+TORCH_PRELUDE = """
+import os, time
+if ARGS.get("tune"):
+    from resnet_transfer.base import tune_process
+    tune_process()
+import torch
+torch.set_num_threads(ARGS["threads"])
+"""
+
 
 def run_child(code: str, args: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
     """Run ``code`` in a fresh ``python -c`` with ``ARGS`` (a dict) defined, and return what it printed

@@ -111,9 +111,32 @@ def _load(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _host_entry(device: Any) -> dict[str, Any]:
+    """This host's entry in the records file (empty when it recorded nothing)."""
+    return _load(records_path()).get("hosts", {}).get(host_id(host_info(device)), {})
+
+
+def _update(device: Any, change: Any) -> None:
+    """Load the file, apply ``change(entry)`` to this host's entry, write it atomically. Never raises for the
+    file: a speed record is worth less than the run that measured it."""
+    from ..base import atomic_write_json
+
+    path = records_path()
+    data = _load(path) or {"format": FORMAT, "version": VERSION, "hosts": {}}
+    info = host_info(device)
+    entry = data["hosts"].setdefault(host_id(info), {})
+    entry["host"] = info
+    change(entry)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data, indent=1)
+    except OSError:
+        pass
+
+
 def read(device: Any, work: str) -> dict[str, float]:
     """The medians of this host's recorded samples for ``work``: ``{figure: value}``, only those recorded."""
-    entry = _load(records_path()).get("hosts", {}).get(host_id(host_info(device)), {})
+    entry = _host_entry(device)
     figures = (entry.get("work") or {}).get(work) or {}
     out: dict[str, float] = {}
     for name in FIGURES:
@@ -124,28 +147,18 @@ def read(device: Any, work: str) -> dict[str, float]:
 
 
 def record(device: Any, work: str, **samples: float | None) -> None:
-    """Add one sample per given figure (None or non-positive values are left out) and write atomically.
-
-    Never raises for the file: a speed record is worth less than the run that measured it."""
-    from ..base import atomic_write_json
-
+    """Add one sample per given figure (None or non-positive values are left out) and write atomically."""
     new = {k: float(v) for k, v in samples.items() if v is not None and v > 0 and k in FIGURES}
     if not new:
         return
-    path = records_path()
-    data = _load(path) or {"format": FORMAT, "version": VERSION, "hosts": {}}
-    info = host_info(device)
-    entry = data["hosts"].setdefault(host_id(info), {})
-    entry["host"] = info
-    figures = entry.setdefault("work", {}).setdefault(work, {})
-    for k, v in new.items():
-        figures[k] = [*(figures.get(k) or []), round(v, 6)][-KEEP:]
-    figures["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, data, indent=1)
-    except OSError:
-        pass
+
+    def add(entry: dict[str, Any]) -> None:
+        figures = entry.setdefault("work", {}).setdefault(work, {})
+        for k, v in new.items():
+            figures[k] = [*(figures.get(k) or []), round(v, 6)][-KEEP:]
+        figures["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    _update(device, add)
 
 
 class StepTimer:
@@ -168,27 +181,18 @@ def record_probe(device: Any, scheme: str, model: str, drop_points: float) -> No
     """This host's int8 probe check (``python -m benchmarks int8 --probe-run RUN --record``): the largest mean
     drop in linear-probe accuracy, in points, of int8 features against bf16 ones over the k's tried, for the
     quantisation ``scheme`` (``quantized.SCHEME``) on ``model``. The last one measured is kept."""
-    from ..base import atomic_write_json
 
-    path = records_path()
-    data = _load(path) or {"format": FORMAT, "version": VERSION, "hosts": {}}
-    info = host_info(device)
-    entry = data["hosts"].setdefault(host_id(info), {})
-    entry["host"] = info
-    entry.setdefault("int8_probe", {})[scheme] = {
-        "model": model,
-        "drop_points": round(float(drop_points), 3),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, data, indent=1)
-    except OSError:
-        pass
+    def put(entry: dict[str, Any]) -> None:
+        entry.setdefault("int8_probe", {})[scheme] = {
+            "model": model,
+            "drop_points": round(float(drop_points), 3),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    _update(device, put)
 
 
 def read_probe(device: Any, scheme: str) -> dict[str, Any] | None:
     """The probe check recorded on this host for ``scheme`` (``{"model", "drop_points", "updated"}``), or None."""
-    entry = _load(records_path()).get("hosts", {}).get(host_id(host_info(device)), {})
-    got = (entry.get("int8_probe") or {}).get(scheme)
+    got = (_host_entry(device).get("int8_probe") or {}).get(scheme)
     return got if isinstance(got, dict) and isinstance(got.get("drop_points"), (int, float)) else None

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, emit, fmt, isa_summary, machine_info, median, ratio
+from benchmarks.common import command_line, emit, fmt, isa_summary, machine_info, median, plain_frozen_compile, ratio
 
 NAME = "int8"
 
@@ -175,7 +175,9 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         comp(test)
         setup["compiled_bf16_compile_s"] = time.perf_counter() - t
         paths: dict[str, Any] = {"eager_bf16": eager, "compiled_bf16": comp}
-        plain = _plain_frozen(net)  # the reference the library's compiled forward must stay within 0.9x of
+        plain = plain_frozen_compile(
+            net, torch.bfloat16
+        )  # the reference the library's compiled forward must stay within 0.9x of
         t = time.perf_counter()
         plain(test)
         setup["plain_frozen_bf16_compile_s"] = time.perf_counter() - t
@@ -232,23 +234,6 @@ def _speed(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         _record(bb, args, med, setup)
         lines.append("  recorded as this host's figures (speed records: --compile auto, the int8 hint)")
     return lines
-
-
-def _plain_frozen(net: Any) -> Any:
-    """What a user writes from inductor's docs: the global freezing flag (left on in this process: later
-    compiles patch it on anyway), ``torch.compile(model)``, called under bf16 autocast (and the caller's
-    ``inference_mode``)."""
-    import torch
-    import torch._inductor.config as ic
-
-    ic.freezing = True
-    compiled = torch.compile(net)
-
-    def fwd(x: Any) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return compiled(x).float()
-
-    return fwd
 
 
 def _record_probe(probe: dict[str, Any]) -> float:

@@ -184,6 +184,23 @@ torch.set_num_threads(ARGS["threads"])
 """
 
 
+def plain_frozen_compile(net: Any, dtype: Any = None) -> Any:
+    """The reference the library's compiled forward is held to: what a user writes from inductor's docs, the
+    global ``torch._inductor.config.freezing = True`` (left on), ``torch.compile(net)``, called under autocast
+    at ``dtype`` (None: none) and the caller's ``inference_mode``; features back as float32."""
+    import torch
+    import torch._inductor.config as ic
+
+    ic.freezing = True
+    compiled = torch.compile(net)
+
+    def fwd(x: Any) -> Any:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            return compiled(x).float()
+
+    return fwd
+
+
 def run_child(code: str, args: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
     """Run ``code`` in a fresh ``python -c`` with ``ARGS`` (a dict) defined, and return what it printed
     as its last line (a JSON object), plus ``max_rss_mb``: the child's own peak resident set size as

@@ -49,13 +49,8 @@ with torch.inference_mode():
     paths["eager"] = compiled_forward(net, cpu, prec, "off")
     timed_first("library-compiled", compiled_forward(net, cpu, prec, "on", 10**6, bb.identity.to_json(), bb.identity.arch))
     import torch._inductor.config as ic
-    ic.freezing = True  # the plain frozen compile: inductor's own flag, set globally as its docs say
-    plain = torch.compile(net)
-    dtype = {"bf16": torch.bfloat16, "fp32": None}[prec]
-    def plain_fwd(x):
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            return plain(x).float()
-    timed_first("plain-frozen", plain_fwd)
+    from benchmarks.common import plain_frozen_compile  # inductor's global freezing flag, as its docs say
+    timed_first("plain-frozen", plain_frozen_compile(net, {"bf16": torch.bfloat16, "fp32": None}[prec]))
     ic.freezing = False
     if ARGS.get("int8"):
         try:

@@ -192,7 +192,7 @@ def test_onnx_carries_the_score_predict_gives(ood_head: Path, tmp_path: Path) ->
 
     md = read_model_dir(ood_head)
     ood = read_ood(ood_head, md.meta)
-    for scorer in SCORERS:  # each scorer in the graph: the stored choice, switched in meta.json's copy
+    for scorer in ("knn", "mahalanobis"):  # the feature scorers in the graph (energy, msp: the logits alone)
         d = tmp_path / scorer
         d.mkdir()
         for f in ood_head.iterdir():
@@ -240,3 +240,29 @@ def test_finetune_stores_scorers_on_the_final_backbone(image_folder: Path, tmp_p
     assert ood is not None and set(ood.scorers) == set(SCORERS)
     report = json.loads((tmp_path / "ft" / "report.json").read_text())["ood"]
     assert report["fitted_on"].startswith("18 training rows") and "validation" in report["threshold_on"]
+
+
+def test_review_filters_the_rows_unlike_the_training_data(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from review_data import make_review_set
+    from safetensors.numpy import save_file
+
+    from resnet_transfer.base import UsageError
+    from resnet_transfer.tools.review import ReviewConfig, build_state
+    from resnet_transfer.tools.review.state import Query
+
+    rs = make_review_set(tmp_path, audit=False)
+    cfg = ReviewConfig(cache=rs.cache, head=rs.head, root=rs.root, manifest=tmp_path / "fixes.csv")
+    with pytest.raises(UsageError, match="no out-of-distribution scorer"):
+        build_state(cfg).select(Query(verdict="unknown"))
+    labelled = np.array([i for i, c in enumerate(rs.labels) if c >= 0])
+    model, _ = fit_ood(rs.X[labelled], np.array(rs.labels)[labelled], _logits(rs.X[labelled]), None, None)
+    scores = model.score(rs.X, None, "knn")
+    model.thresholds["knn"] = float(np.sort(scores)[-2])  # exactly one row above it: the farthest
+    arrays, meta = model.state()
+    save_file(arrays, str(rs.head / "ood.safetensors"))
+    head_meta = json.loads((rs.head / "meta.json").read_text())
+    (rs.head / "meta.json").write_text(json.dumps({**head_meta, "ood": meta}))
+    rows = build_state(replace(cfg, manifest=tmp_path / "fixes2.csv")).select(Query(verdict="unknown"))
+    assert rows.tolist() == [int(np.argmax(scores))]

@@ -52,9 +52,9 @@ __all__, __getattr__, __dir__ = face(
             "index_available",
             "search",
         ),
-        "ood": ("EnergyScorer", "KnnScorer", "MahalanobisScorer", "MspScorer", "SCORERS", "Scorer", "make_scorer"),
+        "ood": ("EnergyScorer", "KnnScorer", "MahalanobisScorer", "MspScorer", "SCORERS", "make_scorer"),
         "ood_fit": ("ood_beside_fit", "unknown_features"),
-        "ood_store": ("DEFAULT_SCORER", "OOD_FILE", "OodModel", "fit_ood", "ood_tensors", "read_ood", "require_ood"),
+        "ood_store": ("NO_SCORER_HINT", "OodModel", "fit_ood", "ood_tensors", "read_ood", "require_ood"),
         "select": (
             "CV_BELOW",
             "feature_candidates",

@@ -92,7 +92,7 @@ def test_unknown_examples_choose_the_scorer_that_separates_them() -> None:
     X, y = _blobs(300, 1)
     Xv, _ = _blobs(100, 5)
     far, _ = _blobs(50, 6, shift=40.0)  # far away, yet confidently classified: the logits cannot tell
-    model, report = fit_ood(X, y, _logits(X), Xv, _logits(Xv), unknown=(far, _logits(far)))
+    _, report = fit_ood(X, y, _logits(X), Xv, _logits(Xv), unknown=(far, _logits(far)))
     assert report["scorer"] in ("knn", "mahalanobis")
     assert report["unknown"]["scorers"]["knn"]["auroc"] > report["unknown"]["scorers"]["msp"]["auroc"]
     assert "AUROC" in report["chosen_by"]
@@ -210,8 +210,9 @@ def test_onnx_carries_the_score_predict_gives(ood_head: Path, tmp_path: Path) ->
             t = md.identity.transform
             x = (pixels - torch.tensor(t.mean).view(1, 3, 1, 1)) / torch.tensor(t.std).view(1, 3, 1, 1)
             feats = clf.pooled(x).numpy()
-        want = ood.score(feats, predict_logits(clf.head, feats), scorer)  # what `rt predict` computes
-        assert np.allclose(score, want, rtol=1e-3, atol=1e-4), scorer
+        z = predict_logits(clf.head, feats)
+        want = ood.score(feats, z, scorer)  # what `rt predict` computes
+        assert np.allclose(score, want, rtol=1e-3, atol=1e-4) and np.allclose(logits, z, rtol=1e-4, atol=1e-4)
 
 
 def test_an_old_head_directory_without_scorers_still_predicts(ood_head: Path, unknown_folder: Path, tmp_path: Path) -> None:  # fmt: skip

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_data import TARGET_PHOTOS, DigitsConfig, _background, _write, draw, load_photo  # noqa: E402
-from results import paired_difference, summarise  # noqa: E402
+from make_data import TARGET_PHOTOS, DigitsConfig, _background, _write, draw, load_photo
+from results import paired_difference, summarise
 
 
 def make_unknown(out: Path, n: int, size: int, seed: int = 7) -> None:

@@ -154,7 +154,7 @@ def test_predict_rows_carry_the_score_in_every_format(ood_head: Path, unknown_fo
     threshold = read_model_dir(ood_head).meta["ood"]["threshold"]
     assert all(r["unknown"] == (r["ood_score"] > threshold) for r in rows)
     csv = _ok("predict", ood_head, unknown_folder, "--csv").splitlines()
-    assert csv[0].startswith("path,ood_score,unknown,class_1") and len(csv) == 1 + len(rows)
+    assert csv[0].startswith("path,class_1,") and csv[0].endswith(",ood_score,unknown") and len(csv) == 1 + len(rows)
     table = _ok("predict", ood_head, unknown_folder)
     assert "ood score" in table and "unknown" in table
 
@@ -165,8 +165,8 @@ def test_reject_unknown_and_threshold_override(ood_head: Path, unknown_folder: P
     high = json.loads(_ok("predict", ood_head, unknown_folder, "--json", "--reject-unknown", "--ood-threshold", "1e9"))
     assert not any(r["unknown"] or r["prediction"] == "unknown" for r in high["predictions"])
     csv = _ok("predict", ood_head, unknown_folder, "--csv", "--reject-unknown", "--ood-threshold", "-1e9")
-    assert csv.splitlines()[0].startswith("path,prediction,ood_score,unknown,")
-    assert all(line.split(",")[1] == "unknown" and line.split(",")[3] == "true" for line in csv.splitlines()[1:])
+    assert csv.splitlines()[0].startswith("path,prediction,class_1,")
+    assert all(line.split(",")[1] == "unknown" and line.endswith(",true") for line in csv.splitlines()[1:])
     res = runner.invoke(app, ["predict", str(ood_head), str(unknown_folder), "--ood-scorer", "nope"])
     assert res.exit_code == 2 and "nope" in res.output and "mahalanobis" in res.output
 
@@ -267,3 +267,8 @@ def test_review_filters_the_rows_unlike_the_training_data(tmp_path: Path) -> Non
     (rs.head / "meta.json").write_text(json.dumps({**head_meta, "ood": meta}))
     rows = build_state(replace(cfg, manifest=tmp_path / "fixes2.csv")).select(Query(verdict="unknown"))
     assert rows.tolist() == [int(np.argmax(scores))]
+
+
+def test_info_names_the_scorer(ood_head: Path) -> None:
+    info = json.loads(_ok("info", ood_head, "--json"))
+    assert info["ood"]["scorer"] in SCORERS and sorted(info["ood"]["scorers"]) == sorted(SCORERS)

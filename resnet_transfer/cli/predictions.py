@@ -1,6 +1,6 @@
 """How `rt predict` prints its rows: JSON, CSV or a table (a `prediction` column where --min-confidence or
---reject-unknown can change it; `ood_score` and `unknown` columns where the head has an out-of-distribution
-scorer)."""
+--reject-unknown can change it; `ood_score` and `unknown` as the last columns where the head has an
+out-of-distribution scorer, so the columns before them stay where they were)."""
 
 from __future__ import annotations
 
@@ -28,24 +28,23 @@ def print_predictions(res: Any, fmt: str, top: int, marked: bool) -> None:
         k = max((len(r["top"]) for r in res.rows), default=0)
         pcol = ["prediction"] if marked else []
         ocol = ["ood_score", "unknown"] if scored else []
-        w.writerow(["path", *pcol, *ocol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
+        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")] + ocol)
         for r in res.rows:
             pval = [r["prediction"]] if marked else []
             oval = [f"{r['ood_score']:.6g}", str(r["unknown"]).lower()] if "ood_score" in r else []
-            w.writerow([r["path"], *pval, *oval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
+            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")] + oval)
     else:
         from ..base import print_table
 
         ocol = ["ood score", "unknown"] if scored else []
-        columns = ["image", *(["prediction"] if marked else []), *ocol] + [
-            f"#{i + 1}" for i in range(min(top, len(res.classes)))
-        ]
+        columns = ["image", *(["prediction"] if marked else [])]
+        columns += [f"#{i + 1}" for i in range(min(top, len(res.classes)))] + ocol
         rows = [
             [
                 r["path"],
                 *([r["prediction"]] if marked else []),
-                *([f"{r['ood_score']:.4g}", "yes" if r["unknown"] else "no"] if "ood_score" in r else []),
                 *[f"{c} {p:.3f}" for c, p in r["top"]],
+                *([f"{r['ood_score']:.4g}", "yes" if r["unknown"] else "no"] if "ood_score" in r else []),
             ]
             for r in res.rows
         ]

@@ -49,7 +49,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     model, md = load_classifier(cfg.model_dir, normalize=True)
     from .unknown import scored_classifier  # the out-of-distribution score as a second output (unknown.py)
 
-    model, ood = scored_classifier(model, md)
+    model, ood = scored_classifier(model, md, fmt)
     outputs = [OUTPUT_NAME, "ood_score"] if ood["in_graph"] else [OUTPUT_NAME]
     size = md.identity.transform.input_size
     path = Path(out) if out is not None else md.path / ("model" + FORMATS[fmt])

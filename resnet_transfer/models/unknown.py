@@ -6,7 +6,7 @@
   ``unknown``. A directory without scorers (written before them) predicts as before, without the two fields.
 * `rt evaluate --ood DIR`: AUROC and FPR at 95% TPR of every stored scorer, side by side with max-softmax, the
   accuracy on the in-distribution images the chosen scorer accepts, and ``ood_scores.png``.
-* `rt export`: the classifier gets the chosen scorer as a second output, ``ood_score``.
+* `rt export --format onnx`: the classifier gets the chosen scorer as a second output, ``ood_score``.
 """
 
 from __future__ import annotations
@@ -166,12 +166,16 @@ def ood_summary_lines(ood: dict[str, Any] | None) -> list[str]:
 # ------------------------------------------------------------------------------------- the exported graph
 
 
-def scored_classifier(model: Any, md: Any) -> tuple[Any, dict[str, Any]]:
+def scored_classifier(model: Any, md: Any, fmt: str = "onnx") -> tuple[Any, dict[str, Any]]:
     """``(module, sidecar entry)``: the classifier with the chosen scorer as a second output where the graph
-    can carry it, else the classifier alone and the sidecar's reason."""
+    can carry it (ONNX: outputs are named, so readers of ``logits`` are unaffected), else the classifier alone
+    and the sidecar's reason."""
     ood = read_ood(md.path, md.meta)
     if ood is None:
         return model, {"in_graph": False, "why": f"{md.path} has no out-of-distribution scorer"}
+    if fmt != "onnx":
+        why = f"--format {fmt} keeps its one output (logits); --format onnx adds ood_score"
+        return model, {"in_graph": False, "scorer": ood.scorer, "threshold": ood.threshold(), "why": why}
     name = ood.scorer
     scorer = ood.scorers[name]
     bank = getattr(scorer, "bank_", None)

@@ -44,7 +44,8 @@ def ood_beside_fit(
     logits_val = _logits(head, X_val) if X_val is not None else None
     u = None
     if unknown is not None:
-        X_u = unknown_features(unknown, cache.identity, stage)
+        precision = getattr(cache, "precision", "") or "auto"  # a folder: run as the cache was extracted
+        X_u = unknown_features(unknown, cache.identity, stage, precision=precision)
         u = (X_u, _logits(head, X_u))
     return fit_ood(X_train, cache.labels[rows], logits_train, X_val, logits_val, unknown=u, search=search)
 

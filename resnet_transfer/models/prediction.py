@@ -165,7 +165,15 @@ def predict(cfg: PredictConfig) -> PredictResult:
 
     ood, feats = load_scorer(model.md, cfg), []  # the out-of-distribution scorer (head/ood.py), if stored
     probs, good, skipped = _probabilities(
-        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels, cfg.compile, feats
+        model,
+        images,
+        cfg.tta,
+        cfg.batch_size,
+        cfg.device,
+        cfg.precision,
+        cfg.max_pixels,
+        cfg.compile,
+        feats if ood else None,
     )
     classes = model.classes
     k = min(cfg.top, len(classes))

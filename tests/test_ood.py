@@ -183,7 +183,7 @@ def test_evaluate_ood_reports_every_scorer_beside_msp(ood_head: Path, test_folde
     assert "out-of-distribution" in text and "msp" in text
 
 
-def test_onnx_carries_the_score_predict_gives(ood_head: Path, tmp_path: Path) -> None:
+def test_onnx_carries_the_score_predict_gives(ood_head: Path, unknown_folder: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
     import torch
 
@@ -213,6 +213,15 @@ def test_onnx_carries_the_score_predict_gives(ood_head: Path, tmp_path: Path) ->
         z = predict_logits(clf.head, feats)
         want = ood.score(feats, z, scorer)  # what `rt predict` computes
         assert np.allclose(score, want, rtol=1e-3, atol=1e-4) and np.allclose(logits, z, rtol=1e-4, atol=1e-4)
+    # the last export against `rt predict` itself, on the same images through the project's own transform
+    from resnet_transfer.images import list_images, normalized_batches
+
+    rows = json.loads(_ok("predict", d, unknown_folder, "--json", "--precision", "fp32"))["predictions"]
+    t = md.identity.transform
+    x = torch.cat([b[0] for b in normalized_batches(list_images(unknown_folder), t, 8, "cpu")])
+    pixels = (x * torch.tensor(t.std).view(1, 3, 1, 1) + torch.tensor(t.mean).view(1, 3, 1, 1)).contiguous()
+    _, score = ort.InferenceSession(str(d / "model.onnx")).run(None, {"pixels": pixels.numpy()})
+    assert np.allclose(score, [r["ood_score"] for r in rows], rtol=1e-3, atol=1e-4)
 
 
 def test_an_old_head_directory_without_scorers_still_predicts(ood_head: Path, unknown_folder: Path, tmp_path: Path) -> None:  # fmt: skip

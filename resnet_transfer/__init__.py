@@ -24,7 +24,7 @@ __all__, __getattr__, __dir__ = face(
         "images": ("list_images",),
         "backbone": ("build_backbone",),
         "cache": ("ExtractConfig", "ExtractResult", "FeatureCache", "extract"),
-        "head": ("FitHeadConfig", "SoftmaxHead", "fit_head"),
+        "head": ("FitHeadConfig", "SoftmaxHead", "fit_head", "fit_ood", "read_ood"),
         "models": (
             "EvaluateConfig",
             "ExportConfig",

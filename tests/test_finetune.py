@@ -194,7 +194,7 @@ def test_frozen_stages_bit_identical_and_progressive_history(image_folder, tmp_p
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     md = read_model_dir(tmp_path / "ft")
     assert md.kind == "finetuned" and md.classes == list(CLASSES)
-    assert set(md.meta["files"]) == {"head.safetensors", "backbone.safetensors"}
+    assert set(md.meta["files"]) == {"head.safetensors", "backbone.safetensors", "ood.safetensors"}
 
 
 def test_resume_equals_uninterrupted(image_folder, tmp_path):

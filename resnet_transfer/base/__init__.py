@@ -44,12 +44,7 @@ __all__, __getattr__, __dir__ = face(
             "fsync_file",
             "temp_name",
         ),
-        "metrics": (
-            "classification_metrics",
-            "metrics_rows",
-            "plot_confusion",
-            "plot_training_curves",
-        ),
+        "metrics": ("classification_metrics", "metrics_rows", "ood_metrics", "plot_confusion", "plot_training_curves"),
         "report": (
             "DEFAULT_PROGRESS_INTERVAL",
             "Reporter",

@@ -137,3 +137,26 @@ def plot_training_curves(
     finally:
         plt.close(fig)
     return path
+
+
+def ood_metrics(in_scores: Any, out_scores: Any) -> dict[str, float]:
+    """How well a score (higher = farther from the training data) separates images of the known classes
+    (``in_scores``) from images of none of them (``out_scores``): the area under the ROC curve (the chance that
+    an unknown image scores above a known one; 0.5 = no better than a coin) and the false positive rate at 95%
+    true positive rate (the share of unknown images still accepted by the threshold that accepts 95% of the
+    known ones; lower is better)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    s_in = np.asarray(in_scores, dtype=np.float64)
+    s_out = np.asarray(out_scores, dtype=np.float64)
+    if not len(s_in) or not len(s_out):
+        raise ValueError("ood_metrics needs scores of both known and unknown images")
+    y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    threshold = np.quantile(s_in, 0.95, method="higher")
+    return {
+        "auroc": float(roc_auc_score(y, np.r_[s_in, s_out])),
+        "fpr_at_95_tpr": float((s_out <= threshold).mean()),
+        "n_in": len(s_in),
+        "n_out": len(s_out),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +66,13 @@ def fit_head_cmd(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head in --out.")] = False,
     knn_search: common.KnnSearchOpt = "auto",
+    ood: Annotated[
+        Path | None,
+        typer.Option(
+            "--ood",
+            help="A few images of none of the classes (folder or cache): keep the scorer that separates them best.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Train a softmax head on cached features (seconds; the images are not touched again).
@@ -83,6 +89,8 @@ def fit_head_cmd(
         rt fit-head --cache pets.h5 --val pets-val.h5 --hidden 256 --solver adamw --out mlp-head/
 
         rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
+
+        rt fit-head --cache pets.h5 --ood ./not-pets --out cat-head/
     """
     from ..head import FitHeadConfig
     from ..head import fit_head as run_fit_head
@@ -110,6 +118,7 @@ def fit_head_cmd(
         max_memory_gb=max_memory_gb,
         overwrite=overwrite,
         knn_search=knn_search,
+        ood=ood,
     )
     result = common.call(run_fit_head, cfg)
     if as_json:
@@ -141,6 +150,17 @@ def predict(
             "extracted in: `rt info CACHE` says it).",
         ),
     ] = "auto",
+    reject_unknown: Annotated[
+        bool,
+        typer.Option("--reject-unknown", help="Print `unknown` as the prediction of images unlike the training data."),
+    ] = False,
+    ood_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--ood-threshold", help="Out-of-distribution score above which an image is unknown (default: the head's)."
+        ),
+    ] = None,
+    ood_scorer: common.OodScorerOpt = None,
 ) -> None:
     """Classify new images with a fitted head (or finetuned model).
 
@@ -151,6 +171,8 @@ def predict(
         rt predict cat-head/ photo1.jpg photo2.png --top 3
 
         rt predict cat-head/ ./new-photos --tta flip --csv > predictions.csv
+
+        rt predict cat-head/ ./new-photos --reject-unknown
     """
     options = dict(locals())
     from ..models import PredictConfig
@@ -161,36 +183,10 @@ def predict(
         raise typer.Exit(2)
     cfg = common.build(PredictConfig, options, cli_only=("as_json", "as_csv"), inputs=list(inputs))
     res = common.call(run_predict, cfg)
-    marked = min_confidence is not None  # then a `prediction` column says the class or `uncertain`
-    if as_json:
-        common.echo_json(
-            {
-                "classes": res.classes,
-                "predictions": [{**r, "top": [{"class": c, "probability": p} for c, p in r["top"]]} for r in res.rows],
-                "skipped": [{"path": p, "reason": why} for p, why in res.skipped],
-            }
-        )
-    elif as_csv:
-        import csv
+    from .predictions import print_predictions
 
-        w = csv.writer(sys.stdout)
-        k = max((len(r["top"]) for r in res.rows), default=0)
-        pcol = ["prediction"] if marked else []
-        w.writerow(["path", *pcol] + [x for i in range(1, k + 1) for x in (f"class_{i}", f"probability_{i}")])
-        for r in res.rows:
-            pval = [r["prediction"]] if marked else []
-            w.writerow([r["path"], *pval] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
-    else:
-        from ..base import print_table
-
-        columns = ["image", *(["prediction"] if marked else [])] + [
-            f"#{i + 1}" for i in range(min(top, len(res.classes)))
-        ]
-        rows = [
-            [r["path"], *([r["prediction"]] if marked else []), *[f"{c} {p:.3f}" for c, p in r["top"]]]
-            for r in res.rows
-        ]
-        print_table(columns, rows, title=f"{len(res.rows)} image(s)")
+    marked = min_confidence is not None or reject_unknown  # a `prediction` column: class, uncertain or unknown
+    print_predictions(res, "json" if as_json else "csv" if as_csv else "table", top, marked)
     if res.skipped:
         raise typer.Exit(3)
 
@@ -226,6 +222,11 @@ def evaluate(
             help="With --cache and --worst: the folder it was extracted from (default: the folder the cache records, or found next to it).",
         ),
     ] = None,
+    ood: Annotated[
+        Path | None,
+        typer.Option("--ood", help="Images of none of the classes (folder or cache): AUROC / FPR95 of each scorer."),
+    ] = None,
+    ood_scorer: common.OodScorerOpt = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled data.
 
@@ -239,6 +240,8 @@ def evaluate(
         rt evaluate cat-head/ --cache pets-test.h5 --json
 
         rt evaluate cat-head/ --data ./pets-test --tta tencrop --out eval/
+
+        rt evaluate cat-head/ --data ./pets-test --ood ./not-pets --out eval/
     """
     options = dict(locals())
     from ..models import EvaluateConfig
@@ -262,9 +265,9 @@ def evaluate(
         cells = [[f"{v:5d}" for v in line] for line in r["confusion_matrix"]]
         for c, line in zip(names, cells):
             typer.echo(f"  {c:>{width}} " + " ".join(line))
-        from ..models import summary_lines
+        from ..models import ood_summary_lines, summary_lines
 
-        for line in summary_lines(r):
+        for line in summary_lines(r) + ood_summary_lines(r.get("ood")):
             typer.echo(line)
     if res.skipped:
         raise typer.Exit(3)

@@ -93,6 +93,12 @@ SEARCH_HELP = (
     "(pip install 'resnet_transfer[ann]')."
 )
 KnnSearchOpt = Annotated[str, typer.Option("--knn-search", help="The kNN beside the head. " + SEARCH_HELP)]
+OodScorerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ood-scorer", help="knn | mahalanobis | energy | msp: the out-of-distribution score (default: the head's)."
+    ),
+]
 
 
 def epoch_list(text: str | None) -> list[int] | None:

@@ -73,6 +73,9 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
     history = state.history
     best_row = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
     report = _report(run, best_row, seconds)
+    from .ood_outputs import model_ood  # the out-of-distribution scorers on the final backbone (head/ood.py)
+
+    ood_files, ood_meta, report["ood"] = model_ood(run)
     png = plot_training_curves(
         history, out / CURVES_PNG, f"finetune {ident.model}: unfreeze {run.target}", state.best_epoch
     )
@@ -86,8 +89,11 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         identity,
         run.feeding.classes,
         model.head.config,
-        {HEAD_FILE: model.head.state_dict()},
-        extra_meta={"finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch}},
+        {HEAD_FILE: model.head.state_dict(), **ood_files},
+        extra_meta={
+            "finetune": {"unfreeze": run.target, "schedule": cfg.schedule, "best_epoch": state.best_epoch},
+            **ood_meta,
+        },
         extra_files=[BACKBONE_FILE],
     )
     rep = get_reporter()

@@ -1,6 +1,6 @@
 """The head wing: the softmax head module, its scikit-learn estimator and solvers, feature-set choice,
-``fit_head``, temperature scaling, calibration, the kNN beside the head and the one neighbour search
-(exact in blocks, or faiss's index) that the kNN and the cache tools share.
+``fit_head``, temperature scaling, calibration, the kNN and the out-of-distribution scorers beside the head,
+and the one neighbour search (exact in blocks, or faiss's index) that they and the cache tools share.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ __all__, __getattr__, __dir__ = face(
             "softmax",
         ),
         "estimator": ("SoftmaxHead",),
-        "fitting": (
-            "FitHeadConfig",
-            "fit_head",
-        ),
+        "fitting": ("FitHeadConfig", "fit_head"),
         "knn": (
             "CosineKnn",
             "choose_k",
@@ -55,6 +52,9 @@ __all__, __getattr__, __dir__ = face(
             "index_available",
             "search",
         ),
+        "ood": ("EnergyScorer", "KnnScorer", "MahalanobisScorer", "MspScorer", "SCORERS", "make_scorer"),
+        "ood_fit": ("ood_beside_fit", "unknown_features"),
+        "ood_store": ("NO_SCORER_HINT", "OodModel", "fit_ood", "ood_tensors", "read_ood", "require_ood"),
         "select": (
             "CV_BELOW",
             "feature_candidates",

@@ -58,6 +58,7 @@ class FitHeadConfig:
     overwrite: bool = False
     plot: bool = True
     knn_search: str = "auto"  # the kNN beside the head: auto | exact | index (neighbors.py)
+    ood: Path | None = None  # images of the unknown (cache or folder): choose the OOD scorer (ood_fit.py)
     head: dict[str, Any] = field(default_factory=dict)  # SoftmaxHead parameters given explicitly
 
     def __init__(
@@ -74,13 +75,14 @@ class FitHeadConfig:
         overwrite: bool = False,
         plot: bool = True,
         knn_search: str = "auto",
+        ood: Path | None = None,
         head: dict[str, Any] | None = None,
         **head_params: Any,
     ) -> None:
         self.cache, self.out, self.classes, self.val = cache, out, classes, val
         self.val_fraction, self.seed, self.max_memory_gb = val_fraction, seed, max_memory_gb
         self.features = features
-        self.overwrite, self.plot, self.knn_search = overwrite, plot, knn_search
+        self.overwrite, self.plot, self.knn_search, self.ood = overwrite, plot, knn_search, ood
         if knn_search not in SEARCHES:
             raise UsageError(f"--knn-search {knn_search!r} is not known", f"use one of {', '.join(SEARCHES)}")
         self.head = {**(head or {}), **head_params}
@@ -387,19 +389,25 @@ def _maybe_choose_features(
     return (sel, vsplit), X_train
 
 
-def _write_head_dir(out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any]) -> None:
-    """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors."""
+def _write_head_dir(
+    out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any], ood: Any = None
+) -> None:
+    """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors
+    (+ ood.safetensors and meta.json's "ood": the out-of-distribution scorers, ood_store.py)."""
     from .directory import write_model_dir
+    from .ood_store import ood_tensors
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    ood_files, ood_meta = ood_tensors(ood) if ood is not None else ({}, {})
     write_model_dir(
         out,
         kind="head",
         identity=identity,
         classes=classes,
         head_config=head.module_.config,
-        tensors={"head.safetensors": head.module_.state_dict()},
+        tensors={"head.safetensors": head.module_.state_dict(), **ood_files},
         extra_meta={
+            **ood_meta,
             "created": created,
             "fit": {
                 "solver": head.solver,
@@ -448,6 +456,11 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         knn = knn_beside_fit(
             cache, rows, cache.labels[rows], split.X_val, split.y_val, head, cfg.knn_search, _memory_budget_bytes(cfg)
         )
+        from .ood_fit import ood_beside_fit  # the out-of-distribution scorers (ood.py)
+
+        ood, ood_report = ood_beside_fit(
+            cache, split, head, X_train, cfg.ood, cfg.knn_search, _memory_budget_bytes(cfg)
+        )
 
     calibration = _calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
@@ -465,7 +478,8 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
     report["knn"] = knn
-    _write_head_dir(out, head, identity, classes, report)
+    report["ood"] = ood_report
+    _write_head_dir(out, head, identity, classes, report, ood)
     if metrics and cfg.plot:
         plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{out.name}: validation")
     report["warnings"] = rep.warnings[warn_start:]

@@ -25,5 +25,6 @@ __all__, __getattr__, __dir__ = face(
         ),
         "loading": ("load_classifier",),
         "info": ("describe",),
+        "unknown": ("UNKNOWN", "ood_summary_lines"),
     },
 )

@@ -23,6 +23,9 @@ class PredictConfig:
     max_pixels: int | None = None
     min_confidence: float | None = None  # below it a row is marked `uncertain`
     compile: str = "auto"
+    reject_unknown: bool = False  # `prediction` says `unknown` where the out-of-distribution score is above
+    ood_threshold: float | None = None  # instead of the threshold stored with the head
+    ood_scorer: str | None = None  # instead of the scorer stored as the head's choice (knn | mahalanobis | ...)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class EvaluateConfig:
     knn_cache: str | Path | None = None  # the kNN's training cache (default: the head's own)
     knn_search: str = "auto"  # auto | exact | index: how the kNN finds neighbours (head.neighbors)
     root: str | Path | None = None  # where a cache's images are (for worst.png)
+    ood: str | Path | None = None  # images of none of the classes (folder or cache): the OOD scorers compared
+    ood_scorer: str | None = None  # the scorer reported first (default: the head's choice)
 
 
 @dataclass

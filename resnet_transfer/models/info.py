@@ -25,6 +25,9 @@ def describe(path: str | Path, list_skipped: bool = False) -> dict[str, Any]:
             "head": md.head_config,
             "identity": md.identity.to_dict(),
         }
+        if md.meta.get("ood"):  # the out-of-distribution scorer predictions use (head/ood_store.py)
+            o = md.meta["ood"]
+            out["ood"] = {"scorer": o["scorer"], "threshold": o["threshold"], "scorers": sorted(o["scorers"])}
         report = p / "report.json"
         if report.exists():
             try:

@@ -83,9 +83,11 @@ def _probabilities(
     precision: str,
     max_pixels: int | None,
     compile: str = "auto",
+    features: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Softmax probabilities for every readable image: ``(probs (m, k), indices into images, skipped)``.
-    The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability."""
+    The head's ``predict_proba`` (its temperature applied); test-time views are averaged in probability.
+    ``features``: a list that receives the head's input features of each batch (views averaged)."""
     import torch
 
     from ..backbone import forward_images
@@ -124,6 +126,8 @@ def _probabilities(
                 if mode:
                     p = p.reshape(len(b.ok), -1, p.shape[-1]).mean(1)
                 probs.append(p.float().cpu().numpy())
+                if features is not None:  # for the out-of-distribution score (unknown.py)
+                    features.append(feats.reshape(len(b.ok), -1, feats.shape[-1]).float().mean(1).cpu().numpy())
                 good += b.ok
             bar.advance(len(b.indices))
     k = len(model.classes)
@@ -157,8 +161,19 @@ def predict(cfg: PredictConfig) -> PredictResult:
     rep = get_reporter()
     for note in images.notes:
         rep.warn(note)
+    from .unknown import load_scorer, mark_unknown
+
+    ood, feats = load_scorer(model.md, cfg), []  # the out-of-distribution scorer (head/ood.py), if stored
     probs, good, skipped = _probabilities(
-        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels, cfg.compile
+        model,
+        images,
+        cfg.tta,
+        cfg.batch_size,
+        cfg.device,
+        cfg.precision,
+        cfg.max_pixels,
+        cfg.compile,
+        feats if ood else None,
     )
     classes = model.classes
     k = min(cfg.top, len(classes))
@@ -176,6 +191,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     from ..head import mark_uncertain
 
     mark_uncertain(rows, cfg.min_confidence)
+    mark_unknown(rows, ood, np.concatenate(feats) if feats else np.zeros((0, 1), np.float32), model.head, cfg)
     rep.skipped(skipped, "image(s) could not be read and were skipped")
     return PredictResult(rows, skipped, classes, probs, time.perf_counter() - t0, images.notes)
 
@@ -203,7 +219,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         ev = _scores_on_cache(cfg.model_dir, cfg.cache, cfg.root)
     else:
         ev = _scores_on_images(cfg)
-    md, classes, y, pred, logits, X, files, source, skipped, missing = ev
+    md, classes, y, pred, logits, X, files, source, skipped, missing, ood_in = ev
     metrics = classification_metrics(y, pred, classes)
     report = {
         "kind": "evaluate",
@@ -231,6 +247,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             title=f"{md.path.name} on {source}",
         )
     )
+    if cfg.ood is not None:  # images of none of the classes: the out-of-distribution scorers (unknown.py)
+        from .unknown import ood_evaluation
+
+        report["ood"] = ood_evaluation(cfg, md, *ood_in, y, cfg.out)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if cfg.out is not None:
         od = Path(cfg.out)
@@ -261,7 +281,7 @@ def _scores_on_cache(model_dir: str | Path, cache: str | Path, root: str | Path 
     head.load_state_dict(md.load_tensors(HEAD_FILE))
     logits = predict_logits(head, X)
     missing = "" if found.found else found.missing(f"--cache {cache}")
-    return md, classes, y, logits.argmax(1), logits, X, files, source, [], missing
+    return md, classes, y, logits.argmax(1), logits, X, files, source, [], missing, (X, logits)
 
 
 def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
@@ -284,8 +304,9 @@ def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     if len(labelled) < len(images):
         rep.warn(f"{len(images) - len(labelled)} unlabelled image(s) ignored")
     images = images.subset(labelled)
+    feats: list[np.ndarray] | None = [] if cfg.ood is not None else None  # for --ood (unknown.py)
     probs, good, skipped = _probabilities(
-        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels
+        model, images, cfg.tta, cfg.batch_size, cfg.device, cfg.precision, cfg.max_pixels, features=feats
     )
     rep.skipped(skipped, "image(s) could not be read and were left out")
     if not good:
@@ -295,4 +316,9 @@ def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     # constant, which is what the extras expect (they apply the head's temperature themselves)
     logits = log_probabilities(probs) * head_temperature(md.head_config)
     files = [Path(images.paths[i]) for i in good]
-    return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped, ""
+    ood_in = None
+    if feats:  # the features and untempered logits of the known images (--ood, unknown.py)
+        from .unknown import head_logits
+
+        ood_in = (np.concatenate(feats), head_logits(model.head, np.concatenate(feats)))
+    return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped, "", ood_in

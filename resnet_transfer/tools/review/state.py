@@ -18,6 +18,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ...base import UsageError
+from ...head import NO_SCORER_HINT
 from .files import ImageFiles
 from .findings import KINDS, Findings
 from .manifest import EXCLUDED, ReviewManifest, State
@@ -26,7 +27,7 @@ from .vectors import Vectors
 UNLABELLED, EXCLUDED_ID = -1, -2
 PAGE_MAX = 500
 SORTS = ("auto", "row", "loss", "confidence", "confidence_asc", "audit")
-VERDICTS = ("", "wrong", "uncertain", "right")
+VERDICTS = ("", "wrong", "uncertain", "right", "unknown")
 STATUSES = ("", "changed", "relabelled", "excluded", "unchanged")
 NEIGHBOURS = 8
 SAMPLE = 64  # rows checked at start for "are the images there?"
@@ -278,6 +279,10 @@ class ReviewState:
                 mask &= (cur >= 0) & (hid != pred)
             elif q.verdict == "right":
                 mask &= hid == pred
+            elif q.verdict == "unknown":  # unlike the training data (the head's out-of-distribution scorer)
+                if head.unknown is None:
+                    raise UsageError("verdict=unknown: the head has no out-of-distribution scorer", NO_SCORER_HINT)
+                mask &= head.unknown
             else:
                 mask &= head.confidence < self.uncertain
         order = self._order(q)

@@ -35,6 +35,7 @@ class HeadVerdicts:
     classes: list[str]
     probs: np.ndarray  # (N, K) float32
     temperature: float
+    unknown: np.ndarray | None = None  # (N,) bool: out-of-distribution score above the head's threshold
 
     @property
     def predicted(self) -> np.ndarray:
@@ -94,6 +95,7 @@ class Vectors:
                 list(md.classes),
                 np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(md.classes)), np.float32),
                 head_temperature(md.head_config),
+                _unknown(self.cache, arrays, md, head_stages),
             )
         return (total / max(self.n, 1)).astype(np.float32)
 
@@ -168,6 +170,19 @@ def _load_head(cache: Any, head: str | Path) -> tuple[Any, Any]:
         )
     cache.check_identity(md.identity, f"the head in {md.path}")
     return load_head_arrays(md.path / HEAD_FILE), md
+
+
+def _unknown(cache: Any, arrays: Any, md: Any, stages: list[str] | None) -> np.ndarray | None:
+    """Rows whose out-of-distribution score (the head's stored scorer, head/ood.py) is above its threshold;
+    ``None`` for a head without one. Rows the head was fitted on are among their own kNN neighbours."""
+    from ...head import head_logits, read_ood
+
+    ood = read_ood(md.path, md.meta)
+    if ood is None:
+        return None
+    X = cache.features(None, stage=stages, dtype=None)
+    z = np.concatenate([head_logits(arrays, md.head_config, X[lo : lo + BLOCK]) for lo in range(0, len(X), BLOCK)])
+    return ood.score(X, z) > ood.threshold()
 
 
 def _head_stages(md: Any) -> list[str] | None:

@@ -11,14 +11,11 @@ new paths in listing order. :func:`changes` compares two states of a cache in on
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..base import fsutil
 from .writer import Row, SkippedFile, Stat
 
 CHANGE_FIELDS = ("added", "changed", "removed", "relabelled", "moved", "unchanged")
@@ -61,23 +58,22 @@ class Plan:
 
 
 def take_keys(images: Any, recorded: dict[str, tuple[Stat, str]]) -> tuple[list[str], list[Stat], dict[int, str], int]:
-    """Content keys of the listed images: the recorded key where size, mtime_ns and inode are unchanged,
-    else a digest of the bytes. Returns keys, stats, unreadable files (index -> reason), files hashed."""
+    """Content keys of the listed images: the recorded key where the stat is unchanged (a file's size,
+    mtime_ns and inode; a member's size and its archive's mtime_ns and inode), else a digest of the bytes
+    (:meth:`ImageList.digest`: the same key for a file and a member with its bytes). Returns keys, stats,
+    unreadable images (index -> reason), images read for their key."""
     keys: list[str] = []
     stats: list[Stat] = []
     bad: dict[int, str] = {}
     hashed = 0
-    root = Path(images.root)
     for i, p in enumerate(images.paths):
-        full = Path(p) if os.path.isabs(p) else root / p
         try:
-            st = os.stat(full)
-            stat = (int(st.st_size), int(st.st_mtime_ns), int(st.st_ino))
+            stat = images.stat(i)
             rec = recorded.get(p)
             if rec is not None and rec[0] == stat:
                 key = rec[1]
             else:
-                key = fsutil.file_digest(full)
+                key = images.digest(i)
                 hashed += 1
         except OSError as exc:
             bad[i] = f"cannot read the file ({exc.strerror or exc})"

@@ -45,7 +45,14 @@ HeadDirArg = Annotated[
 
 def finetune(
     head_dir: HeadDirArg = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder or CSV manifest to train on.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, CSV manifest, .zip/.tar of class folders, WebDataset shards, a save_to_disk dataset or Parquet to train on.",
+        ),
+    ] = None,
     cache: Annotated[
         Path | None,
         typer.Option("--cache", help="Train on a cache's stage maps (`rt extract --cut layer3`) instead of images."),

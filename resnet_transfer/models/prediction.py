@@ -60,6 +60,12 @@ def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: 
     class_names = list(classes or [])
     for inp in inputs:
         il = list_images(inp, classes=classes, allow_outside=allow_outside)
+        if il.reader is not None:  # an archive, shards or a dataset: its members, read in place
+            if len(inputs) > 1:
+                raise UsageError(
+                    f"{inp}: a {il.source} source is read on its own", "give it alone, or predict each input apart"
+                )
+            return il
         notes += il.notes
         given = os.fspath(inp)
         if il.source == "file":

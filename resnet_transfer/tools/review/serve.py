@@ -57,7 +57,7 @@ def _images(cache: Any, root: Path | None, prefix: str, option: str) -> Any:
 
     found = image_root(cache, root)  # the one answer to where a cache's images are (images.sheets)
     where = option if root is not None else (found.how if found.found else found.where())
-    images = Images(ImageFiles(found.folder, cache.paths), prefix, where)
+    images = Images(ImageFiles(found.folder, cache.paths, found.reader), prefix, where)
     images.check()
     return images
 

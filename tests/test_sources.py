@@ -4,6 +4,7 @@ image folder; the cache of each must equal the folder's, row by row."""
 
 from __future__ import annotations
 
+import pickle
 import sys
 import tarfile
 import zipfile
@@ -128,6 +129,9 @@ def test_each_source_gives_the_folders_cache_row_by_row(
         assert list(got.keys) == list(want.keys)  # a member's key is its file's key
         assert np.array_equal(got.labels, want.labels)
         assert np.array_equal(got.features(), want.features())
+        listing = list_images(data)  # torchrun ranks and spawned workers get it pickled: the source reopens
+        clone = pickle.loads(pickle.dumps(listing.subset([5])))
+        assert clone.digest(0) == listing.digest(5) == got.keys[5]
         found = image_root(got)  # review, audit and sheets find the images through the same reader
         assert found.found and found.reader is not None
         member = found.resolve([got.paths[0]])[0]
@@ -201,3 +205,38 @@ def test_cls_indices_name_classes_by_number_and_samples_group_by_key(tmp_path: P
     got = list_images(tmp_path / "one.tar")
     assert got.source == "wds" and got.classes == ["2", "12"] and len(got) == 12
     assert got.paths[0] == "one.tar/a/000.jpg" and any("without an image" in n for n in got.notes)
+
+
+def test_a_manifest_beside_the_folder_relabels_and_moves_nothing(image_folder: Path, tmp_path: Path) -> None:
+    """The roots bug: `rt review` wrote its manifest beside (not inside) the image folder with one image
+    relabelled; `rt extract --data fixes.csv` said "relabelled 0, moved 24". The files are the same files."""
+    import shutil
+
+    shutil.copytree(image_folder, tmp_path / "data" / "pets")
+    out = tmp_path / "pets.h5"
+    _extract(tmp_path / "data" / "pets", out)
+    listing = list_images(tmp_path / "data" / "pets")
+    rows = [f"pets/{p},{listing.classes[y]}" for p, y in zip(listing.paths, listing.labels)]
+    rows[0] = f"pets/{listing.paths[0]},triangle"  # was circle
+    (tmp_path / "data" / "fixes.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    res = _extract(tmp_path / "data" / "fixes.csv", out)
+    assert res.computed == 0
+    assert res.changes == {"added": 0, "changed": 0, "removed": 0, "relabelled": 1, "moved": 0, "unchanged": 23}
+    with FeatureCache(out) as fc:
+        assert fc.paths[0] == f"pets/{listing.paths[0]}" and fc.classes[fc.labels[0]] == "triangle"
+        assert image_root(fc).found
+
+
+def test_a_moved_file_with_a_new_label_counts_as_relabelled() -> None:
+    from resnet_transfer.cache import changes
+
+    old = [("a/1.jpg", "k1", "cat"), ("a/2.jpg", "k2", "cat"), ("a/3.jpg", "k3", "cat")]
+    new = [("b/1.jpg", "k1", "dog"), ("b/2.jpg", "k2", "cat"), ("a/3.jpg", "k9", "dog")]
+    assert changes(old, new) == {
+        "added": 0,
+        "changed": 0,
+        "removed": 0,
+        "relabelled": 2,
+        "moved": 1,
+        "unchanged": 0,
+    }

@@ -163,14 +163,34 @@ def _writer(cfg: ExtractConfig, setup: RunSetup, images: Any, lock: bool = True)
     )
 
 
+def _old_paths(e: Any, images: Any, paths: list[str]) -> list[str]:
+    """The existing cache's ``paths`` as this run's listing names the same files (:func:`plan.rebase`): the
+    cache's root is the folder it records (else its recorded place next to the cache file); a source read in
+    place (zip, shards, a dataset) keeps its member names."""
+    from ..images import SOURCE_KINDS
+    from .plan import rebase
+
+    attrs = e.attrs or {}
+    if images.reader is not None or attrs.get("source") in SOURCE_KINDS:
+        return list(paths)
+    old_root: Any = attrs.get("root") or None
+    if old_root is None and attrs.get("root_relative"):
+        old_root = Path(e.path).resolve().parent / str(attrs["root_relative"])
+    return rebase(paths, old_root, images.root)
+
+
 def _plan(writer: Any, images: Any) -> Any:
     from .plan import make_plan
 
     e = writer.existing
+    if e is None:
+        return make_plan(images, [], {}, set(writer.known()), writer.known_skips())
+    stats = e.file_stats()
+    here = _old_paths(e, images, list(stats))
     return make_plan(
         images,
-        e.paths if e is not None else [],
-        e.file_stats() if e is not None else {},
+        _old_paths(e, images, list(e.paths)),
+        dict(zip(here, stats.values())),
         set(writer.known()),
         writer.known_skips(),
     )
@@ -204,12 +224,12 @@ def _announce(cfg: ExtractConfig, setup: RunSetup, plan: Any, total: int) -> Non
         rep.info(hint)
 
 
-def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str]) -> tuple[dict[str, int], str]:
+def _changes(writer: Any, rows: list[Any], skipped: list[Any], images: Any) -> tuple[dict[str, int], str]:
     from .plan import change_line, changes, row_names
 
     e = writer.existing
-    old = row_names(e.paths, e.keys, list(e.labels), e.classes) if e is not None else []
-    new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], classes)
+    old = row_names(_old_paths(e, images, list(e.paths)), e.keys, list(e.labels), e.classes) if e is not None else []
+    new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], images.classes)
     counts = changes(old, new)
     return counts, change_line(counts, len(skipped))
 
@@ -219,7 +239,7 @@ def _finish(cfg: ExtractConfig, writer: Any, plan: Any, computed: int, seconds: 
     rep = get_reporter()
     out = Path(cfg.out)
     rows, skipped = plan.result(set(writer.known()), writer.known_skips())
-    counts, line = _changes(writer, rows, skipped, plan.images.classes)
+    counts, line = _changes(writer, rows, skipped, plan.images)
     last = {"summary": line, **counts, "skipped": len(skipped), "computed": computed}
     had = writer.existing.n if writer.existing is not None else None
     n, new = writer.finalize(rows, skipped, {"last_run": json.dumps(last)}, merge=cfg.merge)
@@ -243,7 +263,7 @@ def _dry_run(cfg: ExtractConfig, writer: Any, images: Any) -> ExtractResult:
         plan = _plan(writer, images)
         todo, keys = plan.todo()
         rows, skipped = plan.result(set(writer.known()) | set(keys), writer.known_skips())
-        counts, line = _changes(writer, rows, skipped, images.classes)
+        counts, line = _changes(writer, rows, skipped, images)
     finally:
         writer.close()
     rep.info(f"dry run: {line}")

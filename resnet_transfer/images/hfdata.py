@@ -90,6 +90,10 @@ class HfReader(Reader):
         self.stamp = file_stamp(stamp if stamp.exists() else root)
 
     @classmethod
+    def reopen(cls, root: str) -> HfReader:
+        return cls.open(Path(root))
+
+    @classmethod
     def open(cls, root: Path) -> HfReader:
         datasets = _libs()
         root = Path(root).expanduser()
@@ -147,6 +151,10 @@ class ParquetReader(Reader):
         self._meta: dict[str, tuple[Any, str, str | None, list[int], tuple[int, int]]] = {}
         self._groups: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    @classmethod
+    def reopen(cls, root: str) -> ParquetReader:
+        return cls.open(Path(root))
 
     @classmethod
     def open(cls, path: Path) -> ParquetReader:

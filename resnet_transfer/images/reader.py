@@ -82,6 +82,15 @@ class Reader:
     def has(self, name: str) -> bool:
         raise NotImplementedError
 
+    def __reduce__(self) -> Any:
+        """Pickled (torchrun ranks, DataLoader workers started by spawn) as "open the same source again": no
+        handle, lock or thread-local crosses a process."""
+        return (self.__class__.reopen, (str(self.root),))
+
+    @classmethod
+    def reopen(cls, root: str) -> Reader:
+        return cls(Path(root))
+
     def member(self, name: str) -> Member:
         return Member(self, name)
 

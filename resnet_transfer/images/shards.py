@@ -44,6 +44,10 @@ class ShardReader(Reader):
         self._index: dict[str, TarIndex] = {}
 
     @classmethod
+    def reopen(cls, root: str) -> ShardReader:
+        return cls.open(Path(root))
+
+    @classmethod
     def open(cls, data: str | os.PathLike[str]) -> ShardReader:
         """Shards named by a brace pattern, a folder of shards, or one shard file."""
         text = os.fspath(data)

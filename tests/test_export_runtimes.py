@@ -106,3 +106,16 @@ def test_predict_reads_a_zip_as_it_reads_the_folder(
     got = predict(PredictConfig(model_dir=head_dirs["linear"], inputs=[data], precision="fp32"))
     assert [Path(r["path"]).name for r in got.rows] == [Path(r["path"]).name for r in want.rows]
     assert np.allclose(got.probabilities, want.probabilities, atol=1e-6)
+
+
+def test_evaluate_on_a_zip_reports_as_on_the_folder_and_draws_its_worst(
+    head_dirs: dict[str, Path], image_folder: Path, tmp_path: Path
+) -> None:
+    data = write_zip(image_folder, tmp_path / "d.zip")
+    args = ["evaluate", str(head_dirs["linear"]), "--worst", "4"]
+    r = runner.invoke(app, [*args, "--data", str(data), "--out", str(tmp_path / "z")])
+    assert r.exit_code == 0, r.output
+    f = runner.invoke(app, [*args, "--data", str(image_folder), "--out", str(tmp_path / "f")])
+    zipped, folder = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("z", "f"))
+    assert zipped["accuracy"] == folder["accuracy"] and f.exit_code == 0
+    assert (tmp_path / "z" / "worst.png").is_file() and "not found" not in r.output

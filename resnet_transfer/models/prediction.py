@@ -300,5 +300,5 @@ def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
     # constant, which is what the extras expect (they apply the head's temperature themselves)
     logits = log_probabilities(probs) * head_temperature(md.head_config)
-    files = [Path(images.paths[i]) for i in good]
+    files = [images.file(i) for i in good]  # files, or members of a source (the worst-images sheet reads them)
     return md, classes, y, probs.argmax(1), logits, None, files, str(cfg.data), skipped, ""

@@ -146,10 +146,15 @@ def test_a_second_extract_computes_nothing_and_a_new_shard_only_its_images(image
     assert _extract(shards, out).computed == 24
     again = _extract(shards, out)
     assert again.computed == 0 and again.changes["unchanged"] == 24
-    more = make_image_folder(tmp_path / "more", per_class=2, seed=7)
+    with FeatureCache(out) as fc:
+        before = fc.labels.copy()
+    more = make_image_folder(tmp_path / "more", per_class=2, seed=7, classes=("circle", "star"))  # a new class
     write_shards(more, str(shards / "train-%03d.tar"), start=3, offset=1000)
     added = _extract(shards, out)
-    assert added.computed == 6 and added.changes["added"] == 6 and added.changes["unchanged"] == 24
+    assert added.computed == 4 and added.changes["added"] == 4 and added.changes["unchanged"] == 24
+    with FeatureCache(out) as fc:
+        assert fc.classes == ["circle", "square", "triangle", "star"]  # the cache's class ids stay
+        assert np.array_equal(fc.labels[:24], before) and all(p.startswith("train-003.tar/") for p in fc.paths[24:])
 
 
 def test_a_corrupt_member_is_skipped_and_listed_by_member_name(image_folder: Path, tmp_path: Path) -> None:

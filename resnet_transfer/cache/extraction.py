@@ -64,7 +64,7 @@ def _check_options(cfg: ExtractConfig) -> None:
 
 def _listing(cfg: ExtractConfig) -> Any:
     """The images, classes in the existing cache's order first (so label ids stay), then new ones sorted."""
-    from ..images import extended_class_order, list_images
+    from ..images import extended_class_order, list_images, remap_labels
     from .reader import FeatureCache
 
     out = Path(cfg.out)
@@ -78,7 +78,11 @@ def _listing(cfg: ExtractConfig) -> Any:
     images = list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
         order = extended_class_order(known, images.classes)
-        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
+        if images.reader is not None:  # an archive or shards: relabel in place rather than read its headers again
+            images.labels = [int(y) for y in remap_labels(images.labels, images.classes, order)]
+            images.classes = order
+        else:
+            images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
     for note in images.notes:
         get_reporter().warn(note)
     return images

@@ -245,3 +245,46 @@ def test_a_moved_file_with_a_new_label_counts_as_relabelled() -> None:
         "moved": 1,
         "unchanged": 0,
     }
+
+
+def _review(cache: Path, tmp_path: Path, manifest: Path | None = None) -> tuple[object, object]:
+    from starlette.testclient import TestClient
+
+    from resnet_transfer.tools.review import ReviewConfig, ThumbCache, build_state, create_app
+
+    state = build_state(ReviewConfig(cache=cache, manifest=manifest))
+    client = TestClient(create_app(state, "t", {"testserver"}, ThumbCache(tmp_path / "thumbs")))
+    client.get("/", params={"token": "t"})  # as the browser: the printed URL, then the cookie
+    return state, client
+
+
+def test_review_with_its_manifest_beside_the_folder_then_extract_says_relabelled_1(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """The issue's path as a new user takes it: `rt review --manifest fixes.csv` beside the image folder."""
+    import shutil
+
+    data = tmp_path / "data" / "pets"
+    shutil.copytree(image_folder, data)
+    cache = tmp_path / "pets.h5"
+    _extract(data, cache)
+    state, client = _review(cache, tmp_path, tmp_path / "data" / "fixes.csv")
+    rows = {r["path"]: r["row"] for r in client.get("/api/rows", params={"limit": 500}).json()["rows"]}
+    path = next(p for p in rows if p.startswith("circle/"))
+    r = client.post("/api/label", json={"row": rows[path], "label": "square"}, headers={"X-RT-Token": "t"})
+    assert r.status_code == 200
+    state.manifest.close()
+    res = _extract(tmp_path / "data" / "fixes.csv", cache)
+    assert res.computed == 0 and res.summary.startswith("added 0, changed 0, removed 0, relabelled 1, moved 0")
+
+
+def test_review_shows_the_images_of_a_zip(image_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "z.h5"
+    _extract(write_zip(image_folder, tmp_path / "d.zip"), cache)
+    state, client = _review(cache, tmp_path)
+    assert state.images.found == state.images.sampled > 0
+    assert any("members of" in n for n in state.notes)
+    row = client.get("/api/rows", params={"limit": 5}).json()["rows"][0]
+    assert client.get(row["thumb"]).status_code == 200
+    full = client.get(row["thumb"].replace("/thumb/s/", "/file/", 1))  # the side panel's full image
+    assert full.status_code == 200 and full.content == (image_folder / row["path"]).read_bytes()

@@ -101,6 +101,11 @@ def build_state(cfg: ReviewConfig) -> Any:
             f"no images found: looked in {root if root is not None else '(no folder known)'} ({images.where}); "
             "pass --root DIR (the --data folder the cache was extracted from)"
         )
+    if images.files.reader is not None:
+        notes.append(
+            f"the images are members of {root} ({images.files.reader.kind}): they are shown from it, but "
+            "`rt extract --data` cannot read a manifest naming them yet; fix labels in the source itself"
+        )
     return ReviewState(
         name=str(cfg.cache),
         paths=list(cache.paths),

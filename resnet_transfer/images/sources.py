@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ..base import UsageError
-from .reader import Reader, is_pattern
+from .reader import IMAGE_EXTENSIONS, Reader, is_pattern
 
 SOURCE_KINDS = ("zip", "tar", "wds", "hf", "parquet")
 
@@ -50,6 +50,8 @@ def detect(data: str | Path) -> str | None:
     if any(e.is_dir() for e in entries):
         return None
     files = [e.name.lower() for e in entries if e.is_file()]
+    if any(Path(f).suffix in IMAGE_EXTENSIONS for f in files):
+        return None  # a folder of loose images, whatever else lies beside them
     if any(f.endswith(".parquet") for f in files):
         return "parquet"
     if any(f.endswith((".tar", ".tar.gz", ".tgz")) for f in files):

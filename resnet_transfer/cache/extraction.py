@@ -168,19 +168,24 @@ def _writer(cfg: ExtractConfig, setup: RunSetup, images: Any, lock: bool = True)
 
 
 def _old_paths(e: Any, images: Any, paths: list[str]) -> list[str]:
-    """The existing cache's ``paths`` as this run's listing names the same files (:func:`plan.rebase`): the
-    cache's root is the folder it records (else its recorded place next to the cache file); a source read in
-    place (zip, shards, a dataset) keeps its member names."""
+    """The existing cache's ``paths`` as this run's listing names the same files (:func:`plan.rebase`). The
+    cache's root is whichever of the folder it records and that folder's recorded place next to the cache
+    file names more of this listing's files (a manifest beside the image folder: the recorded one; a data
+    folder moved together with its cache: the relative one); with neither, the paths as they are (only a root
+    that differs costs a pass over the paths). A source read in place keeps its member names."""
     from ..images import SOURCE_KINDS
     from .plan import rebase
 
     attrs = e.attrs or {}
     if images.reader is not None or attrs.get("source") in SOURCE_KINDS:
         return list(paths)
-    old_root: Any = attrs.get("root") or None
-    if old_root is None and attrs.get("root_relative"):
-        old_root = Path(e.path).resolve().parent / str(attrs["root_relative"])
-    return rebase(paths, old_root, images.root)
+    listed = set(images.paths)
+    roots: list[Any] = [None, attrs.get("root") or None]
+    if attrs.get("root_relative"):
+        roots.append(Path(e.path).resolve().parent / str(attrs["root_relative"]))
+    hits = [sum(p in listed for p in rebase(e.paths, r, images.root if r else None)) for r in roots]
+    root = roots[max(range(len(roots)), key=lambda k: (hits[k], -k))]  # ties: the paths as they are
+    return rebase(paths, root, images.root if root is not None else None)
 
 
 def _plan(writer: Any, images: Any) -> Any:

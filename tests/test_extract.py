@@ -236,20 +236,21 @@ def test_dry_run_plans_without_writing_and_info_shows_the_last_run(fresh_folder:
     files = sorted(p for p in fresh_folder.rglob("*") if p.is_file())
     files[0].unlink()  # removed
     assert files[1].parent.name == "circle"
-    files[1].rename(fresh_folder / "triangle" / "moved.png")  # moved to another class folder
+    files[1].rename(fresh_folder / "triangle" / "moved.png")  # moved to another class folder: a new label
     make_image_folder(fresh_folder, per_class=1, seed=8, classes=("circle",))  # added
     before = (out.stat().st_mtime_ns, sorted(p.name for p in chunk_dir(out).iterdir()))
     r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT, "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in r.output
+    # a changed label counts as relabelled whatever else changed (issue 33), the move included
+    assert "added 1, changed 0, removed 1, relabelled 1, moved 0, unchanged 10" in r.output
     assert "would compute 1 image" in r.output
     assert (out.stat().st_mtime_ns, sorted(p.name for p in chunk_dir(out).iterdir())) == before
     r = rt("extract", "--data", fresh_folder, "--out", out, *EXACT)
-    assert "added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in r.output
+    assert "added 1, changed 0, removed 1, relabelled 1, moved 0, unchanged 10" in r.output
     c = FeatureCache(out)
-    assert c.n == 12 and c.last_run["computed"] == 1 and c.last_run["moved"] == 1
+    assert c.n == 12 and c.last_run["computed"] == 1 and c.last_run["relabelled"] == 1
     info = rt("info", out)
-    assert "last_run: added 1, changed 0, removed 1, relabelled 0, moved 1, unchanged 10" in info.output
+    assert "last_run: added 1, changed 0, removed 1, relabelled 1, moved 0, unchanged 10" in info.output
 
 
 def test_merged_cache_is_one_file_and_still_updates(fresh_folder: Path, tmp_path: Path) -> None:

@@ -79,26 +79,27 @@ def require_pooled_only(stages: bool) -> None:
         )
 
 
-def calibration_images(source: str | Path, n: int = CALIBRATION_CROPS) -> tuple[list[str], str]:
+def calibration_images(source: str | Path, n: int = CALIBRATION_CROPS) -> tuple[list[Any], str]:
     """``n`` images of a folder or CSV manifest (evenly spaced in path order: the same on every run) for
     :func:`calibration_from_images`, and the precision name a cache records for them: ``int8@<digest>``,
     where the digest covers the images' bytes and :data:`SCHEME` (rows quantized with another calibration
     set are other rows)."""
     import hashlib
 
-    from ..base import DataError, file_digest
+    from ..base import DataError
     from ..images import list_images
 
     images = list_images(source)
     if not len(images):
         raise DataError(f"{source}: no images to calibrate on", "give --calibration a folder or manifest of images")
-    rel = sorted(images.paths)  # relative to the root: the choice does not depend on where the folder is
+    rel = sorted(range(len(images)), key=lambda i: images.paths[i])  # by path: not where the folder is
     step = max(1, len(rel) // n)
-    chosen = [str(Path(images.root) / p) for p in rel[::step][:n]]
+    picked = rel[::step][:n]
+    chosen = [images.file(i) for i in picked]  # files, or members of an archive / shards / a dataset
     h = hashlib.blake2b(digest_size=6)
     h.update(SCHEME.encode())
-    for p in chosen:
-        h.update(file_digest(p).encode())
+    for i in picked:
+        h.update(images.digest(i).encode())
     return chosen, f"int8@{h.hexdigest()}"
 
 

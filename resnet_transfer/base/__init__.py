@@ -39,6 +39,7 @@ __all__, __getattr__, __dir__ = face(
             "atomic_path",
             "atomic_write_json",
             "atomic_write_text",
+            "bytes_digest",
             "file_digest",
             "fsync_dir",
             "fsync_file",

@@ -15,6 +15,7 @@ __all__, __getattr__, __dir__ = face(
         ),
         "extraction": ("extract",),
         "layout": ("ChunkStore",),
+        "plan": ("change_line", "changes"),
         "reader": (
             "FEATURE_CHUNK_ROWS",
             "FORMAT_VERSION",

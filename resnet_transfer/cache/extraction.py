@@ -64,7 +64,7 @@ def _check_options(cfg: ExtractConfig) -> None:
 
 def _listing(cfg: ExtractConfig) -> Any:
     """The images, classes in the existing cache's order first (so label ids stay), then new ones sorted."""
-    from ..images import extended_class_order, list_images
+    from ..images import extended_class_order, list_images, remap_labels
     from .reader import FeatureCache
 
     out = Path(cfg.out)
@@ -78,7 +78,11 @@ def _listing(cfg: ExtractConfig) -> Any:
     images = list_images(cfg.data, allow_outside=cfg.allow_outside)
     if known is not None:
         order = extended_class_order(known, images.classes)
-        images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
+        if images.reader is not None:  # an archive or shards: relabel in place rather than read its headers again
+            images.labels = [int(y) for y in remap_labels(images.labels, images.classes, order)]
+            images.classes = order
+        else:
+            images = list_images(cfg.data, classes=order, allow_outside=cfg.allow_outside)
     for note in images.notes:
         get_reporter().warn(note)
     return images
@@ -163,14 +167,39 @@ def _writer(cfg: ExtractConfig, setup: RunSetup, images: Any, lock: bool = True)
     )
 
 
+def _old_paths(e: Any, images: Any, paths: list[str]) -> list[str]:
+    """The existing cache's ``paths`` as this run's listing names the same files (:func:`plan.rebase`). The
+    cache's root is whichever of the folder it records and that folder's recorded place next to the cache
+    file names more of this listing's files (a manifest beside the image folder: the recorded one; a data
+    folder moved together with its cache: the relative one); with neither, the paths as they are (only a root
+    that differs costs a pass over the paths). A source read in place keeps its member names."""
+    from ..images import SOURCE_KINDS
+    from .plan import rebase
+
+    attrs = e.attrs or {}
+    if images.reader is not None or attrs.get("source") in SOURCE_KINDS:
+        return list(paths)
+    listed = set(images.paths)
+    roots: list[Any] = [None, attrs.get("root") or None]
+    if attrs.get("root_relative"):
+        roots.append(Path(e.path).resolve().parent / str(attrs["root_relative"]))
+    hits = [sum(p in listed for p in rebase(e.paths, r, images.root if r else None)) for r in roots]
+    root = roots[max(range(len(roots)), key=lambda k: (hits[k], -k))]  # ties: the paths as they are
+    return rebase(paths, root, images.root if root is not None else None)
+
+
 def _plan(writer: Any, images: Any) -> Any:
     from .plan import make_plan
 
     e = writer.existing
+    if e is None:
+        return make_plan(images, [], {}, set(writer.known()), writer.known_skips())
+    stats = e.file_stats()
+    here = _old_paths(e, images, list(stats))
     return make_plan(
         images,
-        e.paths if e is not None else [],
-        e.file_stats() if e is not None else {},
+        _old_paths(e, images, list(e.paths)),
+        dict(zip(here, stats.values())),
         set(writer.known()),
         writer.known_skips(),
     )
@@ -204,12 +233,12 @@ def _announce(cfg: ExtractConfig, setup: RunSetup, plan: Any, total: int) -> Non
         rep.info(hint)
 
 
-def _changes(writer: Any, rows: list[Any], skipped: list[Any], classes: list[str]) -> tuple[dict[str, int], str]:
+def _changes(writer: Any, rows: list[Any], skipped: list[Any], images: Any) -> tuple[dict[str, int], str]:
     from .plan import change_line, changes, row_names
 
     e = writer.existing
-    old = row_names(e.paths, e.keys, list(e.labels), e.classes) if e is not None else []
-    new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], classes)
+    old = row_names(_old_paths(e, images, list(e.paths)), e.keys, list(e.labels), e.classes) if e is not None else []
+    new = row_names([r.path for r in rows], [r.key for r in rows], [r.label for r in rows], images.classes)
     counts = changes(old, new)
     return counts, change_line(counts, len(skipped))
 
@@ -219,7 +248,7 @@ def _finish(cfg: ExtractConfig, writer: Any, plan: Any, computed: int, seconds: 
     rep = get_reporter()
     out = Path(cfg.out)
     rows, skipped = plan.result(set(writer.known()), writer.known_skips())
-    counts, line = _changes(writer, rows, skipped, plan.images.classes)
+    counts, line = _changes(writer, rows, skipped, plan.images)
     last = {"summary": line, **counts, "skipped": len(skipped), "computed": computed}
     had = writer.existing.n if writer.existing is not None else None
     n, new = writer.finalize(rows, skipped, {"last_run": json.dumps(last)}, merge=cfg.merge)
@@ -243,7 +272,7 @@ def _dry_run(cfg: ExtractConfig, writer: Any, images: Any) -> ExtractResult:
         plan = _plan(writer, images)
         todo, keys = plan.todo()
         rows, skipped = plan.result(set(writer.known()) | set(keys), writer.known_skips())
-        counts, line = _changes(writer, rows, skipped, images.classes)
+        counts, line = _changes(writer, rows, skipped, images)
     finally:
         writer.close()
     rep.info(f"dry run: {line}")

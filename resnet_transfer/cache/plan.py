@@ -5,20 +5,20 @@ are those recorded in the cache with its key (the stat check: a no-op run reads 
 arrays are stored (in the cache or in finished chunk files of an interrupted run) is reused wherever the
 image now lives and whatever its label; a key recorded as unreadable is not retried; every other key is
 computed once, however many paths share it. Rows keep their order: the cache's rows that still exist, then
-new paths in listing order. :func:`changes` compares two states of a cache in one line
-(``added 3, changed 1, removed 2, relabelled 1, moved 0, unchanged 412``).
+new paths in listing order. A cache extracted from another folder than this run's root (a manifest beside
+the image folder) has its paths rebased first (:func:`rebase`), so the same file is the same row. :func:`changes`
+compares two states of a cache in one line (``added 3, changed 1, removed 2, relabelled 1, moved 0,
+unchanged 412``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base import fsutil
 from .writer import Row, SkippedFile, Stat
 
 CHANGE_FIELDS = ("added", "changed", "removed", "relabelled", "moved", "unchanged")
@@ -61,23 +61,22 @@ class Plan:
 
 
 def take_keys(images: Any, recorded: dict[str, tuple[Stat, str]]) -> tuple[list[str], list[Stat], dict[int, str], int]:
-    """Content keys of the listed images: the recorded key where size, mtime_ns and inode are unchanged,
-    else a digest of the bytes. Returns keys, stats, unreadable files (index -> reason), files hashed."""
+    """Content keys of the listed images: the recorded key where the stat is unchanged (a file's size,
+    mtime_ns and inode; a member's size and its archive's mtime_ns and inode), else a digest of the bytes
+    (:meth:`ImageList.digest`: the same key for a file and a member with its bytes). Returns keys, stats,
+    unreadable images (index -> reason), images read for their key."""
     keys: list[str] = []
     stats: list[Stat] = []
     bad: dict[int, str] = {}
     hashed = 0
-    root = Path(images.root)
     for i, p in enumerate(images.paths):
-        full = Path(p) if os.path.isabs(p) else root / p
         try:
-            st = os.stat(full)
-            stat = (int(st.st_size), int(st.st_mtime_ns), int(st.st_ino))
+            stat = images.stat(i)
             rec = recorded.get(p)
             if rec is not None and rec[0] == stat:
                 key = rec[1]
             else:
-                key = fsutil.file_digest(full)
+                key = images.digest(i)
                 hashed += 1
         except OSError as exc:
             bad[i] = f"cannot read the file ({exc.strerror or exc})"
@@ -113,25 +112,50 @@ def make_plan(
 
 
 def changes(old: Sequence[tuple[str, str, str | None]], new: Sequence[tuple[str, str, str | None]]) -> dict[str, int]:
-    """Counts of what changed between two lists of ``(path, key, class name or None)`` rows: a path kept
-    with the same key is unchanged or relabelled, with another key changed; a new path whose key left
-    another (gone) path is moved, else added; a gone path not moved is removed."""
+    """Counts of what changed between two lists of ``(path, key, class name or None)`` rows (paths as the
+    same root names them: :func:`rebase`). A changed label counts as relabelled whatever else changed; else
+    a path kept with the same key is unchanged, with another key changed; a new path whose key left another
+    (gone) path is moved, else added; a gone path not moved is removed."""
     before = {p: (k, c) for p, k, c in old}
     after = {p: (k, c) for p, k, c in new}
     out = dict.fromkeys(CHANGE_FIELDS, 0)
     for p, (k, c) in after.items():
         if p in before:
             k0, c0 = before[p]
-            out["unchanged" if (k0, c0) == (k, c) else "relabelled" if k0 == k else "changed"] += 1
-    gone = Counter(before[p][0] for p in before if p not in after)
-    for p, (k, _) in after.items():
+            out["relabelled" if c0 != c else "unchanged" if k0 == k else "changed"] += 1
+    gone: dict[str, list[str | None]] = {}
+    for p, (k, c) in before.items():
+        if p not in after:
+            gone.setdefault(k, []).append(c)
+    for p, (k, c) in after.items():
         if p not in before:
-            if gone[k] > 0:
-                gone[k] -= 1
-                out["moved"] += 1
-            else:
+            labels = gone.get(k)
+            if not labels:
                 out["added"] += 1
-    out["removed"] = sum(gone.values())
+                continue
+            was = labels.pop(labels.index(c) if c in labels else 0)
+            out["moved" if was == c else "relabelled"] += 1
+    out["removed"] = sum(len(v) for v in gone.values())
+    return out
+
+
+def rebase(paths: Sequence[str], old_root: str | Path | None, new_root: str | Path | None) -> list[str]:
+    """A cache's row ``paths`` (relative to ``old_root``, the folder it was extracted from) as a listing
+    relative to ``new_root`` names the same files: a manifest beside the image folder names ``cat/1.jpg`` as
+    ``pets/cat/1.jpg``, and it is the same file, not a moved one. A path outside ``new_root`` becomes
+    absolute (as ``--allow-outside`` lists it); with either root unknown, or the same, ``paths`` as they are."""
+    if old_root is None or new_root is None:
+        return list(paths)
+    old, new = Path(old_root).resolve(), Path(new_root).resolve()
+    if old == new:
+        return list(paths)
+    out = []
+    for p in paths:
+        full = Path(os.path.normpath(p if os.path.isabs(p) else old / p))
+        try:
+            out.append(full.relative_to(new).as_posix())
+        except ValueError:
+            out.append(full.as_posix())
     return out
 
 

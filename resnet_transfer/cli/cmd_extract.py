@@ -41,7 +41,11 @@ MergeOpt = Annotated[
 def extract(
     data: Annotated[
         Path,
-        typer.Option("--data", "-d", help="Image folder (one sub-folder per class) or CSV manifest path,label."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder (one sub-folder per class), CSV manifest path,label, .zip/.tar/.tar.gz of class folders, WebDataset shards (a folder of .tar or train-{000..009}.tar), a save_to_disk dataset or Parquet.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HDF5 cache to write (resumed if it exists).")] = Path(
         "features.h5"
@@ -108,6 +112,8 @@ def extract(
     Examples:
 
         rt extract --data ./pets --out pets.h5
+
+        rt extract --data pets.zip --out pets.h5   (also .tar, .tar.gz, shards-{000..009}.tar, a dataset folder, .parquet)
 
         rt extract --data ./pets --model resnet18 --weights ./resnet18.pth --out pets18.h5
 

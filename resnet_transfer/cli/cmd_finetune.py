@@ -45,7 +45,7 @@ HeadDirArg = Annotated[
 
 def finetune(
     head_dir: HeadDirArg = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder or CSV manifest to train on.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help=common.DATA_HELP)] = None,
     cache: Annotated[
         Path | None,
         typer.Option("--cache", help="Train on a cache's stage maps (`rt extract --cut layer3`) instead of images."),
@@ -163,10 +163,16 @@ def finetune(
 
 def export(
     model_dir: Annotated[Path, typer.Argument(help="A model directory from `rt finetune` (or a head directory).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript | onnx")] = "onnx",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx | torchscript | timm (a timm model folder)")
+    ] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="File to write (default: MODEL_DIR/model.onnx or .torchscript.pt)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="File to write (default: MODEL_DIR/model.onnx or .torchscript.pt; timm: MODEL_DIR/timm/).",
+        ),
     ] = None,
 ) -> None:
     """Write the whole classifier (backbone + head) as one file for serving without this package.
@@ -175,9 +181,15 @@ def export(
     the file records the resize/crop to apply first and the class names. The file is reloaded and
     compared with the original before the command succeeds.
 
+    --format timm writes a folder in timm's own layout (config.json with the preprocessing and class names,
+    model.safetensors): timm.create_model("local-dir:DIR", pretrained=True) loads it, and
+    huggingface_hub.upload_folder publishes it (then "hf-hub:user/name"). Linear heads only.
+
     Examples:
 
         rt export cat-l4/ --format onnx
+
+        rt export cat-l4/ --format timm --out cat-timm/
 
         rt export cat-l4/ --format torchscript --out serve/cat.pt
     """

@@ -127,7 +127,12 @@ def fit_head_cmd(
 
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
-    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or CSV manifests.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files, folders, or CSV manifests; or one .zip/.tar, WebDataset shards, saved dataset or Parquet."
+        ),
+    ],
     top: Annotated[int, typer.Option("--top", "-k", help="Classes to show per image.")] = 3,
     tta: TtaOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
@@ -194,7 +199,12 @@ def predict(
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A head directory (`rt fit-head`) or model (`rt finetune`).")],
     data: Annotated[
-        Path | None, typer.Option("--data", "-d", help="Labelled images: a folder of class folders, or a CSV.")
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled images: a folder of class folders, a CSV, a .zip/.tar of class folders, WebDataset shards, a save_to_disk dataset or Parquet.",
+        ),
     ] = None,
     cache: Annotated[
         Path | None, typer.Option("--cache", "-c", help="Or a labelled feature cache of the same backbone.")

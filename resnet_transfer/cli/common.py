@@ -88,6 +88,10 @@ HeadWeightsOpt = Annotated[
     str | None,
     typer.Option("--weights", "-w", help="Backbone checkpoint, if it moved since the head was fitted."),
 ]
+DATA_HELP = (
+    "Images to train on: a folder of class folders, a CSV manifest path,label, a .zip/.tar/.tar.gz of class "
+    "folders, WebDataset shards (a folder of .tar, or train-{000..009}.tar), a save_to_disk dataset or Parquet."
+)
 SEARCH_HELP = (
     "Neighbour search: auto (exact while it is fast, else the faiss index when installed), exact, or index "
     "(pip install 'resnet_transfer[ann]')."

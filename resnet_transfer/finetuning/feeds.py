@@ -377,15 +377,12 @@ def keep_recorded_split(
 
 
 def _keys(images: Any) -> list[str | None]:
-    """Content keys (``fsutil.file_digest``) of listed images; ``None`` for a file that cannot be read
-    (it is skipped when decoded)."""
-    from ..base import file_digest
-
-    root = Path(images.root)
+    """Content keys (:meth:`ImageList.digest`: a file's or a member's bytes) of listed images; ``None`` for
+    an image that cannot be read (it is skipped when decoded)."""
     keys: list[str | None] = []
-    for p in images.paths:
+    for i in range(len(images)):
         try:
-            keys.append(file_digest(root / p))
+            keys.append(images.digest(i))
         except OSError:
             keys.append(None)
     return keys

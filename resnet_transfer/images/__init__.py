@@ -1,4 +1,5 @@
-"""The images wing: listing a folder or manifest, the class index, the one split, robust decoding, the
+"""The images wing: listing a folder, a manifest or a source read in place (zip/tar, WebDataset shards, a
+Hugging Face dataset or Parquet: one reader per source), the class index, the one split, robust decoding, the
 threaded loader, transforms and contact sheets.
 """
 
@@ -24,6 +25,8 @@ __all__, __getattr__, __dir__ = face(
             "stratified_split",
         ),
         "feed": ("collate", "iter_batches", "normalized_batches"),
+        "reader": ("Member", "Reader"),
+        "sources": ("SOURCE_KINDS", "detect", "open_source"),
         "sheets": (
             "ImageRoot",
             "ROOT_HINT",

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from ..base import DataError, UsageError
+from ..base import DataError, RtError, UsageError
+from .reader import IMAGE_EXTENSIONS, is_litter
+from .sources import detect, open_source
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx"})
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own error threshold (2x its warning threshold)
 
 
@@ -49,6 +49,7 @@ class ImageList:
     classes: list[str]
     source: str = "folder"
     notes: list[str] = field(default_factory=list)
+    reader: Any = None  # a sources.Reader when the images are members of an archive, shards or a dataset
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,7 +62,42 @@ class ImageList:
             list(self.classes),
             self.source,
             list(self.notes),
+            self.reader,
         )
+
+    def file(self, i: int) -> Any:
+        """What :func:`load_image` decodes for image ``i``: its file's path, or a member of the source."""
+        rel = self.paths[i]
+        if self.reader is not None:
+            return self.reader.member(rel)
+        return Path(rel) if os.path.isabs(rel) else self.root / rel
+
+    def stat(self, i: int) -> tuple[int, int, int]:
+        """A cheap fingerprint of image ``i``'s bytes (a file's size, mtime_ns, inode; a member's size and its
+        archive's mtime_ns and inode): unchanged, its content key is unchanged. Raises OSError."""
+        if self.reader is not None:
+            try:
+                return self.reader.stat(self.paths[i])
+            except KeyError:
+                raise FileNotFoundError(f"no member {self.paths[i]}") from None
+        st = os.stat(self.file(i))
+        return int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)
+
+    def digest(self, i: int) -> str:
+        """Image ``i``'s content key: the blake2b-128 of its bytes, the same for a file and for a member with
+        those bytes (``fsutil.file_digest`` / ``bytes_digest``). Raises OSError."""
+        from ..base import file_digest
+
+        if self.reader is None:
+            return file_digest(self.file(i))
+        try:
+            return self.reader.digest(self.paths[i])
+        except KeyError:
+            raise FileNotFoundError(f"no member {self.paths[i]}") from None
+        except (RtError, OSError):
+            raise
+        except Exception as exc:  # a damaged member (bad CRC, zlib): unreadable, like a file that cannot be read
+            raise OSError(f"{type(exc).__name__}: {str(exc)[:120]}") from None
 
     def counts(self) -> dict[str, int]:
         """Images per class (unlabelled ones under ``"(unlabelled)"``)."""
@@ -76,20 +112,20 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_litter(name)
 
 
-def is_litter(name: str) -> bool:
-    """Hidden files and OS litter (``.DS_Store``, ``Thumbs.db``, ``__MACOSX``, AppleDouble ``._x``)."""
-    return name.startswith(".") or name.lower() in LITTER
-
-
 def list_images(
     data: str | Path,
     classes: Sequence[str] | None = None,
     allow_outside: bool = False,
 ) -> ImageList:
     """Describe the images at ``data``: a folder (one sub-folder per class, nested folders allowed; a
-    folder of loose images is unlabelled), a CSV manifest (``path,label``), or a single image file.
+    folder of loose images is unlabelled), a CSV manifest (``path,label``), a single image file, or a source
+    read in place (:mod:`sources`): a ``.zip`` / ``.tar`` / ``.tar.gz`` of a class-folder tree, WebDataset
+    shards (``train-{000..009}.tar`` or a folder of ``.tar``), a ``save_to_disk`` dataset or Parquet files.
 
     ``classes`` fixes the class order (e.g. a head's); a folder or label not in it is an error."""
+    kind = detect(data)
+    if kind is not None:
+        return _from_source(data, kind, classes)
     p = Path(data).expanduser()
     if not p.exists():
         raise DataError(f"--data {data}: no such file or folder", "give an image folder or a .csv manifest")
@@ -100,6 +136,25 @@ def list_images(
             raise DataError(f"{p}: not an image file or a .csv manifest", "give an image, a folder or a .csv")
         return ImageList(p.parent, [p.name], [-1], list(classes or []), "file")
     return _from_folder(p, classes)
+
+
+def _from_source(data: str | Path, kind: str, classes: Sequence[str] | None) -> ImageList:
+    """The :class:`ImageList` of an archive, shards or a dataset: its members, labelled by class name
+    (``classes`` fixes the order, as for a folder), sorted by class then name (a compressed tar: in archive
+    order, so that reads only go forward)."""
+    reader = open_source(kind, data)
+    names, found, notes = reader.listing()
+    if not names:
+        raise DataError(f"--data {data}: no images found in the {kind} source", "check what it holds")
+    order = reader.class_sort(c for c in found if c is not None)
+    hint = "fix the labels or train a head on these classes"
+    order = class_order(order, order if classes is None else classes, f"{data}: class(es)", hint)
+    index = {c: i for i, c in enumerate(order)}
+    ys = [index[c] if c is not None else -1 for c in found]
+    rows = list(range(len(names)))
+    if reader.sorted_rows:
+        rows.sort(key=lambda i: (ys[i] < 0, ys[i], names[i]))
+    return ImageList(reader.root, [names[i] for i in rows], [ys[i] for i in rows], order, kind, notes, reader)
 
 
 def _walk_images(folder: Path, root: Path) -> tuple[list[str], list[str]]:
@@ -241,19 +296,35 @@ def _manifest_path(manifest: Path, root: Path, rel: str, lineno: int, allow_outs
 # ---------------------------------------------------------------------------------------------- decode
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image: EXIF orientation applied, first frame of animations, alpha
-    composited on white, 16-bit and float images scaled to 8 bits, CMYK/grayscale converted.
+def _open_member(member: Any) -> io.BytesIO:
+    try:
+        data = member.read()
+    except ImageDecodeError:
+        raise
+    except KeyError:
+        raise ImageDecodeError("no such member") from None
+    except Exception as exc:  # zlib, tarfile, zipfile, arrow: a member that cannot be read is skipped, with why
+        raise ImageDecodeError(f"cannot read the member ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    return io.BytesIO(data)
+
+
+def load_image(path: Any, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode ``path`` (a file, or a :class:`sources.Member` of an archive or dataset) to an RGB image: EXIF
+    orientation applied, first frame of animations, alpha composited on white, 16-bit and float images
+    scaled to 8 bits, CMYK/grayscale converted.
 
     ``draft`` lets the JPEG decoder downscale by a power of two while staying >= ``draft`` pixels on the
     short side (much faster for large photos). Raises :class:`ImageDecodeError` with the reason."""
-    p = Path(path)
+    member = hasattr(path, "reader")
+    p = path if member else Path(path)
     try:
-        if p.is_symlink() and not p.exists():
+        if not member and p.is_symlink() and not p.exists():
             raise ImageDecodeError("broken symlink")
-        if p.stat().st_size == 0:
+        if not member and p.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        with open(p, "rb") as f, warnings.catch_warnings():
+        with _open_member(p) if member else open(p, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(f)
             if img.width * img.height > max_pixels:
@@ -274,7 +345,10 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression-bomb limit: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {path_free(str(exc), p)[:120]})") from None
+        where = None if member else p
+        raise ImageDecodeError(
+            f"not a readable image ({type(exc).__name__}: {path_free(str(exc), where)[:120]})"
+        ) from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -315,9 +389,9 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def path(self, i: int) -> Path:
-        rel = self.images.paths[i]
-        return Path(rel) if os.path.isabs(rel) else self.images.root / rel
+    def path(self, i: int) -> Any:
+        """Image ``i``'s file, or its member of the source (:meth:`ImageList.file`)."""
+        return self.images.file(i)
 
     def __getitem__(self, i: int) -> tuple[Any, int, str]:
         import torch

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import DataError, atomic_path
+from ..base import DataError, RtError, atomic_path
 
 THUMB = 112
 CAPTION_LINES = 2
@@ -39,6 +39,7 @@ class ImageRoot:
     how: str = ""
     looked_in: tuple[tuple[Path, str], ...] = ()
     found: bool = True
+    reader: Any = None  # a sources.Reader when the images are members of an archive, shards or a dataset
 
     def where(self) -> str:
         """``looked in /a (the folder it was extracted from), /b (...)``."""
@@ -54,8 +55,11 @@ class ImageRoot:
             raise DataError(self.missing(what), ROOT_HINT)
         return self.folder
 
-    def resolve(self, paths: Sequence[str]) -> list[Path | None]:
-        """:func:`resolve` of ``paths`` under ``folder``."""
+    def resolve(self, paths: Sequence[str]) -> list[Any]:
+        """:func:`resolve` of ``paths`` under ``folder``; members of the source (what :func:`load_image`
+        decodes) when the cache was extracted from one."""
+        if self.reader is not None:
+            return [self.reader.member(p) for p in paths]
         return resolve(paths, self.folder)
 
 
@@ -69,6 +73,10 @@ def image_root(cache: Any, root: str | Path | None = None) -> ImageRoot:
     (``root_relative``: the data folder and the cache moved together), the cache's own folder, the working
     directory. The one place that decides it, for every tool that opens a cache's images."""
     attrs = getattr(cache, "attrs", {}) or {}
+    from .sources import SOURCE_KINDS
+
+    if attrs.get("source") in SOURCE_KINDS:
+        return _source_root(cache, attrs, root)
     sample = [p for p in cache.paths[:SAMPLE] if p]
     relative = [p for p in sample if not Path(p).is_absolute()]
     if sample and not relative:
@@ -90,6 +98,39 @@ def image_root(cache: Any, root: str | Path | None = None) -> ImageRoot:
         looked.append((Path(folder), why))
         if _holds(Path(folder), relative):
             return ImageRoot(Path(folder), why, tuple(looked))
+    return ImageRoot(None, "", tuple(looked), False)
+
+
+def _source_root(cache: Any, attrs: dict[str, Any], root: str | Path | None) -> ImageRoot:
+    """:func:`image_root` of a cache extracted from an archive, shards or a dataset: the first of ``root``,
+    the recorded source, its recorded place next to the cache, that holds the cache's first members."""
+    from .sources import open_source
+
+    kind = str(attrs["source"])
+    here = Path(cache.path).resolve().parent
+    tries = (
+        [(Path(root), "--root")]
+        if root is not None
+        else [
+            (attrs.get("root"), f"the {kind} source it was extracted from, as recorded"),
+            (_beside(here, attrs.get("root_relative")), "its recorded place next to the cache"),
+        ]
+    )
+    sample = [p for p in cache.paths[:SAMPLE] if p]
+    looked: list[tuple[Path, str]] = []
+    for where, why in tries:
+        if not where or any(Path(where) == p for p, _ in looked):
+            continue
+        looked.append((Path(where), why))
+        if not Path(where).exists():
+            continue
+        reader = open_source(kind, where)
+        try:
+            held = not sample or any(reader.has(p) for p in sample)
+        except RtError:
+            held = False
+        if held:
+            return ImageRoot(Path(where), why, tuple(looked), True, reader)
     return ImageRoot(None, "", tuple(looked), False)
 
 

@@ -54,8 +54,9 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    """Write ``model_dir``'s backbone + head as one servable file (``format``: onnx | torchscript)."""
+    """Write ``model_dir``'s backbone + head as one servable file (``format``: onnx | torchscript), or as a
+    timm model folder (``timm``: config.json + model.safetensors, loaded by ``timm.create_model("local-dir:")``)."""
 
     model_dir: str | Path
     format: str = "onnx"
-    out: str | Path | None = None  # default: MODEL_DIR/model.onnx or model.torchscript.pt
+    out: str | Path | None = None  # default: MODEL_DIR/model.onnx, model.torchscript.pt or the folder timm/

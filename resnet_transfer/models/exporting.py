@@ -38,12 +38,17 @@ class ExportResult:
 def export(cfg: ExportConfig) -> ExportResult:
     """Write ``cfg.model_dir``'s classifier as ``cfg.format`` (``torchscript`` | ``onnx``) to ``cfg.out``
     (default: inside the model directory) with a ``<out>.json`` sidecar; reload it and compare with the eager
-    model."""
+    model. ``timm``: a timm model folder instead (:func:`timm_export.export_timm`)."""
     import torch
 
     fmt, out = cfg.format, cfg.out
+    if fmt == "timm":  # a timm model folder: models/timm_export.py
+        from .timm_export import export_timm
+
+        folder, diff, checked_with = export_timm(cfg)
+        return ExportResult(folder, folder / "config.json", fmt, diff, checked_with)
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r} is not known", f"use one of: {', '.join(FORMATS)}")
+        raise UsageError(f"--format {fmt!r} is not known", f"use one of: {', '.join(FORMATS)}, timm")
     from .loading import load_classifier
 
     model, md = load_classifier(cfg.model_dir, normalize=True)

@@ -60,6 +60,12 @@ def _gather(inputs: list[str | Path], classes: list[str] | None, allow_outside: 
     class_names = list(classes or [])
     for inp in inputs:
         il = list_images(inp, classes=classes, allow_outside=allow_outside)
+        if il.reader is not None:  # an archive, shards or a dataset: its members, read in place
+            if len(inputs) > 1:
+                raise UsageError(
+                    f"{inp}: a {il.source} source is read on its own", "give it alone, or predict each input apart"
+                )
+            return il
         notes += il.notes
         given = os.fspath(inp)
         if il.source == "file":
@@ -315,7 +321,7 @@ def _scores_on_images(cfg: EvaluateConfig) -> tuple[Any, ...]:
     # _probabilities gives softmax(z / T); times T its logs are the untempered logits z up to a per-row
     # constant, which is what the extras expect (they apply the head's temperature themselves)
     logits = log_probabilities(probs) * head_temperature(md.head_config)
-    files = [Path(images.paths[i]) for i in good]
+    files = [images.file(i) for i in good]  # files, or members of a source (the worst-images sheet reads them)
     ood_in = None
     if feats:  # the features and untempered logits of the known images (--ood, unknown.py)
         from .unknown import head_logits

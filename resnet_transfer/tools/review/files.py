@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ...images import IMAGE_EXTENSIONS
 
@@ -28,7 +29,8 @@ def unsafe_segment(path: str) -> bool:
 class ImageFiles:
     """The files of one cache's rows under ``root`` (``None``: the folder is not known, nothing is served)."""
 
-    def __init__(self, root: Path | None, paths: Sequence[str]) -> None:
+    def __init__(self, root: Path | None, paths: Sequence[str], reader: Any = None) -> None:
+        self.reader = reader  # a source's reader (images.sources): rows are its members, served from it
         self.root = Path(root) if root is not None else None
         self.real_root = Path(os.path.realpath(self.root)) if self.root is not None else None
         self.paths = list(paths)
@@ -40,8 +42,11 @@ class ImageFiles:
             return None
         return self._rows.get(path)
 
-    def location(self, row: int) -> Path | None:
-        """Where row ``row``'s file should be (not checked); ``None`` without a root."""
+    def location(self, row: int) -> Any:
+        """Where row ``row``'s file should be (not checked); ``None`` without a root; a member of the source
+        when the cache was extracted from one."""
+        if self.reader is not None:
+            return self.reader.member(self.paths[row])
         if self.root is None:
             return None
         p = Path(self.paths[row])
@@ -51,10 +56,12 @@ class ImageFiles:
         loc = self.location(row)
         return loc is not None and loc.is_file()
 
-    def servable(self, row: int) -> Path | None:
+    def servable(self, row: int) -> Any:
         """The real file of ``row`` if it may be served: an image extension, a regular file, inside the real
-        root (a symlink out of it is refused); else ``None``."""
+        root (a symlink out of it is refused); a member the source holds; else ``None``."""
         loc = self.location(row)
+        if self.reader is not None:
+            return loc if loc.exists() else None
         if loc is None or self.real_root is None or loc.suffix.lower() not in IMAGE_EXTENSIONS:
             return None
         real = Path(os.path.realpath(loc))
@@ -64,7 +71,7 @@ class ImageFiles:
             return None
         return real if real.is_file() else None
 
-    def servable_path(self, path: str) -> Path | None:
+    def servable_path(self, path: str) -> Any:
         """:meth:`servable` of the row recorded as ``path``; ``None`` when there is none."""
         row = self.row_of(path)
         return None if row is None else self.servable(row)

@@ -57,7 +57,7 @@ def _images(cache: Any, root: Path | None, prefix: str, option: str) -> Any:
 
     found = image_root(cache, root)  # the one answer to where a cache's images are (images.sheets)
     where = option if root is not None else (found.how if found.found else found.where())
-    images = Images(ImageFiles(found.folder, cache.paths), prefix, where)
+    images = Images(ImageFiles(found.folder, cache.paths, found.reader), prefix, where)
     images.check()
     return images
 
@@ -100,6 +100,11 @@ def build_state(cfg: ReviewConfig) -> Any:
         notes.append(
             f"no images found: looked in {root if root is not None else '(no folder known)'} ({images.where}); "
             "pass --root DIR (the --data folder the cache was extracted from)"
+        )
+    if images.files.reader is not None:
+        notes.append(
+            f"the images are members of {root} ({images.files.reader.kind}): they are shown from it, but "
+            "`rt extract --data` cannot read a manifest naming them yet; fix labels in the source itself"
         )
     return ReviewState(
         name=str(cfg.cache),

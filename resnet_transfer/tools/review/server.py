@@ -183,7 +183,15 @@ class _Api:
         if file is None:
             return self._not_found()
         media = MEDIA.get(file.suffix.lower(), "application/octet-stream")
-        return FileResponse(file, media_type=media, headers={"cache-control": "private, max-age=60"})
+        headers = {"cache-control": "private, max-age=60"}
+        if hasattr(file, "reader"):  # a member of an archive, shards or a dataset: its bytes, read here
+            from starlette.responses import Response
+
+            try:
+                return Response(file.read(), media_type=media, headers=headers)
+            except Exception:
+                return self._not_found()
+        return FileResponse(file, media_type=media, headers=headers)
 
 
 def _row(body: dict[str, Any]) -> int:

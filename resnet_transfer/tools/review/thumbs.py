@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 SIZES = {"s": 224, "l": 768}  # grid tiles (sharp on 2x screens at 112 px), the side panel's large view
 WORKERS = 2
@@ -44,9 +45,13 @@ class ThumbCache:
         self._gate = threading.BoundedSemaphore(max(1, workers))
         self.made = 0  # thumbnails drawn by this process (the rest came from disk)
 
-    def name(self, file: Path, size: int) -> Path:
-        st = os.stat(file)
-        text = f"{VERSION}|{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}|{size}"
+    def name(self, file: Any, size: int) -> Path:
+        if hasattr(file, "reader"):  # a member of an archive, shards or a dataset (images.sources)
+            stat = file.reader.stat(file.name)
+            text = f"{VERSION}|{os.path.realpath(file.reader.root)}:{file.name}|{stat}|{size}"
+        else:
+            st = os.stat(file)
+            text = f"{VERSION}|{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}|{size}"
         h = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
         return self.folder / h[:2] / f"{h}.jpg"
 

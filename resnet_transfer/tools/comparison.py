@@ -168,6 +168,7 @@ def plot_compare(report: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     ok = [c for c in report["candidates"] if not c.get("error")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -189,6 +190,8 @@ def plot_compare(report: dict[str, Any], path: Path) -> Path:
         left.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, alpha=0.6, label="Pareto front")
         if all(x > 0 for x, _ in pts):
             left.set_xscale("log")
+            left.xaxis.set_major_formatter(ScalarFormatter())
+            left.xaxis.set_minor_formatter(NullFormatter())
         left.set_xlabel("rt extract images/s on this host")
         left.set_ylabel(f"probe test accuracy, k={report['k']}")
         left.set_title(f"recommended: {report['recommended']}", fontsize=9)
@@ -206,6 +209,11 @@ def plot_compare(report: dict[str, Any], path: Path) -> Path:
             ]
             right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=c["spec"])
         right.set_xscale("log")
+        right.minorticks_off()
+        ks = sorted({r["k"] for c in ok for r in c["curve"] if r["k"] != "all"})
+        right.set_xticks(ks, [str(k) for k in ks])
+        for ax in (left, right):
+            ax.set_ylim(max(-0.02, ax.get_ylim()[0]), min(1.02, ax.get_ylim()[1]))
         right.set_xlabel("labelled images per class (k)")
         right.set_ylabel(f"test accuracy ({report['n_test']} images)")
         right.set_title(f"label-efficiency curves, {report['seeds']} seeds, 95% t-interval", fontsize=9)

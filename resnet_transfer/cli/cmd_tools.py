@@ -203,7 +203,9 @@ def compare(
     l2: Annotated[float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
     device: common.DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 | int8, as `rt extract --precision`.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 | int8, as `rt extract --precision`.")
+    ] = "auto",
     compile: common.CompileOpt = "auto",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write compare.png.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print compare.json.")] = False,
@@ -220,12 +222,13 @@ def compare(
 
         rt compare --data ./pets --test ./pets-test --models resnet18,resnet18=none,resnet18=runs/source --k 5,20
     """
+    options = dict(locals())
     from ..tools import CompareConfig
     from ..tools import compare as run_compare
 
     cfg = common.build(
         CompareConfig,
-        dict(locals()),
+        options,
         cli_only=("k", "as_json", "models"),
         models=[m for m in models.split(",") if m.strip()],
         ks=common.int_list(k, "--k"),

@@ -387,13 +387,16 @@ def _scored(
         by_k = score_subsets(lambda r: X[r], y, Xt, yt, subsets, len(split.classes), l2=cfg.l2, knn=False)
         curve = [{k: v for k, v in c.items() if k != "method"} for c in summarize(by_k, len(yt))]
         with FeatureCache(cdir / "data.h5") as c:
-            ident = c.identity
+            ident, precision = c.identity, c.precision
         scores = {
+            "precision": precision,
             "curve": curve,
             "logme": logme(X, y),
             "model": ident.model,
             "weights_id": ident.weights_id,
             "feature_size": ident.num_features,
+            "input_size": ident.transform.input_size,
+            "arch": ident.arch,
             "parameters": _parameters(ident.arch),
             "score_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -406,7 +409,20 @@ def _scored(
         "accuracy": head["mean"],
         "interval": [lo if lo is not None else head["mean"], hi if hi is not None else head["mean"]],
         "cache_bytes": _disk_bytes(cdir),
+        "recorded_rates": _recorded(cfg, scores),
     }
+
+
+def _recorded(cfg: CompareConfig, scores: dict[str, Any]) -> dict[str, float]:
+    """The host's speed records for this network (images/s of the forward alone, per way of running it)."""
+    from ..backbone import recorded_rates
+    from ..base import resolve_device
+
+    if "arch" not in scores:
+        return {}
+    size = int(scores["input_size"])
+    shape = (cfg.batch_size, 3, size, size)
+    return recorded_rates(resolve_device(cfg.device), scores["arch"], scores["precision"], shape)
 
 
 def _parameters(arch: str) -> int:
@@ -444,6 +460,7 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
         "cache": str(row["dir"]),
         "extract_seconds": row.get("extract_seconds", 0.0),
         "score_seconds": row.get("score_seconds"),
+        "recorded_rates": row.get("recorded_rates"),
     }
     if "error" in row:
         out.update({"error": row["error"], "hint": row["hint"]})

@@ -72,7 +72,7 @@ def test_schema(runs: dict, image_folder: Path, test_folder: Path) -> None:
         assert c["accuracy"] == pytest.approx(np.mean(c["curve"][-1]["scores"]))
         assert c["computed"] == n_images and c["images_per_second"] > 0
         assert c["feature_size"] == 512 and c["parameters"] > 1e7 and c["cache_bytes"] > 0
-        assert np.isfinite(c["logme"])
+        assert np.isfinite(c["logme"]) and isinstance(c["recorded_rates"], dict)
     assert rep["candidates"][1]["weights"].endswith("a.pth")
     assert rep["n_train"] == 24 and rep["n_test"] == 18 and rep["split"]["kind"] == "test folder"
     assert rep["candidates"][0]["spec"] in rep["reason"] or rep["candidates"][1]["spec"] in rep["reason"]

@@ -11,11 +11,11 @@
 # 3. rt compare --data target/train --test target/test --models resnet18=<long>,resnet18=<early>,resnet18=none
 #    -> compare.json / compare.md / compare.png (probe accuracy with its interval, curves, LogME, cost).
 # 4. The check: for each candidate, `rt fit-head` on its cached features (the compare's work folder), then
-#    `rt finetune` of all layers starting from that probe on the whole target pool, `rt evaluate` on the test
+#    `rt finetune` of layer4 starting from that probe on the whole target pool, `rt evaluate` on the test
 #    set; verify.py writes verify.md and says whether the recommended candidate finetunes best.
 #
-# Settings (environment variables): SIZE=32 SOURCE_RENDERS=2 TARGET_RENDERS=2 TEST_RENDERS=2 LONG_EPOCHS=4
-#   EARLY_EPOCHS=1 KS=5,10,20,50 SEEDS=5 FT_EPOCHS=3 NICE=10
+# Settings (environment variables): SIZE=32 SOURCE_RENDERS=2 TARGET_RENDERS=2 TEST_RENDERS=2 LONG_EPOCHS=12
+#   EARLY_EPOCHS=2 KS=5,10,20,50 SEEDS=5 FT_EPOCHS=3 NICE=10 (source: batch 32, AdamW 3e-3)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,8 +24,8 @@ SIZE="${SIZE:-32}"
 SOURCE_RENDERS="${SOURCE_RENDERS:-2}"
 TARGET_RENDERS="${TARGET_RENDERS:-2}"
 TEST_RENDERS="${TEST_RENDERS:-2}"
-LONG_EPOCHS="${LONG_EPOCHS:-4}"
-EARLY_EPOCHS="${EARLY_EPOCHS:-1}"
+LONG_EPOCHS="${LONG_EPOCHS:-12}"
+EARLY_EPOCHS="${EARLY_EPOCHS:-2}"
 KS="${KS:-5,10,20,50}"
 SEEDS="${SEEDS:-5}"
 FT_EPOCHS="${FT_EPOCHS:-3}"
@@ -62,7 +62,7 @@ step() { # step "what" cmd args... : numbered, timed, output kept in the log (la
 source_model() { # source_model NAME EPOCHS
     step "source $1: ResNet-18 from scratch on digits 0-6, $2 epoch(s)" \
         "$RT" finetune --data "$DATA/source/train" --model resnet18 --weights none --unfreeze all \
-        --image-size "$SIZE" --epochs "$2" --batch-size 128 --lr 4e-3 --warmup-epochs 0.5 --crop-scale 0.6 \
+        --image-size "$SIZE" --epochs "$2" --batch-size 32 --lr 3e-3 --warmup-epochs 0.2 --crop-scale 0.8 \
         --no-hflip --label-smoothing 0 --patience 0 --checkpoint-every 0 --seed 0 --out "$MODELS/$1" --overwrite
 }
 
@@ -83,11 +83,11 @@ IFS=',' read -r -a specs <<<"$CANDIDATES"
 for spec in "${specs[@]}"; do
     name="$(basename "${spec#*=}")"
     cache="$("$PYTHON" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(next(c["cache"] for c in r["candidates"] if c["spec"]==sys.argv[2]))' "$RUN/compare/compare.json" "$spec")"
-    step "check $name: rt fit-head on its cache, rt finetune all from that probe ($FT_EPOCHS epochs), rt evaluate" \
+    step "check $name: rt fit-head on its cache, rt finetune layer4 from that probe ($FT_EPOCHS epochs), rt evaluate" \
         bash -c "set -e
         '$RT' fit-head --cache '$cache/data.h5' --out '$MODELS/probe_$name' --overwrite
-        '$RT' finetune '$MODELS/probe_$name' --data '$DATA/target/train' --unfreeze all --epochs $FT_EPOCHS \
-            --batch-size 64 --lr 2e-3 --no-hflip --patience 0 --checkpoint-every 0 --seed 0 \
+        '$RT' finetune '$MODELS/probe_$name' --data '$DATA/target/train' --unfreeze layer4 --epochs $FT_EPOCHS \
+            --batch-size 32 --lr 2e-3 --no-hflip --patience 0 --checkpoint-every 0 --seed 0 \
             --out '$MODELS/finetuned_$name' --overwrite
         '$RT' evaluate '$MODELS/finetuned_$name' --data '$DATA/target/test' --out '$RUN/eval/$name'"
 done

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(done, key=lambda r: r["finetuned"])["spec"] if done else None
     verdict = {"recommended": report["recommended"], "best_finetuned": best, "agree": best == report["recommended"]}
     lines = [
-        f"| candidate | probe k={report['k']} (95% interval) | LogME | finetuned all, from its probe | recommended |",
+        f"| candidate | probe k={report['k']} (95% interval) | LogME | finetuned layer4, from its probe | recommended |",
         "|---|---:|---:|---:|:-:|",
     ]
     for r in rows:

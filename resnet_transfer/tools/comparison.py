@@ -140,7 +140,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(cols),
         *("| " + " | ".join(r) + " |" for r in rows),
         "",
-        f"**Recommended: {report['recommended']}**: {report['reason']}",
+        f"**Recommended**: {report['reason']}",
     ]
     errors = [c for c in report["candidates"] if c.get("error")]
     if errors:
@@ -197,7 +197,8 @@ def plot_compare(report: dict[str, Any], path: Path) -> Path:
             )
         front = pareto_front(pts)
         left.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, alpha=0.6, label="Pareto front")
-        if all(x > 0 for x, _ in pts):
+        xs = [x for x, _ in pts]
+        if min(xs) > 0 and max(xs) / min(xs) > 10:  # a wide range of speeds: log axis
             left.set_xscale("log")
             left.xaxis.set_major_formatter(ScalarFormatter())
             left.xaxis.set_minor_formatter(NullFormatter())

@@ -36,6 +36,15 @@ __all__, __getattr__, __dir__ = face(
             "predict",
         ),
         "finetuning": ("FinetuneConfig", "finetune"),
-        "tools": ("AuditConfig", "CurveConfig", "SuggestConfig", "audit", "curve", "suggest"),
+        "tools": (
+            "AuditConfig",
+            "CompareConfig",
+            "CurveConfig",
+            "SuggestConfig",
+            "audit",
+            "compare",
+            "curve",
+            "suggest",
+        ),
     },
 )

@@ -181,7 +181,7 @@ def parse_model_name(model: str) -> ModelName:
     if not timm.is_model(raw) and not timm.is_model(arch):
         import difflib
 
-        names = timm.list_models()
+        names = [*timm.list_models(), *(f"tv:{n}" for n in TV_RESNETS)]  # timm's names and torchvision's
         close = difflib.get_close_matches(raw, names, n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models('resnet*')`"
         raise UsageError(f"--model {model!r} is not a timm or torchvision model", hint)

@@ -196,3 +196,13 @@ def read_probe(device: Any, scheme: str) -> dict[str, Any] | None:
     """The probe check recorded on this host for ``scheme`` (``{"model", "drop_points", "updated"}``), or None."""
     got = (_host_entry(device).get("int8_probe") or {}).get(scheme)
     return got if isinstance(got, dict) and isinstance(got.get("drop_points"), (int, float)) else None
+
+
+def recorded_rates(device: Any, model: str, precision: str, shape: tuple[int, ...]) -> dict[str, float]:
+    """This host's recorded forward speeds for ``model`` at ``precision`` and batch ``shape``, as images/s per
+    way of running it (``eager``, ``compiled``, ``int8``); empty when nothing was recorded (`rt compare`
+    shows them beside the extract rate it measured)."""
+    got = read(device, work_id(model, precision, shape))
+    int8 = read(device, work_id(model, "int8", shape))
+    pairs = (("eager", got.get("eager_s")), ("compiled", got.get("compiled_s")), ("int8", int8.get("int8_s")))
+    return {name: round(1.0 / s, 2) for name, s in pairs if s}

@@ -76,6 +76,7 @@ app.command()(cmd_finetune.export)
 app.command()(cmd_tools.suggest)
 app.command()(cmd_tools.audit)
 app.command()(cmd_tools.curve)
+app.command()(cmd_tools.compare)
 app.command()(cmd_review.review)
 
 

@@ -1,4 +1,4 @@
-"""`rt suggest`, `rt audit`, `rt curve`: what the cache makes cheap."""
+"""`rt suggest`, `rt audit`, `rt curve`, `rt compare`: what the cache makes cheap."""
 
 from __future__ import annotations
 
@@ -165,5 +165,74 @@ def curve(
         knn_search=knn_search,
     )
     res = common.call(run_curve, cfg)
+    if as_json:
+        common.echo_json(res.report)
+
+
+def compare(
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Labelled images: a folder (one sub-folder per class) or manifest.")
+    ],
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Candidates, comma-separated, each NAME[=WEIGHTS]: WEIGHTS is `imagenet` (default: the pretrained "
+            "weights), `none` (random init), or a checkpoint PATH (.pth/.safetensors or a directory rt wrote).",
+        ),
+    ] = "resnet18,resnet50",
+    test: Annotated[
+        Path | None,
+        typer.Option("--test", help="Held-out labelled images (default: a stratified split of --data, recorded)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.json, compare.md, compare.png.")] = Path(
+        "compare"
+    ),
+    work: Annotated[
+        Path | None, typer.Option("--work", help="Where the candidates' caches live (default OUT/work); reused.")
+    ] = None,
+    k: Annotated[
+        str, typer.Option("--k", help="Images per class of the curves, comma-separated; the largest is the headline.")
+    ] = "5,10,20,50",
+    seeds: Annotated[int, typer.Option("--seeds", help="Draws of each k-subset (the interval is over them).")] = 10,
+    image_size: common.ImageSizeOpt = None,
+    test_fraction: Annotated[
+        float, typer.Option("--test-fraction", help="Without --test: the share of each class held out.")
+    ] = 0.2,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Without --test: the seed of the split.")] = 0,
+    l2: Annotated[float | None, typer.Option("--l2", help="Fixed L2 of the probe (default: chosen per fit).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    device: common.DeviceOpt = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 | int8, as `rt extract --precision`.")
+    ] = "auto",
+    compile: common.CompileOpt = "auto",
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write compare.png.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print compare.json.")] = False,
+) -> None:
+    """Which backbone for these images, measured on them: each candidate is extracted once (cached under
+    --work; a rerun computes nothing, a new candidate only itself), then scored on the same split, k-subsets
+    and seeds: probe test accuracy with its 95% interval and the label-efficiency curve, LogME, and its cost
+    here (extract images/s, parameters, feature size, cache size). Recommends the fastest candidate whose
+    interval overlaps the best one's, with the figures that say why. Ctrl-C, then the same command, resumes.
+
+    Examples:
+
+        rt compare --data ./pets --models resnet18,resnet50,convnext_tiny --out compare/
+
+        rt compare --data ./pets --test ./pets-test --models resnet18,resnet18=none,resnet18=runs/source --k 5,20
+    """
+    options = dict(locals())
+    from ..tools import CompareConfig
+    from ..tools import compare as run_compare
+
+    cfg = common.build(
+        CompareConfig,
+        options,
+        cli_only=("k", "as_json", "models"),
+        models=[m for m in models.split(",") if m.strip()],
+        ks=common.int_list(k, "--k"),
+    )
+    res = common.call(run_compare, cfg)
     if as_json:
         common.echo_json(res.report)

@@ -1,4 +1,5 @@
-"""The tools wing: what the cache makes cheap: ``audit``, ``suggest``, ``curve`` and ``review`` (`rt review`)."""
+"""The tools wing: what the cache makes cheap: ``audit``, ``suggest``, ``curve``, ``compare`` (which backbone,
+measured: caches, curves, LogME, cost) and ``review`` (`rt review`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,20 @@ __all__, __getattr__, __dir__ = face(
             "outliers",
             "pairs",
         ),
+        "comparing": (
+            "Candidate",
+            "CompareConfig",
+            "CompareResult",
+            "compare",
+            "parse_candidate",
+        ),
         "curves": (
             "CurveConfig",
+            "check_ks",
             "curve",
             "nested_subsets",
+            "score_subsets",
+            "summarize",
             "t_interval",
         ),
         "review": (
@@ -28,6 +39,7 @@ __all__, __getattr__, __dir__ = face(
             "ReviewManifest",
             "open_review",
         ),
+        "transferability": ("logme",),
         "suggesting": (
             "SuggestConfig",
             "diverse_top",

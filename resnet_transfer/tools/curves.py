@@ -16,7 +16,7 @@ per-seed score is kept in the JSON. Only head fits run: seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,42 +72,90 @@ def nested_subsets(y: np.ndarray, ks: Sequence[int], seed: int, n_classes: int) 
 
 
 def _fit_scores(
-    X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, cfg: CurveConfig, seed: int, n_classes: int
+    X: np.ndarray,
+    y: np.ndarray,
+    Xt: np.ndarray,
+    yt: np.ndarray,
+    seed: int,
+    n_classes: int,
+    l2: float | None,
+    knn: bool,
+    knn_search: str,
 ) -> dict[str, float]:
     from sklearn.metrics import accuracy_score
 
     from ..head import SoftmaxHead, choose_k, fit_knn
 
-    head = SoftmaxHead("lbfgs", l2=cfg.l2, num_classes=n_classes, seed=seed).fit(X, y)
+    head = SoftmaxHead("lbfgs", l2=l2, num_classes=n_classes, seed=seed).fit(X, y)
     out = {"probe": float(accuracy_score(yt, head.predict(Xt)))}
-    if cfg.knn:
-        k = choose_k(X, y, search=cfg.knn_search, seed=seed).k
-        out["knn"] = float(accuracy_score(yt, fit_knn(X, y, k, cfg.knn_search).predict(Xt)))
+    if knn:
+        k = choose_k(X, y, search=knn_search, seed=seed).k
+        out["knn"] = float(accuracy_score(yt, fit_knn(X, y, k, knn_search).predict(Xt)))
     return out
 
 
-def _check(cfg: CurveConfig, y: np.ndarray, classes: list[str]) -> list[int]:
-    if cfg.seeds < 1:
-        raise UsageError(f"--seeds {cfg.seeds} must be at least 1", "e.g. --seeds 10")
-    ks = sorted({int(k) for k in cfg.ks}, key=lambda k: (k == ALL, k))
-    if not ks or any(k < 0 for k in ks):
-        raise UsageError(
-            f"--k {list(cfg.ks)}: give images per class as positive integers (or 'all')", "e.g. --k 5,10,20"
-        )
+def score_subsets(
+    rows_features: Callable[[np.ndarray], np.ndarray],
+    y: np.ndarray,
+    Xt: np.ndarray,
+    yt: np.ndarray,
+    subsets: Sequence[dict[int, np.ndarray]],
+    n_classes: int,
+    *,
+    l2: float | None = None,
+    knn: bool = True,
+    knn_search: str = "auto",
+) -> dict[int, dict[str, list[float]]]:
+    """``{k: {method: [test accuracy per seed]}}``: the probe (and the kNN) fitted on each seed's k-subset of
+    the training rows (``rows_features(rows)`` gives their features, ``y`` every training label) and scored
+    on ``(Xt, yt)``. The one scoring loop of `rt curve` and `rt compare`; per-fit messages stay quiet."""
+    import torch
+
+    from ..base import Reporter, set_reporter
+
+    rep = get_reporter()
+    ks = list(subsets[0]) if subsets else []
+    scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS if m == "probe" or knn} for k in ks}
+    quiet = Reporter(verbose=False)  # per-fit messages (the chosen l2 of 40 fits) stay out of the output
+    previous = set_reporter(quiet)
+    threads = torch.get_num_threads()
+    # many tiny fits: one thread each (an OpenMP team's start-up and sync cost more than the fit itself,
+    # 10-40x on a busy 2-core machine)
+    torch.set_num_threads(1)
+    try:
+        for seed, by_k in enumerate(subsets):
+            for k, rows in by_k.items():
+                fit = _fit_scores(rows_features(rows), y[rows], Xt, yt, seed, n_classes, l2, knn, knn_search)
+                for m, s in fit.items():
+                    scores[k][m].append(s)
+    finally:
+        torch.set_num_threads(threads)
+        set_reporter(previous)
+    for w in dict.fromkeys(quiet.warnings):
+        rep.warn(w)
+    return scores
+
+
+def check_ks(ks: Sequence[int], seeds: int, y: np.ndarray, classes: list[str], where: Any) -> list[int]:
+    """The ``ks`` (images per class, 0 = all) every class of the labels ``y`` can fill, sorted, "all" last;
+    the others left out with a warning naming ``where`` (the training data). Bad values are usage errors."""
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds} must be at least 1", "e.g. --seeds 10")
+    out = sorted({int(k) for k in ks}, key=lambda k: (k == ALL, k))
+    if not out or any(k < 0 for k in out):
+        raise UsageError(f"--k {list(ks)}: give images per class as positive integers (or 'all')", "e.g. --k 5,10,20")
     counts = np.bincount(y, minlength=len(classes))
     fewest = int(counts.min())
-    too_big = [k for k in ks if k != ALL and k > fewest]
+    too_big = [k for k in out if k != ALL and k > fewest]
     if too_big:
         get_reporter().warn(
             f"k={', '.join(map(str, too_big))} left out: class {classes[int(counts.argmin())]!r} has {fewest} "
-            f"training images in {cfg.train}"
+            f"training images in {where}"
         )
-    ks = [k for k in ks if k not in too_big]
-    if not ks:
-        raise DataError(
-            f"--k {list(cfg.ks)}: every k exceeds the {fewest} images of the smallest class", "use smaller k"
-        )
-    return ks
+    out = [k for k in out if k not in too_big]
+    if not out:
+        raise DataError(f"--k {list(ks)}: every k exceeds the {fewest} images of the smallest class", "use smaller k")
+    return out
 
 
 @dataclass
@@ -143,7 +191,7 @@ def _load(cfg: CurveConfig) -> _Data:
             classes, f"--test {cfg.test} (classes of {cfg.train})", "use a test cache of the same classes"
         )
         y = tr.labels[rows]
-        ks = _check(cfg, y, classes)
+        ks = check_ks(cfg.ks, cfg.seeds, y, classes, cfg.train)
         subsets = [nested_subsets(y, ks, seed, len(classes)) for seed in range(cfg.seeds)]
         needed = np.unique(np.concatenate([r for sub in subsets for r in sub.values()]))
         get_reporter().info(
@@ -153,7 +201,8 @@ def _load(cfg: CurveConfig) -> _Data:
         return _Data(X, y, needed, subsets, ks, te.features(trows), yt, classes)
 
 
-def _summary(scores: dict[int, dict[str, list[float]]], n_test: int) -> list[dict[str, Any]]:
+def summarize(scores: dict[int, dict[str, list[float]]], n_test: int) -> list[dict[str, Any]]:
+    """Per ``k`` and method: mean, 95% t-interval over seeds, sd, the test set's binomial error and the scores."""
     out = []
     for k, by_method in scores.items():
         for m, xs in by_method.items():
@@ -177,32 +226,14 @@ def _summary(scores: dict[int, dict[str, list[float]]], n_test: int) -> list[dic
 def curve(cfg: CurveConfig) -> CurveResult:
     """Fit the probe (and the kNN) on nested k-per-class subsets of ``cfg.train`` for ``cfg.seeds`` seeds,
     score on ``cfg.test``; write ``curve.json`` and ``curve.png`` under ``cfg.out``; print the table."""
-    import torch
-
-    from ..base import Reporter, set_reporter
-
     rep = get_reporter()
     t0 = time.perf_counter()
     data = _load(cfg)
-    y, Xt, yt, classes, ks = data.y, data.Xt, data.yt, data.classes, data.ks
-    scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS if m == "probe" or cfg.knn} for k in ks}
-    quiet = Reporter(verbose=False)  # per-fit messages (the chosen l2 of 40 fits) stay out of the output
-    previous = set_reporter(quiet)
-    threads = torch.get_num_threads()
-    # many tiny fits: one thread each (an OpenMP team's start-up and sync cost more than the fit itself,
-    # 10-40x on a busy 2-core machine)
-    torch.set_num_threads(1)
-    try:
-        for seed, subsets in enumerate(data.subsets):
-            for k, rows in subsets.items():
-                for m, s in _fit_scores(data.subset(rows), y[rows], Xt, yt, cfg, seed, len(classes)).items():
-                    scores[k][m].append(s)
-    finally:
-        torch.set_num_threads(threads)
-        set_reporter(previous)
-    for w in dict.fromkeys(quiet.warnings):
-        rep.warn(w)
-    summary = _summary(scores, len(yt))
+    y, Xt, yt, classes = data.y, data.Xt, data.yt, data.classes
+    scores = score_subsets(
+        data.subset, y, Xt, yt, data.subsets, len(classes), l2=cfg.l2, knn=cfg.knn, knn_search=cfg.knn_search
+    )
+    summary = summarize(scores, len(yt))
     if cfg.seeds < 2:
         rep.warn("one seed: no interval (pass --seeds 5 or more)")
     report = {

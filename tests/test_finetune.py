@@ -588,3 +588,28 @@ def test_precision_auto_choice_is_recorded_and_kept_on_resume(image_folder, tmp_
     finetune(FinetuneConfig(out=tmp_path / "ft"), resume=tmp_path / "ft")
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["precision"] == state["precision"] and report["precision_choice"] == state["precision_choice"]
+
+
+def test_start_is_a_candidate_and_kept_when_training_only_hurts(image_folder, tmp_path):
+    """The fitted head on the untouched backbone is validated before any step; with an absurd learning rate
+    no epoch can beat it, so the run hands back the start's weights bit for bit and report.json says so."""
+    hd = _head_dir(tmp_path / "head")
+    start_backbone = _backbone().net.state_dict()
+    start_head = load_file(str(hd / "head.safetensors"))
+    kw = {"data": image_folder, "unfreeze": "all", "epochs": 2, "patience": 0, "checkpoint_every": 0}
+    res = finetune(_cfg(tmp_path / "ft", head=hd, lr=50.0, lr_mult=1.0, **kw))
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["kept_start"] is True and res.best_epoch == -1 == report["best_epoch"]
+    assert report["start_validation"]["val_loss"] == pytest.approx(report["val_loss"])
+    assert "the start" in report["selection"] and res.epochs_run == 2
+    assert all(not (r["val_loss"] < report["val_loss"]) for r in report["history"])  # nothing beat it
+    after = load_file(str(tmp_path / "ft" / "backbone.safetensors"))
+    for k, v in start_backbone.items():
+        assert torch.equal(after[k], v), f"{k} differs from the start"
+    head_after = load_file(str(tmp_path / "ft" / "head.safetensors"))
+    assert all(torch.equal(head_after[k], v) for k, v in start_head.items())
+    # a sane learning rate: an epoch beats the start, and the report names it
+    finetune(_cfg(tmp_path / "ok", head=hd, lr=1e-3, **kw))
+    ok = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert ok["start_validation"] is not None
+    assert ok["kept_start"] is (ok["best_epoch"] == -1)

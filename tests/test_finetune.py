@@ -276,6 +276,21 @@ def test_policy_with_frozen_bn_keeps_batchnorm_of_training_stages_in_eval():
     assert not bb.net.get_submodule("layer3").training
 
 
+def test_policy_with_adapted_bn_tracks_statistics_in_frozen_stages_and_freezes_their_weights():
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4", train_bn=True, adapt_bn=True)
+    pol.apply(0)
+    pol.train_mode(0)
+    layer3 = bb.net.get_submodule("layer3")
+    bns = [m for m in layer3.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)  # batch statistics, running statistics updated
+    assert not any(m.training for m in layer3.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not any(p.requires_grad for p in layer3.parameters())  # the frozen stage's weights stay
+    assert all(m.training for m in bb.net.get_submodule("layer4").modules())
+    assert resolve_bn("adapt", random_init=False) == "adapt"
+
+
 def test_finetune_bn_frozen_keeps_running_statistics(image_folder, tmp_path):
     kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
           "epochs": 1, "patience": 0, "checkpoint_every": 0}  # fmt: skip

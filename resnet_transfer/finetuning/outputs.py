@@ -147,7 +147,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "unfreeze": run.target,
         "unfreeze_auto": run.start.auto_reason,
         "schedule": cfg.schedule,
-        "bn": "train" if run.policy.train_bn else "frozen",
+        "bn": "adapt" if run.policy.adapt_bn else "train" if run.policy.train_bn else "frozen",
         "temperature": float(getattr(run.model.head, "temperature", 1.0)),
         "calibration": run.calibration,
         "plan": [{"part": p.name, "from_epoch": p.start, "lr": p.lr} for p in run.policy.plans],

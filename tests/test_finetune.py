@@ -617,6 +617,10 @@ def test_start_is_a_candidate_and_kept_when_training_only_hurts(image_folder, tm
     assert report["kept_start"] is True and res.best_epoch == -1 == report["best_epoch"]
     assert report["start_validation"]["val_loss"] == pytest.approx(report["val_loss"])
     assert "the start" in report["selection"] and res.epochs_run == 2
+    used = report["defaults_used"]
+    assert (
+        used["bn"] == "train" and used["label_smoothing"] == 0.1 and "lr" not in used
+    )  # --lr was given; bn: random-init backbone
     assert all(not (r["val_loss"] < report["val_loss"]) for r in report["history"])  # nothing beat it
     after = load_file(str(tmp_path / "ft" / "backbone.safetensors"))
     for k, v in start_backbone.items():

@@ -113,6 +113,28 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
     )
 
 
+def _defaults_used(run: Run) -> dict[str, Any]:
+    """The training options left at their defaults, with the value each resolved to in this run (the
+    ``None`` ones depend on the start: docs/finetune.md)."""
+    from dataclasses import fields
+
+    resolved = {
+        "lr_mult": run.policy.plans[1].lr / run.policy.plans[0].lr if len(run.policy.plans) > 1 else None,
+        "probe_epochs": min((p.start for p in run.policy.plans[1:] if p.start is not None), default=None),
+        "bn": "adapt" if run.policy.adapt_bn else "train" if run.policy.train_bn else "frozen",
+        "unfreeze": run.target,
+    }
+    skip = {"out", "head", "data", "cache", "val", "model", "weights", "overwrite", "device", "workers", "seed"}
+    out = {}
+    for f in fields(run.cfg):
+        if f.name in skip or f.name == "precision":
+            continue
+        value = getattr(run.cfg, f.name)
+        if value == f.default:
+            out[f.name] = resolved.get(f.name, value)
+    return out
+
+
 def _best_row(state: Any) -> dict[str, Any]:
     """The row of the weights handed back: the best epoch's, or the start's (``best_epoch`` -1) when no
     epoch beat it on validation."""
@@ -158,6 +180,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "precision_choice": state.precision_choice,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
+        "defaults_used": _defaults_used(run),
         "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],
         "history": history,
     }

@@ -187,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="defaults", help="a name for this configuration in the JSON")
     p.add_argument("--json", type=Path, default=None, help="append the per-seed rows here (JSON lines)")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
+    p.add_argument("--table-from", type=Path, default=None, help="only print the table of saved rows (JSON lines)")
     a = p.parse_args(argv)
+    if a.table_from is not None:
+        rows = [json.loads(line) for line in a.table_from.read_text().splitlines() if line.strip()]
+        for label in dict.fromkeys(r.get("label", "defaults") for r in rows):
+            print(f"{label}:\n\n" + tt.table([r for r in rows if r.get("label", "defaults") == label]) + "\n")
+        return 0
     names = a.tasks.split(",") if a.tasks else list(tt.QUICK if a.quick else [t.name for t in tt.TASKS])
     specs = {t.name: t for t in tt.TASKS}
     unknown = [n for n in names if n not in specs]

@@ -321,5 +321,6 @@ def _report_epoch(run: Run, row: dict[str, Any], epoch: int) -> None:
     )
     if state.stopped:
         rep.info(
-            f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {state.best_epoch + 1}"
+            f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs; best: "
+            + ("the start" if state.best_epoch < 0 else f"epoch {state.best_epoch + 1}")
         )

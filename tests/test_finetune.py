@@ -276,6 +276,21 @@ def test_policy_with_frozen_bn_keeps_batchnorm_of_training_stages_in_eval():
     assert not bb.net.get_submodule("layer3").training
 
 
+def test_policy_with_adapted_bn_tracks_statistics_in_frozen_stages_and_freezes_their_weights():
+    bb = _backbone()
+    head = HeadModule(bb.num_features, 3)
+    pol = FreezePolicy(bb.stage_groups(), head, "layer4", train_bn=True, adapt_bn=True)
+    pol.apply(0)
+    pol.train_mode(0)
+    layer3 = bb.net.get_submodule("layer3")
+    bns = [m for m in layer3.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)  # batch statistics, running statistics updated
+    assert not any(m.training for m in layer3.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not any(p.requires_grad for p in layer3.parameters())  # the frozen stage's weights stay
+    assert all(m.training for m in bb.net.get_submodule("layer4").modules())
+    assert resolve_bn("adapt", random_init=False) == "adapt"
+
+
 def test_finetune_bn_frozen_keeps_running_statistics(image_folder, tmp_path):
     kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
           "epochs": 1, "patience": 0, "checkpoint_every": 0}  # fmt: skip
@@ -588,3 +603,32 @@ def test_precision_auto_choice_is_recorded_and_kept_on_resume(image_folder, tmp_
     finetune(FinetuneConfig(out=tmp_path / "ft"), resume=tmp_path / "ft")
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["precision"] == state["precision"] and report["precision_choice"] == state["precision_choice"]
+
+
+def test_start_is_a_candidate_and_kept_when_training_only_hurts(image_folder, tmp_path):
+    """The fitted head on the untouched backbone is validated before any step; with an absurd learning rate
+    no epoch can beat it, so the run hands back the start's weights bit for bit and report.json says so."""
+    hd = _head_dir(tmp_path / "head")
+    start_backbone = _backbone().net.state_dict()
+    start_head = load_file(str(hd / "head.safetensors"))
+    kw = {"data": image_folder, "unfreeze": "all", "epochs": 2, "patience": 0, "checkpoint_every": 0}
+    res = finetune(_cfg(tmp_path / "ft", head=hd, lr=50.0, lr_mult=1.0, **kw))
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["kept_start"] is True and res.best_epoch == -1 == report["best_epoch"]
+    assert report["start_validation"]["val_loss"] == pytest.approx(report["val_loss"])
+    assert "the start" in report["selection"] and res.epochs_run == 2
+    used = report["defaults_used"]
+    assert (
+        used["bn"] == "train" and used["label_smoothing"] == 0.1 and "lr" not in used
+    )  # --lr was given; bn: random-init backbone
+    assert all(not (r["val_loss"] < report["val_loss"]) for r in report["history"])  # nothing beat it
+    after = load_file(str(tmp_path / "ft" / "backbone.safetensors"))
+    for k, v in start_backbone.items():
+        assert torch.equal(after[k], v), f"{k} differs from the start"
+    head_after = load_file(str(tmp_path / "ft" / "head.safetensors"))
+    assert all(torch.equal(head_after[k], v) for k, v in start_head.items())
+    # a sane learning rate: an epoch beats the start, and the report names it
+    finetune(_cfg(tmp_path / "ok", head=hd, lr=1e-3, **kw))
+    ok = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert ok["start_validation"] is not None
+    assert ok["kept_start"] is (ok["best_epoch"] == -1)

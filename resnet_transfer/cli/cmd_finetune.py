@@ -25,7 +25,9 @@ BnOpt = Annotated[
         "--bn",
         help="BatchNorm in the stages that train: frozen (keep the pretrained running statistics; scale and "
         "shift still learn) | train (batch statistics) | auto (frozen for pretrained weights, train for "
-        "--weights none). Frozen keeps the fitted head's features intact when the backbone starts to move.",
+        "--weights none) | adapt (batch statistics in the frozen stages too: their running statistics move to "
+        "the target's, their weights stay). Frozen keeps the fitted head's features intact when the backbone "
+        "starts to move.",
     ),
 ]
 CheckpointEveryOpt = Annotated[

@@ -17,13 +17,14 @@ class TrainState:
 
     epoch: int = 0  # the next epoch to run
     best: float | None = None  # the best monitored value so far
-    best_epoch: int = -1
+    best_epoch: int = -1  # -1: the start (validated before any step; :func:`training.validate_start`)
     bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable images met so far: path -> reason
     precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
     precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
+    start: dict[str, Any] | None = None  # the starting point's validation (val_loss, val_acc): a candidate
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -17,17 +17,18 @@ from typing import Any
 
 from ..base import UsageError
 
-BN_MODES = ("auto", "frozen", "train")
+BN_MODES = ("auto", "frozen", "train", "adapt")
 
 
 def resolve_bn(mode: str, random_init: bool) -> str:
     """``--bn`` -> ``frozen`` or ``train``. Frozen statistics keep the fitted head's features the same
     when its backbone starts to train (with batch statistics of a small batch they are not, and the head
     the run starts from no longer fits: measured in docs/finetune.md); a random-init backbone has no
-    statistics worth keeping."""
+    statistics worth keeping. ``adapt``: batch statistics in every stage, the frozen ones too (their running
+    statistics move to the target's; their weights stay), as fastai's ``train_bn``."""
     m = str(mode).lower()
     if m not in BN_MODES:
-        raise UsageError(f"--bn {mode!r} is not known", "use auto, frozen or train")
+        raise UsageError(f"--bn {mode!r} is not known", "use auto, frozen, train or adapt")
     if m == "auto":
         return "train" if random_init else "frozen"
     return m
@@ -84,6 +85,7 @@ class FreezePolicy:
         lr_mult: float = 0.3,
         probe_epochs: int = 0,
         train_bn: bool = True,
+        adapt_bn: bool = False,
     ) -> None:
         groups = list(stage_groups)
         if not groups or groups[-1][0] != "head":
@@ -103,6 +105,7 @@ class FreezePolicy:
         starts = self._starts(n_train, schedule, epochs, unfreeze_at, probe_epochs, [n for n, _ in top_down])
         self.target = target
         self.train_bn = train_bn
+        self.adapt_bn = adapt_bn  # frozen parts' BatchNorm layers use (and track) batch statistics too
         self.schedule = schedule
         self.epochs = epochs
         self.plans: list[StagePlan] = [StagePlan("head", [head, *groups[-1][1]], 0, 0, lr)]
@@ -171,17 +174,18 @@ class FreezePolicy:
         """Training mode for the parts that train at ``epoch``, eval mode for the frozen ones (so their
         BatchNorm layers normalise with, and do not update, their running statistics). With ``train_bn``
         False the BatchNorm layers of the training parts stay in eval mode too: their scale and shift still
-        learn, their statistics stay the pretrained ones (``--bn frozen``)."""
+        learn, their statistics stay the pretrained ones (``--bn frozen``). With ``adapt_bn`` the BatchNorm
+        layers of the frozen parts run in training mode as well (``--bn adapt``)."""
         from torch.nn.modules.batchnorm import _BatchNorm
 
         for p in self.plans:
             on = p.start is not None and p.start <= epoch
             for m in p.modules:
                 m.train(on)
-                if on and not self.train_bn:
+                if (on and not self.train_bn) or (not on and self.adapt_bn):
                     for sub in m.modules():
                         if isinstance(sub, _BatchNorm):
-                            sub.eval()
+                            sub.train(not on)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: per trained part, one with weight decay (weights) and one without (biases and

@@ -71,7 +71,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         num_features=ident.num_features,
     )
     history = state.history
-    best_row = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
+    best_row = _best_row(state)
     report = _report(run, best_row, seconds)
     from .ood_outputs import model_ood  # the out-of-distribution scorers on the final backbone (head/ood.py)
 
@@ -97,8 +97,10 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         extra_files=[BACKBONE_FILE],
     )
     rep = get_reporter()
+    kept = state.start is not None and state.best_epoch == -1
     rep.info(
-        f"wrote {out}: best epoch {state.best_epoch + 1}"
+        f"wrote {out}: "
+        + ("the start (no epoch beat it on validation: kept)" if kept else f"best epoch {state.best_epoch + 1}")
         + (
             f", val acc {best_row['val_acc']:.3f}, val loss {best_row['val_loss']:.4f}"
             if best_row["val_acc"] is not None
@@ -111,15 +113,47 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         rep.warn(f"{len(skipped)} image(s) could not be read and were skipped (listed in {out / REPORT_JSON}):")
         for p, reason in skipped[:20]:
             rep.warn(f"  {p}: {reason}")
-    best = {k: best_row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
+    best = {k: best_row.get(k) for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
     return FinetuneResult(
         out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history, skipped
     )
 
 
+def _defaults_used(run: Run) -> dict[str, Any]:
+    """The training options left at their defaults, with the value each resolved to in this run (the
+    ``None`` ones depend on the start: docs/finetune.md)."""
+    from dataclasses import fields
+
+    resolved = {
+        "lr_mult": run.policy.plans[1].lr / run.policy.plans[0].lr if len(run.policy.plans) > 1 else None,
+        "probe_epochs": min((p.start for p in run.policy.plans[1:] if p.start is not None), default=None),
+        "bn": "adapt" if run.policy.adapt_bn else "train" if run.policy.train_bn else "frozen",
+        "unfreeze": run.target,
+    }
+    skip = {"out", "head", "data", "cache", "val", "model", "weights", "overwrite", "device", "workers", "seed"}
+    out = {}
+    for f in fields(run.cfg):
+        if f.name in skip or f.name == "precision":
+            continue
+        value = getattr(run.cfg, f.name)
+        if value == f.default:
+            out[f.name] = resolved.get(f.name, value)
+    return out
+
+
+def _best_row(state: Any) -> dict[str, Any]:
+    """The row of the weights handed back: the best epoch's, or the start's (``best_epoch`` -1) when no
+    epoch beat it on validation."""
+    if state.start is not None and state.best_epoch == -1:
+        return {"epoch": -1, "train_loss": None, "train_acc": None, **state.start}
+    history = state.history
+    return history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
+
+
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
     cfg, state, feed = run.cfg, run.state, run.feed
     history = state.history
+    kept = state.start is not None and state.best_epoch == -1
     return {
         "kind": "finetune",
         "accuracy": best_row["val_acc"],
@@ -128,12 +162,20 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "n_val": feed.n_val,
         "seconds": round(seconds, 2),
         "best_epoch": state.best_epoch,
+        "start_validation": state.start,  # the starting point, validated before any step: a candidate
+        "kept_start": kept,  # no epoch beat the start on validation: the start's weights are handed back
+        "selection": (
+            f"the start: no epoch improved {cfg.monitor} on it"
+            if kept
+            else f"epoch {state.best_epoch + 1}: the best {cfg.monitor}"
+            + (" (the start included)" if state.start else "")
+        ),
         "epochs_run": len(history),
         "stopped_early": state.stopped,
         "unfreeze": run.target,
         "unfreeze_auto": run.start.auto_reason,
         "schedule": cfg.schedule,
-        "bn": "train" if run.policy.train_bn else "frozen",
+        "bn": "adapt" if run.policy.adapt_bn else "train" if run.policy.train_bn else "frozen",
         "temperature": float(getattr(run.model.head, "temperature", 1.0)),
         "calibration": run.calibration,
         "plan": [{"part": p.name, "from_epoch": p.start, "lr": p.lr} for p in run.policy.plans],
@@ -144,6 +186,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "precision_choice": state.precision_choice,
         "device": run.device.type,
         "config": json.loads(cfg.to_json()),
+        "defaults_used": _defaults_used(run),
         "skipped": [{"path": p, "reason": r} for p, r in sorted(state.skipped.items())],
         "history": history,
     }

@@ -128,7 +128,8 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
         cfg.lr,
         lr_mult,
         probe,
-        train_bn=bn == "train",
+        train_bn=bn in ("train", "adapt"),
+        adapt_bn=bn == "adapt",
     )
     bb.net.to(device).to(memory_format=torch.channels_last)  # measured faster on CPU too, identical results
     head.to(device)

@@ -142,6 +142,26 @@ def recalibrate(run: Run) -> None:
     )
 
 
+def validate_start(run: Run) -> None:
+    """Validate the starting point (the fitted head on the untouched backbone) before any step: it is a
+    candidate like every epoch (``best_epoch`` -1), so a run in which no epoch beats it hands it back. A
+    fresh (random) head is no starting point worth keeping: it is not validated."""
+    if not run.feed.n_val or run.start.head_source == "fresh":
+        return
+    row = validate(run)
+    run.state.start = dict(row)
+    track_best(run, {**row, "epoch": -1}, -1)
+    run.state.bad = 0
+    get_reporter().info(
+        f"start (before any step): val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} (a candidate like any epoch)"
+    )
+
+
+def start_kept(state: Any) -> bool:
+    """Whether the run hands back its starting point (validated, and no epoch beat it)."""
+    return state.start is not None and state.best_epoch == -1
+
+
 def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     """Keep the best epoch's weights in best.pt; stop early after ``patience`` epochs without improvement
     (never before the last stage has been unfrozen)."""
@@ -157,6 +177,8 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
         run.best_saved = False
     else:
         state.bad += 1
+    if epoch < 0:
+        return
     if cfg.patience and state.bad >= cfg.patience and epoch >= run.policy.last_start and epoch + 1 < cfg.epochs:
         state.stopped = True
 
@@ -180,6 +202,8 @@ def finetune(
         distributed.on_main(lambda: check_out(Path(cfg.out), cfg.overwrite, CHECKPOINT_DIR, LAST_CKPT))
     run = build_run(cfg, ckpt)
     _announce(run)
+    if ckpt is None:
+        validate_start(run)
     t_start = time.perf_counter()
     seconds_before = sum(r.get("seconds", 0.0) for r in run.state.history)
     saved = run.state.epoch if ckpt is not None else 0  # the epochs the last checkpoint on disk holds
@@ -297,5 +321,6 @@ def _report_epoch(run: Run, row: dict[str, Any], epoch: int) -> None:
     )
     if state.stopped:
         rep.info(
-            f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {state.best_epoch + 1}"
+            f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs; best: "
+            + ("the start" if state.best_epoch < 0 else f"epoch {state.best_epoch + 1}")
         )

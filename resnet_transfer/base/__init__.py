@@ -59,9 +59,11 @@ __all__, __getattr__, __dir__ = face(
             "set_reporter",
         ),
         "runtime": (
+            "COMPILE_ACTIONS",
             "COMPILE_MODES",
             "CompilePrior",
             "autocast",
+            "compile_plan",
             "compile_prior",
             "cpu_cores",
             "cpu_flags",

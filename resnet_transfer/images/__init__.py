@@ -24,6 +24,14 @@ __all__, __getattr__, __dir__ = face(
             "stratified_split",
         ),
         "feed": ("collate", "iter_batches", "normalized_batches"),
+        "gpu_decode": (
+            "HostToDevice",
+            "decode_path",
+            "decode_resize_crop",
+            "gpu_batches",
+            "gpu_decode_enabled",
+            "jpeg_header",
+        ),
         "sheets": (
             "ImageRoot",
             "ROOT_HINT",

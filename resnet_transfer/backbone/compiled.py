@@ -185,8 +185,8 @@ class CompiledForward:
         if compiled is None:
             return action, f"compile auto: eager {eager * 1000:.1f} ms/img; {why} -> eager for {left} images left"
         figures = f"eager {eager * 1000:.1f} ms/img, compiled {compiled * 1000:.1f} ms/img"
-        figures += ", compile " + (f"{cost:.0f} s" if cost is not None else "time not measured here yet")
-        figures += " warm" if warm else " cold"
+        state = "warm" if warm else "cold"
+        figures += f", compile {cost:.0f} s {state}" if cost is not None else f", a {state} compile not timed here yet"
         verdict = "compile" if action == "compile" else "eager"
         return action, f"compile auto: measured on this host ({figures}) -> {verdict} for {left} images left ({why})"
 

@@ -59,7 +59,6 @@ __all__, __getattr__, __dir__ = face(
             "set_reporter",
         ),
         "runtime": (
-            "COMPILE_ACTIONS",
             "COMPILE_MODES",
             "CompilePrior",
             "autocast",

@@ -61,7 +61,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run.policy.train_mode(epoch)
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}  # as used by this epoch's first step
-    total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    correct, seen = torch.zeros((), device=device, dtype=torch.long), 0
     steps = run.feed.steps_per_epoch()
     step_done = getattr(run.train_forward, "step_done", None)  # step.py: times the steps for --compile auto
     with get_reporter().progress(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, unit="step") as bar:
@@ -78,7 +79,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
             run.scheduler.step()
             if step_done is not None:
                 step_done(len(y))
-            total_loss += loss.detach() * len(y)  # summed on the device: no sync per step
+            total_loss += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             bar.advance(1)

@@ -7,6 +7,15 @@ warm-up. Medians and every sample are printed; this is what ``rt finetune --prec
 (resnet_transfer/precision_probe.py) and what docs/finetune.md quotes.
 
     python -m benchmarks train_step [--quick] [--compile] [--rounds 7]
+    python -m benchmarks train_step --finetune [--ft-shape r18-64-b32-all] [--images 480] [--epochs 3]
+
+``--finetune``: `rt finetune` (the library call, `--workers 0` as on a small CPU box, its own `--precision
+auto` and `--compile auto`) on ``--images`` generated 500x375 photos, against the bare step of the same model,
+shape, precision and compile (the ones the run chose, read from its report.json) timed before and after it in
+the same process. Printed: the steady epochs' training img/s (epochs after the first), the bare step's img/s,
+their ratio, and where the rest of an epoch goes: the feed alone (decode + augment + collate of one epoch,
+nothing trained), validation seconds, and the epoch's wall time outside ``train_one_epoch`` (checkpoint,
+reporter).
 """
 
 from __future__ import annotations
@@ -99,13 +108,132 @@ def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
     }
 
 
+def _bare_step_img_s(name: str, precision: str, compiled: bool, rounds: int) -> list[float]:
+    import torch
+
+    from resnet_transfer.backbone import build_backbone
+    from resnet_transfer.finetuning import FreezePolicy
+    from resnet_transfer.head import HeadModule
+    from resnet_transfer.models import Classifier
+
+    model_name, size, batch, unfreeze = SHAPES[name]
+    bb = build_backbone(model_name, "none", size)
+    head = HeadModule(bb.num_features, 4)
+    policy = FreezePolicy(bb.stage_groups(), head, unfreeze, lr_mult=1.0)
+    policy.apply(0)
+    policy.train_mode(0)
+    bb.net.to(memory_format=torch.channels_last)
+    model = Classifier(bb.net, head)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (batch,), generator=g)
+    fn = _step_fn(model, policy, x, y, precision, compiled)
+    fn()
+    fn()
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        out.append(batch / (time.perf_counter() - t))
+    return out
+
+
+def _rates(history: list[dict[str, Any]], images: int, batch: int) -> list[dict[str, Any]]:
+    n = (images - round(images * 0.1)) // batch * batch  # the training images of an epoch (drop_last)
+    return [{"train_img_s_": n / r["train_seconds"], "epoch_img_s_": n / r["seconds"]} for r in history]
+
+
+def finetune_vs_step(
+    name: str, images: int, epochs: int, rounds: int, work: Any, decode_ahead_arm: bool = True
+) -> dict[str, Any]:
+    """`rt finetune`'s steady epochs against the bare step (module doc), in this process."""
+    import json
+
+    from benchmarks.common import make_photo_jpegs
+    from resnet_transfer.finetuning import FinetuneConfig, finetune
+
+    model_name, size, batch, unfreeze = SHAPES[name]
+    photos = make_photo_jpegs(work / "photos", images)
+    cfg = FinetuneConfig(
+        out=work / "ft", data=photos, model=model_name, weights="none", image_size=size, unfreeze=unfreeze,
+        epochs=epochs, batch_size=batch, workers=0, patience=0, probe_epochs=0, val_fraction=0.1, overwrite=True,
+    )  # fmt: skip
+    serial: dict[str, Any] = {}
+    if decode_ahead_arm:  # the same run with the feed as it was: decode in the main thread between steps
+        from resnet_transfer.finetuning import feeds
+
+        before = feeds.ImageFeed.train_batches
+        feeds.ImageFeed.train_batches = lambda self, g: self._batches(  # type: ignore[method-assign]
+            self.train_ds, self._loader(self.train_ds, True, g, self.drop_last)
+        )
+        try:
+            t0 = time.perf_counter()
+            finetune(cfg)
+            serial = {"run_wall_s": time.perf_counter() - t0}
+            rep0 = json.loads((work / "ft" / "report.json").read_text())["history"]
+            serial["train_img_s"] = [r["train_img_s_"] for r in _rates(rep0, images, batch)[1:]]
+        finally:
+            feeds.ImageFeed.train_batches = before  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    finetune(cfg)
+    wall = time.perf_counter() - t0
+    report = json.loads((work / "ft" / "report.json").read_text())
+    choice = report.get("precision_choice") or {}
+    precision = report["precision"]
+    compiled = (choice.get("compile") or {}).get("kept", (choice.get("compile") or {}).get("action")) in (
+        "compiled",
+        "compile",
+    )
+    hist = report["history"]
+    steady = hist[1:] or hist
+    rates = _rates(hist, images, batch)[1:] or _rates(hist, images, batch)
+    train_img_s = [r["train_img_s_"] for r in rates]
+    bare = _bare_step_img_s(name, precision, compiled, rounds)
+    import torch
+
+    from resnet_transfer.backbone import build_backbone
+    from resnet_transfer.finetuning.feeds import build_feed  # the feed alone: one epoch, nothing trained
+
+    feeding = build_feed(cfg, build_backbone(model_name, "none", size), None, torch.device("cpu"))
+    t = time.perf_counter()
+    n_feed = sum(len(yb) for _, yb in feeding.feed.train_batches(torch.Generator().manual_seed(0)))
+    feed_s = time.perf_counter() - t
+    bare += _bare_step_img_s(name, precision, compiled, rounds)
+    return {
+        "shape": name,
+        "precision": precision,
+        "compiled": compiled,
+        "compile_choice": choice.get("compile"),
+        "finetune_train_img_s": train_img_s,
+        "bare_step_img_s": bare,
+        "epoch_over_bare": ratio(median(train_img_s), median(bare)),
+        "finetune_epoch_img_s_with_validation": [r["epoch_img_s_"] for r in rates],
+        "serial_decode_arm": serial,
+        "where": {
+            "train_seconds": [r["train_seconds"] for r in steady],
+            "epoch_seconds": [r["seconds"] for r in steady],
+            "validation_seconds": [r["seconds"] - r["train_seconds"] for r in steady],
+            "feed_alone_seconds_per_epoch": feed_s,
+            "feed_alone_img_s": n_feed / feed_s,
+            "run_wall_s": wall,
+            "outside_epochs_s": wall - sum(r["seconds"] for r in hist),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks train_step")
     ap.add_argument("--quick", action="store_true", help="the two ResNet-18 shapes only")
     ap.add_argument("--compile", action="store_true", help="also the torch.compile'd step (compile time shown)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of: {', '.join(SHAPES)}")
+    ap.add_argument("--finetune", action="store_true", help="rt finetune's steady epochs vs the bare step")
+    ap.add_argument("--ft-shape", default="r18-64-b32-all", choices=list(SHAPES))
+    ap.add_argument("--images", type=int, default=480)
+    ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.finetune:
+        return _finetune_main(args, argv)
     import torch
 
     from resnet_transfer.base import tune_process
@@ -125,6 +253,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench": "train_step",
         "figures": figures,
         "machine": {**machine_info("cpu"), "threads": torch.get_num_threads()},
+        "command": command_line("train_step", argv),
+    }
+    return emit(result, summary)
+
+
+def _finetune_main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from resnet_transfer.base import tune_process
+
+    tune_process()
+    with tempfile.TemporaryDirectory(prefix="rt-bench-ft-") as tmp:
+        f = finetune_vs_step(args.ft_shape, args.images, args.epochs, args.rounds, Path(tmp))
+    w = f["where"]
+    summary = [
+        f"{f['shape']} {f['precision']}{' compiled' if f['compiled'] else ''}: rt finetune steady epochs "
+        f"{fmt(median(f['finetune_train_img_s']))} img/s (train part), bare step {fmt(median(f['bare_step_img_s']))} "
+        f"img/s: {fmt(f['epoch_over_bare'], 2)}x (goal >= 0.9)",
+        f"  the same run with the decode between steps (as before): "
+        f"{fmt(median(f['serial_decode_arm'].get('train_img_s', [])))} img/s; whole epochs with validation "
+        f"{fmt(median(f['finetune_epoch_img_s_with_validation']))} img/s",
+        f"  where the rest goes: feed alone {fmt(w['feed_alone_img_s'])} img/s "
+        f"({fmt(w['feed_alone_seconds_per_epoch'])} s/epoch), validation {[round(v, 2) for v in w['validation_seconds']]} s, "
+        f"outside the epochs {fmt(w['outside_epochs_s'])} s of {fmt(w['run_wall_s'])} s",
+    ]
+    result = {
+        "bench": "train_step",
+        "finetune": f,
+        "machine": {**machine_info("cpu"), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
         "command": command_line("train_step", argv),
     }
     return emit(result, summary)

@@ -102,3 +102,20 @@ def test_tools_growth_exponent_is_the_log_log_slope() -> None:
     assert slope(rows, [(r / 1e4) ** 2 for r in rows]) == pytest.approx(2.0)
     assert slope(rows, [5.0, 5.0, 5.0]) == pytest.approx(0.0)
     assert slope([10_000], [1.0]) != slope([10_000], [1.0])  # NaN: one size gives no exponent
+
+
+def test_the_gpu_benchmark_without_cuda_says_so_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m benchmarks gpu` on a machine without a CUDA device measures nothing: a clear message,
+    exit code 2, and the runner reports it as not run rather than crashing."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run")
+    from benchmarks import bench_gpu
+
+    with pytest.raises(SystemExit) as exc:
+        bench_gpu.main(["--minutes", "0.1"])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert runner.main(["gpu", "--minutes", "0.1"]) == 1
+    assert "failed: gpu" in capsys.readouterr().err

@@ -32,7 +32,15 @@ __all__, __getattr__, __dir__ = face(
             "check_weights_file",
             "record_file",
         ),
-        "speed_records": ("read_probe", "record_probe", "recorded_rates", "records_path"),
+        "speed_records": (
+            "read_probe",
+            "read_speed",
+            "record_probe",
+            "record_speed",
+            "recorded_rates",
+            "records_path",
+            "work_id",
+        ),
         "quantized": (
             "Int8Forward",
             "calibration_batch",

@@ -3,11 +3,16 @@ channels_last input, pooled features back as float32.
 
 :func:`compiled_forward` returns a callable used in place of ``net(x)`` by extract and predict. On the CPU
 the compiled graph is *frozen* (:func:`frozen_call`: the weights become constants, BatchNorm folds into the
-convolutions). With ``mode="auto"`` it runs the first two batches eager, times the second, and compiles
-only when the images still to run repay the compile by what this host measured before for the same
-model, precision and batch shape (:mod:`speed_records`: eager and compiled seconds per image, compile
-seconds with an empty and a warm inductor cache); what it has not measured yet comes from a conservative
-prior (:func:`runtime.compile_prior`), and the log line says which. Every run records what it measured
+convolutions). With ``mode="auto"`` it runs the first batches eager, times them, and asks
+:func:`runtime.compile_plan` with what this host measured before for the same model, precision and batch
+shape (:mod:`speed_records`: eager and compiled seconds per image, compile seconds with an empty and a warm
+inductor cache): compile when the images still to run repay the compile; stay eager when they do not;
+and where the compiled rate was never measured here and the job is large enough that a compile could repay
+itself at a plausible speed-up, *measure*: compile in-line after :data:`TRIAL_BATCHES` timed eager
+batches, time as many compiled ones, keep the faster for the rest of the job (a compile that fails falls
+back to eager), and say so in one log line. (In-line rather than in a background thread: on 2-4 cores the
+compile's CPU time would be taken from the eager batches beside it anyway, and dynamo is not documented
+as thread-safe.) Every run records what it measured
 (:meth:`CompiledForward.finish`). Inductor's own cache (its usual place, ``TORCHINDUCTOR_CACHE_DIR`` or
 ``/tmp/torchinductor_<user>``) keeps the compiled kernels; next to it a small record per model and shape
 says the cache holds them (so the warm compile time applies). A compiled function serves the batch shape
@@ -27,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import COMPILE_MODES, compile_prior, get_reporter, resolve_compile
+from ..base import COMPILE_MODES, compile_plan, get_reporter, resolve_compile
 from .speed_records import StepTimer, work_id
 
 RECORD_DIR = "resnet_transfer"  # inside inductor's cache dir: the record dies with inductor's cache
+TRIAL_BATCHES = 3  # `auto` measuring: eager batches timed before the compile, compiled batches after it
 
 
 class _AutocastForward(nn.Module):
@@ -105,13 +111,17 @@ class CompiledForward:
         self._compiled_t = StepTimer()  # full-shape compiled batches after the compiling one
         self._timed = device.type == "cpu"  # (on CUDA a per-batch timing would need a synchronize)
         self._finished = False
+        self._measuring = False  # `auto` is timing compiled batches against eager ones
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
         if self._fn is not None and shape == self._shape:
             if self.compile_s is None:
                 return self._first_compiled(x)
-            return self._run(self._fn, x, self._compiled_t)
+            out = self._run(self._fn, x, self._compiled_t)
+            if self._measuring and self._compiled_t.images >= TRIAL_BATCHES * shape[0]:
+                self._settle()
+            return out
         if self._shape is None:
             self._shape = shape
         if self.compiled is None and shape == self._shape:
@@ -125,6 +135,7 @@ class CompiledForward:
             return fn(x)
         t = time.perf_counter()
         out = fn(x)
+        _sync(self.device)
         timer.add(time.perf_counter() - t, x.shape[0])
         return out
 
@@ -136,13 +147,17 @@ class CompiledForward:
 
     def _decide_and_run(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "auto":  # time this batch eager, then decide for the rest
-            t = time.perf_counter()
+            self._timed = True  # (on CUDA each timed batch synchronizes: only until decided)
             out = self._eager(x)
-            _sync(self.device)
-            per_image = (time.perf_counter() - t) / max(1, x.shape[0])
             left = self.n_images - self._seen
-            self.compiled, line = self._auto(left, per_image)
+            action, line = self._auto(left, self._eager_t.per_image or 0.0)
+            if action == "measure" and self._eager_t.images < TRIAL_BATCHES * x.shape[0]:
+                return out  # a few more eager batches first: the figure the compiled ones must beat
+            self._timed = self.device.type == "cpu"
+            self.compiled = action != "eager"
             if self.compiled:
+                self._measuring = action == "measure"
+                self._timed = self._timed or self._measuring
                 self._compile()
             get_reporter().info(line)
             return out
@@ -150,31 +165,46 @@ class CompiledForward:
         self._compile()
         return self._first_compiled(x)
 
-    def _auto(self, left: int, eager_now: float) -> tuple[bool, str]:
-        """The ``auto`` decision for ``left`` images and its log line (which figures were measured here)."""
+    def _auto(self, left: int, eager_now: float) -> tuple[str, str]:
+        """The ``auto`` action for ``left`` images (:func:`runtime.compile_plan`) and its log line."""
         from .speed_records import read
 
         rec = read(self.device, self.work)
-        prior = compile_prior(self.device)
-        marker = self.cached_compile_s()  # inductor's cache holds this model: the warm cost applies
-        warm = marker is not None
+        warm = self.cached_compile_s() is not None  # inductor's cache holds this model: the warm cost applies
         eager = rec.get("eager_s", eager_now)
         compiled = rec.get("compiled_s")
-        cost = (rec.get("compile_warm_s") or marker) if warm else rec.get("compile_cold_s")
-        guessed = [n for n, v in (("compiled ms/img", compiled), ("compile time", cost)) if v is None]
-        compiled = compiled if compiled is not None else eager / prior.speedup
-        cost = cost if cost is not None else (prior.warm_s if warm else prior.cold_s)
-        go = resolve_compile("auto", left, self.device, eager, cost, compiled)
-        figures = (
-            f"eager {eager * 1000:.1f} ms/img, compiled {compiled * 1000:.1f} ms/img, "
-            f"compile {cost:.0f} s {'warm' if warm else 'cold'}"
-        )
-        verdict = f"-> {'compile' if go else 'eager'} for {left} images left"
-        if not guessed:
-            return go, f"compile auto: measured on this host ({figures}) {verdict}"
-        return go, (
-            f"compile auto: prior for the {' and '.join(guessed)} (nothing recorded on this host for {self.work}; "
-            f"{prior.source}, {prior.speedup:.2f}x): {figures} {verdict}; a run with --compile on measures them"
+        cost = rec.get("compile_warm_s") if warm else rec.get("compile_cold_s")
+        trial = 2 * TRIAL_BATCHES * (self._shape or (1,))[0]  # the compiled batches to time, with room to gain
+        action, why = compile_plan(left, eager, compiled, cost, warm, self.device, trial)
+        if action == "measure":
+            return action, (
+                f"compile auto: no compiled figure on this host for {self.work} (eager {eager * 1000:.1f} ms/img "
+                f"measured now); {why} -> compiling once to measure it ({'warm' if warm else 'cold'} inductor "
+                f"cache), then keeping the faster for the rest and recording both"
+            )
+        if compiled is None:
+            return action, f"compile auto: eager {eager * 1000:.1f} ms/img; {why} -> eager for {left} images left"
+        figures = f"eager {eager * 1000:.1f} ms/img, compiled {compiled * 1000:.1f} ms/img"
+        state = "warm" if warm else "cold"
+        figures += f", compile {cost:.0f} s {state}" if cost is not None else f", a {state} compile not timed here yet"
+        verdict = "compile" if action == "compile" else "eager"
+        return action, f"compile auto: measured on this host ({figures}) -> {verdict} for {left} images left ({why})"
+
+    def _settle(self) -> None:
+        """After the trial batches of a ``measure``: keep the faster of compiled and eager (both timed in this
+        run, in the same loop) for the rest of the job, and say so."""
+        self._measuring = False
+        self._timed = self.device.type == "cpu"
+        eager, compiled = self._eager_t.per_image, self._compiled_t.per_image
+        keep = eager is None or (compiled is not None and compiled < eager)
+        if not keep:
+            self._fn, self.compiled = None, False
+        left = self.n_images - self._seen - self._compiled_t.images - (self._shape or (0,))[0]
+        get_reporter().info(
+            f"compile auto: measured on this host for {self.work}: eager {1000 * (eager or 0):.1f} ms/img, "
+            f"compiled {1000 * (compiled or 0):.1f} ms/img, compile {self.compile_s or 0:.0f} s "
+            f"{'warm' if self._warm else 'cold'} -> {'compiled' if keep else 'eager'} for the ~{max(0, left)} "
+            "images left; recorded for later runs"
         )
 
     @property
@@ -189,7 +219,15 @@ class CompiledForward:
 
     def _first_compiled(self, x: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
-        out = self._fn(x)
+        try:
+            out = self._fn(x)
+        except Exception as exc:  # inductor could not compile here (no C++ compiler, an unsupported op)
+            if self.mode == "on":
+                raise
+            self._fn, self.compiled, self._measuring = None, False, False
+            self.note = f"the compile failed ({type(exc).__name__}: {str(exc)[:200]}); eager instead"
+            get_reporter().warn(f"compile auto: {self.note}")
+            return self._eager(x)
         _sync(self.device)
         self.compile_s = time.perf_counter() - t
         self._write_record()

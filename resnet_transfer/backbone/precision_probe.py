@@ -8,6 +8,11 @@ trains in longest (every planned stage unfrozen), runs forward + backward on a s
 shape, interleaved fp32 / bf16, a warm-up and ``ROUNDS`` timed steps each; the median decides. The probe
 never touches the run's model, optimiser or random streams (a deep copy, ``torch.random.fork_rng``), so a run
 is as reproducible as with a fixed precision, and the choice is kept in the checkpoint for ``--resume``.
+
+What a probe measured is kept in this host's speed records (:mod:`speed_records`, work id
+``<arch>|train-<precision>-p<trainable tensors>|NxCxHxW``, seconds per image, the same figure `rt finetune`'s
+timed eager steps add to): a later run of the same model, shape and trainable set reads both precisions
+there and does not probe again (``{"mode": "records"}``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,20 @@ MIN_STEPS_FOR_PROBE = 100
 
 
 def choose_train_precision(
-    option: str, device: Any, model: Any, policy: Any, input_shape: tuple[int, ...], batch: int, total_steps: int
+    option: str,
+    device: Any,
+    model: Any,
+    policy: Any,
+    input_shape: tuple[int, ...],
+    batch: int,
+    total_steps: int,
+    arch: str = "",
 ) -> tuple[str, dict[str, Any]]:
     """The precision of the train step and how it was chosen (``{"mode": "given" | "rule" | "probe", ...}``,
-    recorded in report.json). ``option`` is ``--precision``; ``model`` the run's classifier (not modified)."""
+    recorded in report.json). ``option`` is ``--precision``; ``model`` the run's classifier (not modified);
+    ``arch`` its architecture (the speed records' work id)."""
     from ..base import cpu_supports_bf16, resolve_precision
+    from .speed_records import read, record
 
     precision = resolve_precision(option, device)
     if precision == "int8":
@@ -47,7 +61,15 @@ def choose_train_precision(
             "mode": "rule",
             "reason": f"{total_steps} planned steps (< {MIN_STEPS_FOR_PROBE}): too short to repay a timing probe",
         }
+    works = train_works(arch, model, policy, (batch, *input_shape), ("fp32", "bf16"))
+    known = {p: read(device, w).get("eager_s") for p, w in works.items()}
+    if all(known.values()):
+        best = min(known, key=lambda p: known[p])  # type: ignore[arg-type, return-value]
+        ms = {p: round(1000 * float(v) * batch, 1) for p, v in known.items()}  # type: ignore[arg-type]
+        return best, {"mode": "records", "median_ms": ms, "shape": [batch, *input_shape]}
     ms = probe_step_ms(model, policy, input_shape, batch, device, ("fp32", "bf16"))
+    for p, w in works.items():
+        record(device, w, eager_s=statistics.median(ms[p]) / 1000 / batch)
     best = min(ms, key=lambda p: statistics.median(ms[p]))
     info = {
         "mode": "probe",
@@ -56,6 +78,21 @@ def choose_train_precision(
         "shape": [batch, *input_shape],
     }
     return best, info
+
+
+def train_works(
+    arch: str, model: Any, policy: Any, shape: tuple[int, ...], precisions: tuple[str, ...]
+) -> dict[str, str]:
+    """The speed-record work ids of the train step with every planned stage trainable, per precision."""
+    from .speed_records import work_id
+
+    last = policy.last_start
+    flags = [p.requires_grad for p in model.parameters()]
+    policy.apply(last)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    for p, f in zip(model.parameters(), flags):
+        p.requires_grad_(f)
+    return {p: work_id(arch or "unnamed", f"train-{p}-p{trainable}", shape) for p in precisions}
 
 
 def probe_step_ms(

@@ -161,6 +161,10 @@ def record(device: Any, work: str, **samples: float | None) -> None:
     _update(device, add)
 
 
+read_speed = read  # the names other wings use (backbone's face)
+record_speed = record
+
+
 class StepTimer:
     """Seconds and images of the timed calls of one kind (the steady batches of a run)."""
 

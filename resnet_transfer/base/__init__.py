@@ -58,6 +58,7 @@ __all__, __getattr__, __dir__ = face(
             "COMPILE_MODES",
             "CompilePrior",
             "autocast",
+            "compile_plan",
             "compile_prior",
             "cpu_cores",
             "cpu_flags",

@@ -135,7 +135,10 @@ class CompilePrior:
     measured it yet (:mod:`speed_records` holds what it has): ``speedup`` = compiled / eager steady-state
     rate, ``cold_s`` / ``warm_s`` = compile + first batch with an empty / a warm inductor cache,
     ``eager_s_per_image`` when not even the eager rate is known. Deliberately conservative and the same
-    for every CPU: a host's own figures replace it after its first compiled run."""
+    for every CPU: a host's own figures replace it after its first compiled run.
+
+    ``plausible`` is the speed-up a compile *could* bring (not what is expected): it only decides whether
+    a job is large enough to be worth measuring the compile on (:func:`compile_plan`)."""
 
     kind: str
     speedup: float
@@ -143,6 +146,7 @@ class CompilePrior:
     warm_s: float
     eager_s_per_image: float
     source: str
+    plausible: float = 2.0
 
 
 def cpu_flags() -> set[str]:
@@ -160,7 +164,7 @@ def compile_prior(device: Any) -> CompilePrior:
     """The assumed compile gain where nothing was measured: a GPU or a CPU (any ISA)."""
     if device.type == "cuda":  # timm's RTX 4090 ResNet-50 AMP figures, 8237 vs 4218 img/s; times unmeasured
         return CompilePrior("cuda", 1.95, 60.0, 15.0, 0.0005, "timm's published RTX 4090 figures")
-    return CompilePrior("cpu", 1.1, 60.0, 20.0, 0.05, "a conservative guess for any CPU")
+    return CompilePrior("cpu", 1.1, 60.0, 10.0, 0.05, "a conservative guess for any CPU")
 
 
 def resolve_compile(
@@ -187,3 +191,51 @@ def resolve_compile(
     compiled = compiled_s_per_image if compiled_s_per_image and compiled_s_per_image > 0 else eager / prior.speedup
     cost = compile_s if compile_s is not None else prior.cold_s
     return n_images * (eager - compiled) > cost
+
+
+COMPILE_ACTIONS = ("eager", "compile", "measure")
+
+
+def compile_plan(
+    left: int,
+    eager_s: float,
+    compiled_s: float | None,
+    compile_s: float | None,
+    warm: bool,
+    device: Any,
+    trial_images: int = 0,
+) -> tuple[str, str]:
+    """``--compile auto`` for the ``left`` images still to run, from this host's figures (seconds per image
+    eager, measured in this run; compiled per image and the compile's cost in seconds, as recorded here, or
+    None): ``(action, why)`` with action ``eager`` | ``compile`` | ``measure``.
+
+    - Both figures known: compile when the images left repay it, ``left * (eager - compiled) > compile``.
+    - The compiled rate never measured here (this model, precision and shape): ``measure`` (compile once,
+      time a few compiled batches against the eager ones, keep the faster: :mod:`backbone.compiled`) when
+      the images left would save more than a *warm* compile costs at a merely plausible speed-up
+      (:attr:`CompilePrior.plausible`), i.e. when a job of this size repays compiling from its second run
+      on; below that, or with fewer than ``trial_images`` left to time the compiled forward on, it stays
+      eager and never waits for a compile (a handful of images never does).
+    - The compiled rate known but not the cost of this compile (a warm inductor cache never timed):
+      the generic warm prior stands in for it.
+    No per-CPU constant: the prior is one for every CPU and only ever weighs whether to find out."""
+    prior = compile_prior(device)
+    if left <= 0:
+        return "eager", "no images left"
+    if compiled_s is None:
+        could = left * eager_s * (1.0 - 1.0 / prior.plausible)
+        cost = prior.warm_s
+        if could > cost and left > trial_images:
+            return "measure", (
+                f"at a plausible {prior.plausible:.1f}x the {left} images left would save {could:.0f} s, more "
+                f"than a warm compile ({cost:.0f} s, {prior.source})"
+            )
+        return "eager", (
+            f"even at a plausible {prior.plausible:.1f}x the {left} images left would save {could:.0f} s, "
+            f"less than a warm compile ({cost:.0f} s), or too few to time: not worth measuring"
+        )
+    if compile_s is None:
+        compile_s = prior.warm_s if warm else prior.cold_s
+    saved = left * (eager_s - compiled_s)
+    action = "compile" if saved > compile_s else "eager"
+    return action, f"{left} images x {1000 * (eager_s - compiled_s):.1f} ms saved = {saved:.0f} s vs {compile_s:.0f} s"

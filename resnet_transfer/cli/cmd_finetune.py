@@ -106,6 +106,7 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16")] = "auto",
+    compile: common.TrainCompileOpt = "auto",
     workers: Annotated[
         int | None,
         typer.Option(

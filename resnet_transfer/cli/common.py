@@ -75,7 +75,17 @@ CompileOpt = Annotated[
     typer.Option(
         "--compile",
         help="auto | on | off: compile the forward pass with torch.compile (inductor). auto compiles when the "
-        "images to run repay the compile on this host (or it is already in inductor's cache).",
+        "images to run repay the compile by what this host measured before; where it never measured it and "
+        "the job is large, it compiles once to measure, keeps the faster and records both (small jobs never "
+        "compile).",
+    ),
+]
+TrainCompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="auto | on | off: compile the train step (forward + backward) with torch.compile. auto decides "
+        "as extract does, from this host's records, measuring once where they have nothing.",
     ),
 ]
 

@@ -77,6 +77,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"  # the train step: auto | on | off (step.py)
     workers: int | None = None
     overwrite: bool = False
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)

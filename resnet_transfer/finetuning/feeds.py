@@ -113,7 +113,13 @@ class ImageFeed(Feed):
             get_reporter().warn(f"{path}: {reason} (skipped)")
 
     def train_batches(self, generator: Any) -> Any:
-        return self._batches(self.train_ds, self._loader(self.train_ds, True, generator, self.drop_last))
+        loader = self._loader(self.train_ds, True, generator, self.drop_last)
+        if self.workers == 0:  # decode the next batch in threads while this one trains (prefetch.py)
+            from ..base import decode_threads
+            from .prefetch import decoded_ahead
+
+            return self._batches(self.train_ds, decoded_ahead(self.train_ds, loader.batch_sampler, decode_threads()))
+        return self._batches(self.train_ds, loader)
 
     def val_batches(self) -> Any:
         if self.val_ds is None:

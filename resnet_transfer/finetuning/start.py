@@ -143,6 +143,7 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     if steps < 1:
         raise DataError("no training batches", "add images or lower --batch-size")
     precision, choice = _train_precision(cfg, ckpt, device, model, policy, feeding.feed, cfg.epochs * steps)
+    train_forward = _train_compile(cfg, train_forward, device, precision, cfg.epochs * steps, bb, choice)
 
     policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
     groups = policy.param_groups(cfg.weight_decay)
@@ -177,15 +178,36 @@ def _train_precision(
             return saved.precision, saved.precision_choice
         return resolve_precision(cfg.precision, device), {"mode": "rule", "reason": "checkpoint of an earlier version"}
     precision, choice = distributed.broadcast_object(
-        choose_train_precision(cfg.precision, device, model, policy, feed.input_shape, cfg.batch_size, steps)
+        choose_train_precision(
+            cfg.precision, device, model, policy, feed.input_shape, cfg.batch_size, steps, _arch(model)
+        )
     )
-    if choice["mode"] == "probe":
+    if choice["mode"] in ("probe", "records"):
         ms = choice["median_ms"]
+        how = "medians of a short probe" if choice["mode"] == "probe" else "this host's speed records"
         get_reporter().info(
             f"--precision auto: a train step of {cfg.batch_size} takes {ms['fp32']:.0f} ms in fp32 and "
-            f"{ms['bf16']:.0f} ms in bf16 autocast here (medians of a short probe) -> {precision}"
+            f"{ms['bf16']:.0f} ms in bf16 autocast here ({how}) -> {precision}"
         )
     return precision, choice
+
+
+def _arch(model: Any) -> str:
+    bb = getattr(model, "backbone", None)
+    return str(getattr(getattr(bb, "identity", None), "arch", "") or "")
+
+
+def _train_compile(
+    cfg: FinetuneConfig, inner: Any, device: Any, precision: str, steps: int, bb: Any, choice: dict[str, Any]
+) -> Any:
+    """The train step's forward, compiled or not as ``--compile`` and this host decide (step.py); how it
+    was decided goes into report.json beside the precision (``precision_choice["compile"]``)."""
+    from .step import TrainCompile
+
+    arch = str(getattr(bb.identity, "arch", "") or "")
+    fwd = TrainCompile(inner, device, precision, getattr(cfg, "compile", "auto"), steps, cfg.batch_size, arch)
+    choice["compile"] = fwd.choice
+    return fwd
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, device: Any) -> Any:

@@ -61,8 +61,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run.policy.train_mode(epoch)
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}  # as used by this epoch's first step
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    correct, seen = torch.zeros((), device=device, dtype=torch.long), 0
     steps = run.feed.steps_per_epoch()
+    step_done = getattr(run.train_forward, "step_done", None)  # step.py: times the steps for --compile auto
     with get_reporter().progress(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, unit="step") as bar:
         for x, y in run.feed.train_batches(run.generator):
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -75,11 +77,15 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
             run.scaler.step(run.optimizer)
             run.scaler.update()
             run.scheduler.step()
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            if step_done is not None:
+                step_done(len(y))
+            total_loss += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             bar.advance(1)
-    total_loss, correct, seen = distributed.all_reduce_sums(total_loss, correct, seen)
+    if hasattr(run.train_forward, "finish"):
+        run.train_forward.finish()  # this host's speed records (step.py)
+    total_loss, correct, seen = distributed.all_reduce_sums(float(total_loss), int(correct), seen)
     return {
         "epoch": epoch,
         "train_loss": total_loss / max(1, seen),

@@ -27,6 +27,14 @@ __all__, __getattr__, __dir__ = face(
         "feed": ("collate", "iter_batches", "normalized_batches"),
         "reader": ("Member", "Reader"),
         "sources": ("SOURCE_KINDS", "detect", "open_source"),
+        "gpu_decode": (
+            "HostToDevice",
+            "decode_path",
+            "decode_resize_crop",
+            "gpu_batches",
+            "gpu_decode_enabled",
+            "jpeg_header",
+        ),
         "sheets": (
             "ImageRoot",
             "ROOT_HINT",

@@ -116,6 +116,7 @@ def normalized_batches(
     import torch
 
     from ..base import decode_threads
+    from .gpu_decode import HostToDevice, gpu_batches, gpu_decode_enabled
     from .transforms import view_transform
 
     dataset = ImageDataset(
@@ -131,16 +132,21 @@ def normalized_batches(
             pin_memory=getattr(device, "type", str(device)) == "cuda",
             persistent_workers=False,
         )
+    elif view is None and gpu_decode_enabled(device):  # JPEGs decoded on the GPU (gpu_decode.py)
+        paths = [dataset.path(i) for i in range(len(dataset))]
+        size = (transform.resize_size, transform.input_size)
+        loader = gpu_batches(dataset, paths, batch_size, *size, device, decode_threads())
     else:
         loader = iter_batches(dataset, batch_size, 0 if view else decode_threads())
+    h2d = HostToDevice(device)  # CUDA: pinned copies on a side stream; elsewhere the batch as it is
     try:
         for xs, idx, errors in loader:
             if xs is not None:
                 if view:  # (n, views, C, H, W) -> (n * views, C, H, W), already normalised
-                    xs = xs.reshape(-1, *xs.shape[2:]).to(device, non_blocking=True)
+                    xs = h2d.put(xs.reshape(-1, *xs.shape[2:]))
                     xs = xs.contiguous(memory_format=torch.channels_last)
                 else:
-                    xs = normalize_batch(xs.to(device, non_blocking=True), transform, torch.channels_last)
+                    xs = normalize_batch(h2d.put(xs), transform, torch.channels_last)
             yield xs, idx, errors
     finally:
         if hasattr(loader, "close"):  # stop the decode threads now, not when the generator is collected

@@ -102,3 +102,35 @@ def test_host_to_device_is_a_plain_move_off_cuda() -> None:
     x = torch.arange(6, dtype=torch.uint8)
     assert torch.equal(gd.HostToDevice(CPU).put(x), x)
     assert gd.gpu_decode_enabled(CPU) is False
+
+
+def test_gpu_batches_read_the_members_of_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zip's members (images/sources.py) take the GPU way too: read through their reader, never opened as
+    paths, with the crops of the same images as a folder."""
+    import zipfile
+
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    for k in range(3):
+        _photo(seed=k).save(root / "a" / f"p{k}.jpg", quality=90)
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        for f in sorted((root / "a").iterdir()):
+            z.write(f, f"a/{f.name}")
+    real = gd.decode_path
+    sent: list[str] = []
+
+    def on_cuda(p, d, h=None, m=None):
+        way = real(p, CUDA, h, m)
+        sent.append(way)
+        return way
+
+    monkeypatch.setattr(gd, "decode_path", on_cuda)
+    tcfg = TransformConfig(input_size=64, resize_size=73)
+    crops = []
+    for data in (root, tmp_path / "photos.zip"):
+        ds = ImageDataset(list_images(data), eval_transform_uint8(tcfg), tcfg.draft_target())
+        (x, idx, errors), *_ = gd.gpu_batches(ds, [ds.path(i) for i in range(len(ds))], 4, 73, 64, CPU, threads=1)
+        assert errors == ["", "", ""] and idx == [0, 1, 2]
+        crops.append(x)
+    assert sent == ["gpu"] * 6  # three files, then the same three as members
+    assert torch.equal(crops[0], crops[1])

@@ -151,10 +151,11 @@ def resize_crop(img: Any, resize_size: int, input_size: int) -> Any:
     return x[0, :, top : top + c, left : left + c].round().clamp(0, 255).to(torch.uint8)
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Any) -> bytes | None:
+    """The bytes of a file, or of a member of a source (an archive, shards, a dataset: ``reader.Member``)."""
     try:
-        return path.read_bytes()
-    except OSError:
+        return path.read() if hasattr(path, "reader") else Path(path).read_bytes()
+    except (OSError, KeyError, ValueError):
         return None
 
 
@@ -170,7 +171,7 @@ def gpu_batches(
 
     def submit(lo: int) -> list[tuple[int, Any]]:
         idx = range(lo, min(lo + batch_size, len(paths)))
-        return [(i, pool.submit(_read, Path(paths[i]))) for i in idx]
+        return [(i, pool.submit(_read, paths[i])) for i in idx]
 
     def cpu(i: int) -> Any:
         return pool.submit(dataset.__getitem__, i)

@@ -290,6 +290,8 @@ def variants_table(rows: Sequence[dict[str, Any]], base: str = "defaults") -> st
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in dict.fromkeys(r["task"] for r in rows):
         seeds = sorted(s for (t, s, lab) in by if t == task and lab == base)
+        if not seeds:
+            continue
         b = [by[task, s, base] for s in seeds]
         cells = [fmt_ci([r["rt_probe"] for r in b]), fmt_ci([r["rt_finetune"] for r in b])]
         diffs = []

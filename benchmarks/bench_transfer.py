@@ -188,7 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="append the per-seed rows here (JSON lines)")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
     p.add_argument("--table-from", type=Path, default=None, help="only print the table of saved rows (JSON lines)")
+    p.add_argument(
+        "--variants-from", type=Path, nargs="+", default=None,
+        help="only print the paired table of saved rows (JSON lines): each label against the `defaults` rows",
+    )  # fmt: skip
     a = p.parse_args(argv)
+    if a.variants_from is not None:
+        rows = [json.loads(ln) for f in a.variants_from for ln in f.read_text().splitlines() if ln.strip()]
+        rows = [r for r in rows if not a.tasks or r["task"] in a.tasks.split(",")]
+        print(tt.variants_table(rows))
+        return 0
     if a.table_from is not None:
         rows = [json.loads(line) for line in a.table_from.read_text().splitlines() if line.strip()]
         for label in dict.fromkeys(r.get("label", "defaults") for r in rows):

@@ -277,3 +277,29 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             + f" | {fmt_ci([r.get('fastai_seconds') for r in rs], 1)} | {', '.join(picks)} |"
         )
     return "\n".join(lines)
+
+
+def variants_table(rows: Sequence[dict[str, Any]], base: str = "defaults") -> str:
+    """Per task: the probe, ``base``'s finetune, each other label's finetune and fastai (mean ± 95%
+    t-half-width over seeds), and each variant's paired differences (same task and seed) against ``base``'s
+    finetune and against the probe. Rows without a ``base`` row of the same task and seed are left out."""
+    by = {(r["task"], r["seed"], r.get("label", "defaults")): r for r in rows}
+    labels = [x for x in dict.fromkeys(r.get("label", "defaults") for r in rows) if x != base]
+    head = f"| task | seeds | probe | {base} ft | " + " | ".join(f"{x} ft" for x in labels) + " | fastai |"
+    head += "".join(f" {x} − {base} | {x} − probe |" for x in labels)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        seeds = sorted(s for (t, s, lab) in by if t == task and lab == base)
+        if not seeds:
+            continue
+        b = [by[task, s, base] for s in seeds]
+        cells = [fmt_ci([r["rt_probe"] for r in b]), fmt_ci([r["rt_finetune"] for r in b])]
+        diffs = []
+        for x in labels:
+            v = [(by[task, s, x], by[task, s, base]) for s in seeds if (task, s, x) in by]
+            cells.append(fmt_ci([r["rt_finetune"] for r, _ in v]) + f" (n={len(v)})")
+            diffs += [fmt_ci([r["rt_finetune"] - q["rt_finetune"] for r, q in v])]
+            diffs += [fmt_ci([r["rt_finetune"] - r["rt_probe"] for r, _ in v])]
+        cells.append(fmt_ci([r.get("fastai") for r in b]))
+        lines.append(f"| {task} | {len(seeds)} | " + " | ".join(cells + diffs) + " |")
+    return "\n".join(lines)

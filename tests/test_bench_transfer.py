@@ -55,3 +55,17 @@ def test_t_interval_and_table() -> None:
     cells = [c.strip() for c in lines[2].split("|")]
     assert cells[1:4] == ["a", "3", "0.700 ± 0.000"] and cells[4].startswith("0.810 ± 0.02")
     assert cells[6].startswith("0.060") and cells[7].startswith("0.110") and cells[-2] == "layer4"
+
+
+def test_variants_table_pairs_by_task_and_seed() -> None:
+    base = [{"task": "a", "seed": s, "label": "defaults", "rt_probe": 0.5, "rt_finetune": 0.6 + s / 10,
+             "fastai": 0.4} for s in range(3)]  # fmt: skip
+    var = [{"task": "a", "seed": s, "label": "v", "rt_probe": 0.5, "rt_finetune": 0.7 + s / 10, "fastai": None}
+           for s in (2, 0)]  # fmt: skip
+    orphan = [{"task": "b", "seed": 0, "label": "v", "rt_probe": 0.1, "rt_finetune": 0.2, "fastai": None}]
+    lines = tt.variants_table(base + var + orphan).splitlines()
+    assert len(lines) == 3  # task b has no defaults row: left out
+    cells = [c.strip() for c in lines[2].split("|")][1:-1]
+    assert cells[:3] == ["a", "3", "0.500 ± 0.000"] and cells[4].endswith("(n=2)") and cells[5].startswith("0.400")
+    assert cells[6] == "0.100 ± 0.000"  # v − defaults, paired on seeds 0 and 2
+    assert cells[7].startswith("0.300")  # v − probe: mean of 0.2 and 0.4

@@ -43,6 +43,7 @@ __all__, __getattr__, __dir__ = face(
             "file_digest",
             "fsync_dir",
             "fsync_file",
+            "save_png",
             "temp_name",
         ),
         "metrics": ("classification_metrics", "metrics_rows", "ood_metrics", "plot_confusion", "plot_training_curves"),

@@ -163,3 +163,12 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 90) -> Path:
+    """Lay ``fig`` out and write it to ``path`` as a PNG, atomically (a reader never sees half a file)."""
+    out = Path(path)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return out

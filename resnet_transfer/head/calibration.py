@@ -141,15 +141,11 @@ def plot_reliability(report: dict[str, Any], path: str | Path, title: str = "rel
         ax.set_ylabel("accuracy")
         ax.set_title(title, fontsize=10)
         ax.legend(loc="upper left", fontsize=7)
-        fig.tight_layout()
-        out = Path(path)
-        from ..base import atomic_path
+        from ..base import save_png
 
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return out
 
 
 def mark_uncertain(rows: list[dict[str, Any]], min_confidence: float | None) -> int:

@@ -124,7 +124,7 @@ def plot_score_histograms(in_scores: dict[str, Any], out_scores: dict[str, Any],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..base import atomic_path
+    from ..base import save_png
 
     names = list(in_scores)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
@@ -137,11 +137,10 @@ def plot_score_histograms(in_scores: dict[str, Any], out_scores: dict[str, Any],
         ax.set_xlabel("score (higher = farther)", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"out-of-distribution scores: {title}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def ood_summary_lines(ood: dict[str, Any] | None) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..base import atomic_path, atomic_write_json, atomic_write_text, get_reporter
+from ..base import atomic_write_json, atomic_write_text, get_reporter, save_png
 
 SAME_SPEED = 0.10  # extract rates this close (relative) count as the same cost
 
@@ -229,9 +229,6 @@ def plot_compare(report: dict[str, Any], path: Path) -> Path:
         right.set_title(f"label-efficiency curves, {report['seeds']} seeds, 95% t-interval", fontsize=9)
         right.grid(alpha=0.3)
         right.legend(fontsize=7)
-        fig.tight_layout()
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return Path(path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import DataError, UsageError, atomic_path, atomic_write_json, get_reporter
+from ..base import DataError, UsageError, atomic_write_json, get_reporter, save_png
 
 METHODS = ("probe", "knn")
 ALL = 0  # k = 0 stands for "every training row"
@@ -302,9 +302,6 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_title(f"{Path(report['train']).name}: mean and 95% t-interval, {report['seeds']} seeds", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return Path(path)

@@ -62,7 +62,9 @@ def _step_fn(model: Any, policy: Any, x: Any, y: Any, precision: str, compiled: 
     return step
 
 
-def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
+def _train_setup(name: str, classes: int) -> tuple[Any, Any, Any, Any]:
+    """The model of shape ``name`` (random init, its freeze policy applied, channels-last) with one fixed
+    random batch of ``classes`` labels: ``(model, policy, x, y)``."""
     import torch
 
     from resnet_transfer.backbone import build_backbone
@@ -72,7 +74,7 @@ def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
 
     model_name, size, batch, unfreeze = SHAPES[name]
     bb = build_backbone(model_name, "none", size)
-    head = HeadModule(bb.num_features, 10)
+    head = HeadModule(bb.num_features, classes)
     policy = FreezePolicy(bb.stage_groups(), head, unfreeze, lr_mult=1.0)
     policy.apply(0)
     policy.train_mode(0)
@@ -80,7 +82,13 @@ def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
     model = Classifier(bb.net, head)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return model, policy, x, y
+
+
+def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
+    model_name, size, batch, unfreeze = SHAPES[name]
+    model, policy, x, y = _train_setup(name, 10)
     arms = {p: _step_fn(model, policy, x, y, p, False) for p in ("fp32", "bf16")}
     compile_s: dict[str, float] = {}
     if do_compile:
@@ -109,24 +117,8 @@ def _shape(name: str, rounds: int, do_compile: bool) -> dict[str, Any]:
 
 
 def _bare_step_img_s(name: str, precision: str, compiled: bool, rounds: int) -> list[float]:
-    import torch
-
-    from resnet_transfer.backbone import build_backbone
-    from resnet_transfer.finetuning import FreezePolicy
-    from resnet_transfer.head import HeadModule
-    from resnet_transfer.models import Classifier
-
-    model_name, size, batch, unfreeze = SHAPES[name]
-    bb = build_backbone(model_name, "none", size)
-    head = HeadModule(bb.num_features, 4)
-    policy = FreezePolicy(bb.stage_groups(), head, unfreeze, lr_mult=1.0)
-    policy.apply(0)
-    policy.train_mode(0)
-    bb.net.to(memory_format=torch.channels_last)
-    model = Classifier(bb.net, head)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (batch,), generator=g)
+    batch = SHAPES[name][2]
+    model, policy, x, y = _train_setup(name, 4)
     fn = _step_fn(model, policy, x, y, precision, compiled)
     fn()
     fn()

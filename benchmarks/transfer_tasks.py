@@ -1,5 +1,6 @@
 """The transfer suite's tasks and its table: small image-classification tasks the project draws itself
-(digits on photos, shapes on photos, texture patches on photos), the source task the suite's backbone is
+(digits on photos, shapes on photos, texture patches on photos, and scenes: which photograph a crop comes
+from), the source task the suite's backbone is
 trained on, and the summary with 95% t-intervals over seeds.
 
 Every image is a crop of a photograph shipped inside scikit-learn / scikit-image with something drawn on it
@@ -26,11 +27,12 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "plus", "ring", "hexagon", "star", "halfdisc")
 TEXTURES = ("hstripes", "vstripes", "checker", "dots")
+SCENES = ("flower", "chelsea", "gravel", "moon", "cell")  # target photographs (none of the source's)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One target task: ``domain`` (digits | shapes | textures), its ``classes``, labelled training images
+    """One target task: ``domain`` (digits | shapes | textures | scenes), its ``classes``, labelled training images
     per class (``per_class``, drawn per seed), image side ``size`` and fixed test images per class."""
 
     name: str
@@ -49,6 +51,7 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("textures4-k40-48px", "textures", TEXTURES, 40, 48),
     TaskSpec("textures2-k200-32px", "textures", TEXTURES[:2], 200, 32, 100),
     TaskSpec("shapes3-k100-128px", "shapes", ("circle", "triangle", "star"), 100, 128, 30),
+    TaskSpec("scenes5-k16-48px", "scenes", SCENES, 16, 48),
 )
 QUICK = ("digits3-k10-32px", "shapes5-k20-64px")
 
@@ -152,9 +155,33 @@ def _texture_mask(name: str, s: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(((on & box) * 255).astype(np.uint8))
 
 
-def draw_image(spec: TaskSpec, label: str, rng: np.random.Generator, scan: np.ndarray | None = None) -> Image.Image:
-    """One image of class ``label``: a target-photo crop with the class's digit / shape / texture drawn on it."""
+@lru_cache(maxsize=8)
+def _scene(name: str) -> np.ndarray:
     md = digits_module()
+    return md.load_photo(next(n for n in md.TARGET_PHOTOS if n.endswith(":" + name)))
+
+
+def _scene_crop(name: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A crop of photograph ``name`` (15-50% of its short side, anywhere), its colour, brightness and contrast
+    jittered, mirrored half the time: a new view of the same scene."""
+    from PIL import ImageEnhance
+
+    photo = _scene(name)
+    h, w = photo.shape[:2]
+    side = int(rng.uniform(0.15, 0.5) * min(h, w))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    img = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+    for enhance in (ImageEnhance.Color, ImageEnhance.Brightness, ImageEnhance.Contrast):
+        img = enhance(img).enhance(rng.uniform(0.5, 1.5))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def draw_image(spec: TaskSpec, label: str, rng: np.random.Generator, scan: np.ndarray | None = None) -> Image.Image:
+    """One image of class ``label``: a target-photo crop with the class's digit / shape / texture drawn on it,
+    or (scenes) a crop of the class's photograph."""
+    md = digits_module()
+    if spec.domain == "scenes":
+        return _scene_crop(label, spec.size, rng)
     if spec.domain == "digits":
         assert scan is not None
         return md.draw(rng, scan, photos("target"), md.DigitsConfig(size=spec.size))

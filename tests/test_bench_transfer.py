@@ -15,10 +15,10 @@ def test_suite_covers_what_the_issue_asks() -> None:
     assert {len(t.classes) for t in tt.TASKS} >= {2, 3, 10}
     assert min(t.per_class for t in tt.TASKS) <= 10 and max(t.per_class for t in tt.TASKS) >= 200
     assert min(t.size for t in tt.TASKS) == 32 and max(t.size for t in tt.TASKS) == 128
-    assert {t.domain for t in tt.TASKS} == {"digits", "shapes", "textures"}
+    assert {t.domain for t in tt.TASKS} == {"digits", "shapes", "textures", "scenes"}
 
 
-@pytest.mark.parametrize("name", ["digits3-k10-32px", "shapes10-k12-96px", "textures2-k200-32px"])
+@pytest.mark.parametrize("name", ["digits3-k10-32px", "shapes10-k12-96px", "textures2-k200-32px", "scenes5-k16-48px"])
 def test_write_task_is_deterministic_and_keeps_test_apart(tmp_path, name) -> None:
     spec = next(t for t in tt.TASKS if t.name == name)
     small = tt.TaskSpec(spec.name, spec.domain, spec.classes, 3, spec.size, 2)

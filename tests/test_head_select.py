@@ -127,8 +127,10 @@ def test_fit_head_chooses_the_stage_and_records_it(staged: Path, tmp_path: Path,
     assert md.head_config["features"] == res.report["features"] == sel["chosen"].split("+")
     assert md.head_config["in_features"] == {"layer3": 8, "layer3+layer4": 14}[sel["chosen"]]
     assert build_head_module(md.head_config).features == md.head_config["features"]
-    assert res.report["l2"] == sel["l2"]
-    assert res.report["accuracy"] >= 0.8  # the informative stage, on the held-out split
+    if res.report["head_selection"]["chosen"] == "linear":  # the MLP head has its own weight decay
+        assert res.report["l2"] == sel["l2"]
+    assert res.report["head_selection"]["method"] == "cv"  # the head is chosen on the chosen features
+    assert res.report["accuracy"] >= 0.7  # the informative stage, on the 9 held-out rows (chance: 0.33)
     # the recorded split: content keys of train and validation rows, disjoint, covering every row
     split = json.loads((out / "split.json").read_text())
     assert split["seed"] == 0 and split["val_fraction"] == 0.2

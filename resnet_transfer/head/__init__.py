@@ -27,6 +27,7 @@ __all__, __getattr__, __dir__ = face(
             "reliability",
             "softmax",
         ),
+        "choose": ("HEAD_TYPES", "MLP_HEAD", "choose_head"),
         "estimator": ("SoftmaxHead",),
         "fitting": ("FitHeadConfig", "fit_head"),
         "knn": (

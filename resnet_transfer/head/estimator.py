@@ -13,6 +13,9 @@ the few listed (with reasons) in tests/test_head.py.
   strength is fitted on all rows (and, when the split was internal, on train + validation).
 * ``adamw``: minibatch AdamW with early stopping on the validation loss; :meth:`SoftmaxHead.fit_chunks`
   streams the training rows (e.g. ``FeatureCache.iter_chunks``) when they do not fit in memory.
+* ``onecycle``: minibatch AdamW under a fixed one-cycle schedule for ``epochs`` (fastai's way of
+  training a head; ``l2`` is the weight decay, default 0.01). With ``hidden=512, dropout=0.5,
+  norm="batch"`` it trains fastai's head on the pooled features (``rt fit-head --head mlp``).
 * ``sklearn``: scikit-learn's ``LogisticRegression`` (lbfgs) on the standardised features, the reference.
 
 The numerical work is in head_solvers.py. Bad parameters or data raise :class:`HeadInputError`, a
@@ -27,90 +30,27 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-import scipy.sparse
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted
 
-from ..base import UsageError, get_reporter
+from ..base import get_reporter
 from ..images import stratified_split
 from . import minibatch as mb
 from . import solvers as hs
-from .module import HeadModule, predict_logits, predict_probabilities, set_standardisation
+from .inputs import (
+    HeadInputError,
+    HeadNotFittedError,
+    check_features,
+    check_labels,
+)
+from .module import NORMS, HeadModule, predict_logits, predict_probabilities, set_standardisation
 
 DEFAULT_L2_GRID = hs.DEFAULT_L2_GRID
 DEFAULT_L2 = hs.DEFAULT_L2
 SOLVERS = hs.SOLVERS
-
-
-class HeadInputError(UsageError, ValueError):
-    """A bad parameter or array given to :class:`SoftmaxHead` (a ``UsageError`` and a ``ValueError``)."""
-
-
-class HeadInputTypeError(HeadInputError, TypeError):
-    """An array that cannot be read as numbers at all (also a ``TypeError``, as numpy raises)."""
-
-
-class HeadNotFittedError(UsageError, NotFittedError):
-    """``predict`` & co. on a :class:`SoftmaxHead` that was not fitted (scikit-learn's ``NotFittedError``)."""
-
-
-def check_features(X: Any, name: str = "X", dim: int | None = None) -> np.ndarray:
-    """``X`` as a C-contiguous float32 (n, d) array of finite values, or a :class:`HeadInputError` naming it."""
-    if scipy.sparse.issparse(X):
-        raise HeadInputError(f"{name}: sparse input is not supported", f"pass {name}.toarray()")
-    if np.iscomplexobj(np.asarray(X)):
-        raise HeadInputError(f"{name}: Complex data not supported", f"pass the real features as {name}")
-    try:
-        arr = np.asarray(X, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise HeadInputTypeError(
-            f"{name}: cannot be read as a float array ({exc})", f"pass {name} as an (n, d) array"
-        ) from exc
-    if arr.ndim != 2:
-        raise HeadInputError(
-            f"{name}: expected a 2-d array (n_samples, n_features), got shape {arr.shape}",
-            "Reshape your data: X.reshape(-1, 1) for a single feature, X.reshape(1, -1) for a single row",
-        )
-    if arr.shape[0] == 0:
-        raise HeadInputError(f"{name}: no rows")
-    if arr.shape[1] == 0:
-        raise HeadInputError(f"{name}: 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required.")
-    if dim is not None and arr.shape[1] != dim:
-        raise HeadInputError(
-            f"{name}: {arr.shape[1]} features, the head expects {dim}",
-            f"use features of the same backbone and stages (X has {arr.shape[1]} features, but SoftmaxHead "
-            f"is expecting {dim} features as input)",
-        )
-    if not np.isfinite(arr).all():
-        raise HeadInputError(f"{name}: contains NaN or infinite values", "re-extract the features or drop those rows")
-    arr = np.ascontiguousarray(arr)
-    return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy wants writeable memory
-
-
-def check_labels(y: Any, name: str = "y", n: int | None = None) -> np.ndarray:
-    """``y`` as a 1-d array of class labels (a column vector is flattened with a warning, as in scikit-learn)."""
-    if y is None:
-        raise HeadInputError(f"{name}: SoftmaxHead requires y to be passed, but the target y is None")
-    arr = np.asarray(y)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = column_or_1d(arr, warn=True)
-    if arr.ndim != 1:
-        raise HeadInputError(f"{name}: expected a 1-d array of labels, got shape {arr.shape}")
-    if n is not None and len(arr) != n:
-        raise HeadInputError(f"{name}: {len(arr)} labels for {n} rows", "give one label per row of the features")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        what = "NaN" if np.isnan(arr).any() else "infinity or a value too large for dtype('float64')"
-        raise HeadInputError(f"{name}: Input y contains {what}.")
-    try:
-        check_classification_targets(arr)
-    except ValueError as exc:
-        raise HeadInputError(
-            f"{name}: {exc}", "give class labels (integers or strings), not continuous values"
-        ) from exc
-    return arr
+ONECYCLE_WEIGHT_DECAY = 0.01  # fastai's default (decoupled, true weight decay)
 
 
 class SoftmaxHead(ClassifierMixin, BaseEstimator):
@@ -122,7 +62,9 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
     l2: L2 strength on the weights (mean loss + ``l2/2 ||W||^2`` on standardised features); ``None``
         chooses it from ``l2_grid`` on validation data (lbfgs, sklearn); for adamw it is the decoupled
         weight decay (default 1e-4).
-    hidden, dropout: ``hidden > 0`` makes a one-hidden-layer MLP (lbfgs or adamw).
+    hidden, dropout: ``hidden > 0`` makes a one-hidden-layer MLP (lbfgs, adamw or onecycle).
+    norm: ``none`` or ``batch`` (BatchNorm before each linear layer, dropout/2 on the input: fastai's
+        head; needs ``hidden`` and solver adamw or onecycle).
     class_weight: ``None``, ``"balanced"`` (n / (k * n_c)), or a ``{label: weight}`` dict.
     label_smoothing: in [0, 1).
     max_iter, path_iter: L-BFGS iterations of the final fit and per grid point; ``None``: 100 / 30 for
@@ -132,7 +74,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
     precision: ``auto`` (bf16 matmuls for large linear L-BFGS fits on CPUs with native bf16), ``fp32``,
         ``bf16``.
     epochs, batch_size, lr, patience: AdamW settings (early stopping after ``patience`` epochs without a
-        lower validation loss; the best epoch is kept).
+        lower validation loss; the best epoch is kept); onecycle runs exactly ``epochs``.
     val_fraction: the stratified validation share taken from the training rows when ``fit`` gets no
         ``X_val`` and needs one. ``refit``: after choosing ``l2`` on such an internal split, fit again on
         all rows.
@@ -149,6 +91,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         l2_grid: tuple[float, ...] = DEFAULT_L2_GRID,
         hidden: int = 0,
         dropout: float = 0.0,
+        norm: str = "none",
         class_weight: str | dict[Any, float] | None = None,
         label_smoothing: float = 0.0,
         max_iter: int | None = None,
@@ -169,6 +112,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.l2_grid = l2_grid
         self.hidden = hidden
         self.dropout = dropout
+        self.norm = norm
         self.class_weight = class_weight
         self.label_smoothing = label_smoothing
         self.max_iter = max_iter
@@ -209,6 +153,10 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
             return f"--hidden {self.hidden} must be 0 (linear) or a positive width", None
         if not 0.0 <= self.dropout < 1.0:
             return f"--dropout {self.dropout} must be in [0, 1)", None
+        if self.norm not in NORMS:
+            return f"--norm {self.norm!r} is not known", f"use one of: {', '.join(NORMS)}"
+        if self.norm == "batch" and (not self.hidden or self.solver not in ("adamw", "onecycle")):
+            return "norm='batch' (fastai's head) needs --hidden > 0 and solver adamw or onecycle", "use --head mlp"
         if not 0.0 <= self.label_smoothing < 1.0:
             return f"--label-smoothing {self.label_smoothing} must be in [0, 1)", None
         if self.class_weight not in (None, "balanced") and not isinstance(self.class_weight, dict):
@@ -273,7 +221,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
 
     def _new_module(self, dim: int) -> HeadModule:
         torch.manual_seed(self.seed)  # before the module: its init is part of the result
-        return HeadModule(dim, len(self.classes_), int(self.hidden), float(self.dropout))
+        return HeadModule(dim, len(self.classes_), int(self.hidden), float(self.dropout), norm=self.norm)
 
     # -- fitting
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, sample_weight: Any = None) -> SoftmaxHead:
@@ -299,11 +247,11 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
                 raise HeadInputError("sample_weight: all weights are zero", "give some rows a positive weight")
             w_all = w_all * sw
         train_rows = np.arange(len(X))
-        if val is None and (self.solver == "adamw" or self.l2 is None):
+        if val is None and (self.solver == "adamw" or (self.l2 is None and self.solver != "onecycle")):
             train_rows, val = self._internal_split(X, yi)
         internal = val is not None and not external
         # the protocol: choose l2 on the split, then fit on every row (standardised with every row)
-        refit_all = internal and self.refit and self.l2 is None and self.solver != "adamw"
+        refit_all = internal and self.refit and self.l2 is None and self.solver not in ("adamw", "onecycle")
         all_rows = refit_all or len(train_rows) == len(X)
         Xt = X if all_rows else X[train_rows]  # the only copy of the training rows, and only without refit
         self.n_features_in_ = X.shape[1]
@@ -313,6 +261,21 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.history_: list[dict[str, Any]] = []
         if self.solver == "adamw":
             self._run_adamw(mb.ArraySource(X, yi, w_all, self.batch_size, train_rows), val)
+        elif self.solver == "onecycle":
+            self.l2_ = float(self.l2 if self.l2 is not None else ONECYCLE_WEIGHT_DECAY)
+            rows = slice(None) if all_rows else train_rows
+            self.history_, self.n_iter_ = mb.fit_onecycle(
+                self.module_,
+                Xt,
+                yi[rows],
+                w_all[rows],
+                lr=self.lr,
+                weight_decay=self.l2_,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                label_smoothing=self.label_smoothing,
+                seed=self.seed,
+            )
         else:
             l2 = self.l2
             if l2 is None and val is not None:
@@ -475,7 +438,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
     @classmethod
     def from_module(cls, module: HeadModule, classes: Any = None) -> SoftmaxHead:
         """Wrap a loaded :class:`HeadModule` (e.g. from a model directory) to predict with it."""
-        head = cls(hidden=module.hidden, dropout=module.dropout, num_classes=module.num_classes)
+        head = cls(hidden=module.hidden, dropout=module.dropout, norm=module.norm, num_classes=module.num_classes)
         head.module_ = module.eval()
         head.classes_ = np.asarray(classes) if classes is not None else np.arange(module.num_classes)
         head.n_features_in_ = module.in_features

@@ -7,7 +7,6 @@ or AdamW streamed from the cache when the rows do not fit) -> temperature fitted
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -19,9 +18,6 @@ import numpy as np
 from ..base import DataError, UsageError, atomic_write_json, get_reporter
 from .neighbors import SEARCHES
 
-CALIBRATION_NOTE = (
-    "temperature fitted on the same validation rows it is measured on: the 'after' figures are optimistic"
-)
 VAL_NOTE = (
     "accuracy is on the validation rows, which also chose l2 / the early-stopping epoch: slightly "
     "optimistic; `rt evaluate` on images the head never saw gives an unbiased figure"
@@ -59,6 +55,7 @@ class FitHeadConfig:
     plot: bool = True
     knn_search: str = "auto"  # the kNN beside the head: auto | exact | index (neighbors.py)
     ood: Path | None = None  # images of the unknown (cache or folder): choose the OOD scorer (ood_fit.py)
+    head_type: str = "auto"  # auto | linear | mlp (choose.py)
     head: dict[str, Any] = field(default_factory=dict)  # SoftmaxHead parameters given explicitly
 
     def __init__(
@@ -76,6 +73,7 @@ class FitHeadConfig:
         plot: bool = True,
         knn_search: str = "auto",
         ood: Path | None = None,
+        head_type: str = "auto",
         head: dict[str, Any] | None = None,
         **head_params: Any,
     ) -> None:
@@ -86,11 +84,15 @@ class FitHeadConfig:
         if knn_search not in SEARCHES:
             raise UsageError(f"--knn-search {knn_search!r} is not known", f"use one of {', '.join(SEARCHES)}")
         self.head = {**(head or {}), **head_params}
+        self.head_type = head_type
         known = head_parameter_names()
         for name in self.head:
             if name not in known or name in _OWNED_BY_FIT:
                 allowed = ", ".join(n for n in known if n not in _OWNED_BY_FIT)
                 raise UsageError(f"fit-head: unknown head parameter {name!r}", f"use one of: {allowed}")
+        from .choose import check_head_type
+
+        check_head_type(head_type, self.head)
 
     def estimator_params(self, num_classes: int) -> dict[str, Any]:
         """The one mapping the estimator is built from: the given parameters, plus what fit-head sets."""
@@ -323,42 +325,6 @@ def _choose_features(
     return sel, train[sel.name], split
 
 
-def _write_split(out: Path, cfg: FitHeadConfig, split: ValidationRows) -> None:
-    """split.json: the content keys of the training and validation rows (caches that record keys)."""
-    if split.train_keys is None:
-        return
-    atomic_write_json(
-        out / "split.json",
-        {
-            "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction if cfg.val is None else None,
-            "val_cache": str(cfg.val) if cfg.val is not None else None,
-            "train": split.train_keys,
-            "val": split.val_keys or [],
-        },
-    )
-
-
-def _calibrate(head: Any, split: ValidationRows) -> dict[str, Any] | None:
-    """Fit the head's temperature on the validation rows (minimum NLL of logits / T) and set it on the
-    module; the validation log-loss and ECE before and after, or None without validation rows."""
-    from .temperature import calibration_summary, fit_temperature
-
-    if split.X_val is None or split.y_val is None:
-        return None
-    logits = head.logits(split.X_val)
-    t = fit_temperature(logits, split.y_val)
-    head.module_.temperature = t
-    summary = calibration_summary(logits, split.y_val, t)
-    if summary["on_bound"]:
-        get_reporter().warn(
-            f"the temperature hit its search bound (T={t:.3g}) on {len(split.y_val)} validation rows: "
-            "too few or too easy rows to calibrate with; treat the probabilities with care"
-        )
-    summary["note"] = CALIBRATION_NOTE
-    return summary
-
-
 def _maybe_choose_features(
     cfg: FitHeadConfig, cache: Any, classes: list[str], split: ValidationRows, params: dict[str, Any]
 ) -> tuple[tuple[Any, ValidationRows] | None, np.ndarray | None]:
@@ -389,35 +355,26 @@ def _maybe_choose_features(
     return (sel, vsplit), X_train
 
 
-def _write_head_dir(
-    out: Path, head: Any, identity: Any, classes: list[str], report: dict[str, Any], ood: Any = None
-) -> None:
-    """meta.json (identity, classes, the head config with its temperature and features) + head.safetensors
-    (+ ood.safetensors and meta.json's "ood": the out-of-distribution scorers, ood_store.py)."""
-    from .directory import write_model_dir
-    from .ood_store import ood_tensors
+def _choose_head(
+    cfg: FitHeadConfig, cache: Any, split: ValidationRows, params: dict[str, Any], X_train: np.ndarray | None
+) -> tuple[Any, np.ndarray | None]:
+    """``--head``: the given kind, or (auto) the linear probe or fastai's MLP head, whichever validates
+    better (choose.py); with the training matrix it read, for the fit to reuse."""
+    from .choose import SHAPE_PARAMS, choose_head, fixed_choice
 
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    ood_files, ood_meta = ood_tensors(ood) if ood is not None else ({}, {})
-    write_model_dir(
-        out,
-        kind="head",
-        identity=identity,
-        classes=classes,
-        head_config=head.module_.config,
-        tensors={"head.safetensors": head.module_.state_dict(), **ood_files},
-        extra_meta={
-            **ood_meta,
-            "created": created,
-            "fit": {
-                "solver": head.solver,
-                "l2": head.l2_,
-                "cache": report["cache"],
-                "validation": report["validation"],
-                "features": report["features"],
-            },
-        },
-    )
+    if cfg.head_type != "auto" or any(k in cfg.head for k in SHAPE_PARAMS):
+        return fixed_choice(cfg.head_type, cfg.head, params, "given"), X_train
+    if _needs_streaming(cfg, cache, split.train_rows, "lbfgs")[0]:
+        return fixed_choice("auto", cfg.head, params, "over the memory budget: the linear head, streamed"), X_train
+    if split.y_val is None:
+        return fixed_choice("auto", cfg.head, params, "no validation rows to choose with: the linear head"), X_train
+    X = cache.features(split.train_rows) if X_train is None else X_train
+    try:
+        labels = cache.labels[split.train_rows]
+        return choose_head(X, labels, split.X_val, split.y_val, params, cfg.head, seed=cfg.seed), X
+    except UsageError as exc:
+        get_reporter().warn(f"{exc.message}: fitting the linear head")
+        return fixed_choice("auto", cfg.head, params, exc.message), X
 
 
 def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
@@ -425,6 +382,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     from ..base import plot_confusion
     from ..cache import FeatureCache
     from .estimator import SoftmaxHead
+    from .fit_outputs import calibrate, write_head_dir, write_split
 
     rep = get_reporter()
     warn_start = len(rep.warnings)
@@ -444,8 +402,9 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             split = selection[1]
             if params.get("solver") != "adamw":
                 params["l2"] = selection[0].l2
-        head = SoftmaxHead(**params)
-        streamed = _fit(cfg, head, cache, split, X_train)
+        choice, X_fit = _choose_head(cfg, cache, split, params, X_train)
+        head = SoftmaxHead(**choice.params)
+        streamed = _fit(cfg, head, cache, split, X_fit)
         if selection is not None:
             head.module_.features = selection[0].features
         identity = cache.identity
@@ -462,7 +421,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             cache, split, head, X_train, cfg.ood, cfg.knn_search, _memory_budget_bytes(cfg)
         )
 
-    calibration = _calibrate(head, split)
+    calibration = calibrate(head, split)
     report, metrics = _report(cfg, head, split, classes, labels, cache_path)
     report["streamed"] = streamed
     report["features"] = head.module_.features
@@ -475,17 +434,18 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             "description": sel.description,
             "tried": sel.tried,
         }
+    report["head_selection"] = choice.as_report()
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
     report["knn"] = knn
     report["ood"] = ood_report
-    _write_head_dir(out, head, identity, classes, report, ood)
+    write_head_dir(out, head, identity, classes, report, ood)
     if metrics and cfg.plot:
         plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{out.name}: validation")
     report["warnings"] = rep.warnings[warn_start:]
     report["total_seconds"] = round(time.perf_counter() - t0, 4)
     atomic_write_json(out / "report.json", report)
-    _write_split(out, cfg, split)
+    write_split(out, cfg, split)
     acc = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['n']} rows" if metrics else "no validation"
     cal = (
         f"; temperature {calibration['temperature']:.3g} (val log-loss {calibration['log_loss']['before']:.4f} -> "

@@ -1,5 +1,6 @@
 """Minibatch AdamW for the head, with early stopping: :func:`fit_adamw`, fed by :class:`ArraySource` (in
-memory) or :class:`ChunkSource` (streamed blocks, e.g. ``FeatureCache.iter_chunks``), and
+memory) or :class:`ChunkSource` (streamed blocks, e.g. ``FeatureCache.iter_chunks``); :func:`fit_onecycle`
+(a fixed one-cycle schedule, fastai's way of training a head: no validation needed); and
 :func:`stream_statistics` (the standardisation of a stream, one pass)."""
 
 from __future__ import annotations
@@ -118,6 +119,63 @@ def fit_adamw(
         module.load_state_dict(best_state)
     module.eval()
     return history, epoch + 1
+
+
+ONECYCLE_MAX_STEPS = 2000  # above this many steps, the batch grows instead (large caches)
+
+
+def onecycle_batch(n: int, batch_size: int, epochs: int) -> int:
+    """The minibatch size one-cycle uses for ``n`` rows: ``batch_size``, at most half the rows (so an epoch
+    has two steps; fastai drops a partial last batch), grown so ``epochs`` take at most
+    ``ONECYCLE_MAX_STEPS`` steps."""
+    bs = min(int(batch_size), max(2, n // 2))
+    return max(bs, math.ceil(n * int(epochs) / ONECYCLE_MAX_STEPS))
+
+
+def fit_onecycle(
+    module: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    *,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """AdamW (betas 0.9, 0.99) under a one-cycle learning rate (warm-up over the first quarter, cosine
+    down) for ``epochs`` passes over ``X`` in shuffled minibatches, the partial last one dropped (a
+    BatchNorm head needs more than one row). Returns ``(history, steps)``."""
+    n = len(X)
+    bs = onecycle_batch(n, batch_size, epochs)
+    per_epoch = max(1, n // bs)
+    steps = int(epochs) * per_epoch
+    opt = torch.optim.AdamW(module.parameters(), lr=float(lr), weight_decay=float(weight_decay), betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(lr), total_steps=steps, pct_start=0.25)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(np.asarray(y, np.int64))
+    wt = torch.from_numpy(np.asarray(w, np.float32))
+    g = torch.Generator().manual_seed(seed)
+    history: list[dict[str, Any]] = []
+    module.train()
+    for epoch in range(int(epochs)):
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(per_epoch):
+            idx = perm[i * bs : (i + 1) * bs]
+            per = nn.functional.cross_entropy(
+                module(Xt[idx]), yt[idx], reduction="none", label_smoothing=label_smoothing
+            )
+            loss = (per * wt[idx]).sum() / wt[idx].sum().clamp_min(1e-12)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append({"epoch": epoch + 1, "train_loss": total / per_epoch})
+    module.eval()
+    return history, steps
 
 
 def stream_statistics(

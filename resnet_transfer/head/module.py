@@ -2,11 +2,12 @@
 
 ``HeadModule`` is the contract shared by predict, finetune and export: ``(x - mean) * scale`` (feature
 standardisation stored as buffers, identity by default), then a linear layer, or ``hidden`` -> ReLU ->
-dropout -> linear for an MLP. Its ``forward`` gives the raw logits (what finetune trains through);
+dropout -> linear for an MLP; with ``norm="batch"`` the MLP is fastai's head on pooled features
+(BatchNorm -> dropout/2 -> linear -> ReLU -> BatchNorm -> dropout -> linear). Its ``forward`` gives the raw logits (what finetune trains through);
 :meth:`HeadModule.predict_proba` divides them by the fitted ``temperature`` before the softmax (what
 predict and evaluate report). Its ``config`` dict is what model directories record under ``head``:
 ``type``, ``in_features``, ``num_classes``, ``hidden``, ``dropout``, and, when they differ from the
-defaults, ``temperature`` (1.0) and ``features`` (the pooled stages the head reads; absent = the
+defaults, ``norm`` ("none"), ``temperature`` (1.0) and ``features`` (the pooled stages the head reads; absent = the
 backbone's final pooled features).
 
 :class:`SoftmaxHead`, the scikit-learn estimator that fits it, is in ``estimator.py`` (its numerics in
@@ -21,6 +22,32 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+NORMS = ("none", "batch")
+
+
+class _BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm that uses its running statistics for a batch of one row in training (a batch statistic of
+    one row is undefined), e.g. the last minibatch of a finetuning epoch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def _batch_mlp(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        _BatchNorm1d(in_features),
+        nn.Dropout(dropout / 2),
+        nn.Linear(in_features, hidden, bias=False),
+        nn.ReLU(),
+        _BatchNorm1d(hidden),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 class HeadModule(nn.Module):
@@ -37,20 +64,26 @@ class HeadModule(nn.Module):
         hidden: int = 0,
         dropout: float = 0.0,
         *,
+        norm: str = "none",
         temperature: float = 1.0,
         features: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if norm not in NORMS or (norm == "batch" and not hidden):
+            raise ValueError(f"norm={norm!r}: use one of {NORMS} ('batch' needs hidden > 0)")
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.hidden = int(hidden)
         self.dropout = float(dropout)
+        self.norm = norm
         self.temperature = float(temperature)
         self.features = list(features) if features else None
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("scale", torch.ones(in_features))
-        if hidden:
-            self.net: nn.Module = nn.Sequential(
+        if norm == "batch":
+            self.net: nn.Module = _batch_mlp(in_features, hidden, num_classes, dropout)
+        elif hidden:
+            self.net = nn.Sequential(
                 nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
             )
         else:
@@ -65,6 +98,8 @@ class HeadModule(nn.Module):
             "hidden": self.hidden,
             "dropout": self.dropout,
         }
+        if self.norm != "none":
+            cfg["norm"] = self.norm
         if self.temperature != 1.0:
             cfg["temperature"] = self.temperature
         if self.features:
@@ -87,6 +122,7 @@ def build_head_module(config: dict[str, Any]) -> HeadModule:
         int(config["num_classes"]),
         int(config.get("hidden", 0)),
         float(config.get("dropout", 0.0)),
+        norm=str(config.get("norm") or "none"),
         temperature=float(config.get("temperature") or 1.0),
         features=config.get("features") or None,
     )

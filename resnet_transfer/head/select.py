@@ -94,7 +94,7 @@ class Selection:
         ]
 
 
-def _path_scores(
+def path_scores(
     params: dict[str, Any], Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, walk_all: bool
 ) -> list[dict[str, Any]]:
     """Validation accuracy and log-loss at each L2 point a head fitted on ``Xtr`` walked (warm-started)."""
@@ -137,7 +137,7 @@ def select_features(
     if n_val >= cv_below and val is not None and y_val is not None:
         tried = []
         for name in names:
-            for r in _path_scores(params, train[name], y_train, val[name], y_val, walk_all=False):
+            for r in path_scores(params, train[name], y_train, val[name], y_val, walk_all=False):
                 tried.append({"features": name, **r})
         best = _best(tried)
         desc = f"validation split ({n_val} rows)"
@@ -175,7 +175,7 @@ def _select_by_cv(
     scores: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for tr, va in splits:
         for name in X:
-            for r in _path_scores(params, X[name][tr], y[tr], X[name][va], y[va], walk_all=True):
+            for r in path_scores(params, X[name][tr], y[tr], X[name][va], y[va], walk_all=True):
                 scores.setdefault((name, r["l2"]), []).append((r["accuracy"], r["log_loss"]))
     tried = [
         {

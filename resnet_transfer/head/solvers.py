@@ -28,7 +28,7 @@ from ..base import get_reporter
 from ..images import stratified_split
 from .module import predict_logits
 
-SOLVERS = ("lbfgs", "adamw", "sklearn")
+SOLVERS = ("lbfgs", "adamw", "onecycle", "sklearn")
 # L2 strengths tried on the validation split (per-sample mean loss, standardised features), strong -> weak
 DEFAULT_L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 DEFAULT_L2 = 1e-3  # used when there is no validation data to choose with

@@ -118,7 +118,17 @@ def run_rt(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int
     }
 
 
-def run_fastai(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int) -> dict:
+def run_rt_one_command(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int, work: Path,
+                       extra: list[str]) -> dict:  # fmt: skip
+    """`rt finetune --data --weights` alone: the probe fitted in-process (OUT/start), one start-up."""
+    out = work / "ft1"
+    seconds = rt("finetune", "--data", str(train), "--model", "resnet18", "--weights", str(src), "--image-size",
+                 str(size), "--unfreeze", "auto", "--epochs", str(epochs), "--no-hflip", "--seed", str(seed),
+                 "--out", str(out), "--overwrite", *extra, log=work / "log.txt")  # fmt: skip
+    return {"rt1_finetune": test_accuracy(out, test), "rt1_seconds": seconds}
+
+
+def run_fastai(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int, workers: int | None = 0) -> dict:
     """fastai's vision_learner + fine_tune(epochs) on the same images and source weights."""
     try:
         import torchvision
@@ -149,7 +159,7 @@ def run_fastai(train: Path, test: Path, src: Path, size: int, epochs: int, seed:
         splitter=RandomSplitter(0.2, seed=seed), item_tfms=Resize(size),
         batch_tfms=[*aug_transforms(do_flip=False), Normalize.from_stats(tfm["mean"], tfm["std"])],
     )  # fmt: skip
-    dls = block.dataloaders(train, bs=bs, num_workers=0)
+    dls = block.dataloaders(train, bs=bs, **({} if workers is None else {"num_workers": workers}))
     t0 = time.perf_counter()
     learn = vision_learner(dls, torchvision.models.resnet18, pretrained=False, normalize=False)
     state = load_file(str(src / "backbone.safetensors"))
@@ -170,7 +180,8 @@ def run_fastai(train: Path, test: Path, src: Path, size: int, epochs: int, seed:
     vocab = list(learn.dls.vocab)
     pred = [vocab[i] for i in probs.argmax(1).tolist()]
     acc = sum(p == f.parent.name for p, f in zip(pred, files)) / len(files)
-    return {"fastai": acc, "fastai_seconds": t2 - t1, "fastai_setup_seconds": t1 - t0, "fastai_bs": bs}
+    out = {"fastai": acc, "fastai_seconds": t2 - t1, "fastai_setup_seconds": t1 - t0, "fastai_bs": bs}
+    return out | {"fastai_workers": "default" if workers is None else workers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, default=None, help="a source model directory to reuse (skips training)")
     p.add_argument("--rt-args", default="", help="extra `rt finetune` options (to try other settings)")
     p.add_argument("--no-fastai", action="store_true", help="rt only")
+    p.add_argument(
+        "--one-command", action="store_true",
+        help="also time `rt finetune --data --weights` alone (the probe fitted in the same process)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fastai-workers", default="0",
+        help="fastai's DataLoader num_workers: 0 (the fastest measured on 2 vCPUs) or `default` (fastai's own)",
+    )  # fmt: skip
     p.add_argument("--label", default="defaults", help="a name for this configuration in the JSON")
     p.add_argument("--json", type=Path, default=None, help="append the per-seed rows here (JSON lines)")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
@@ -230,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             row |= run_rt(
                 train, test, src, spec.size, a.epochs, seed, a.work / "runs" / a.label / name / f"s{seed}", extra
             )
+            if a.one_command:
+                work = a.work / "runs" / a.label / name / f"s{seed}"
+                row |= run_rt_one_command(train, test, src, spec.size, a.epochs, seed, work, extra)
             if not a.no_fastai:
-                row |= run_fastai(train, test, src, spec.size, a.epochs, seed)
+                workers = None if a.fastai_workers == "default" else int(a.fastai_workers)
+                row |= run_fastai(train, test, src, spec.size, a.epochs, seed, workers)
             else:
                 row |= {"fastai": None, "fastai_seconds": None}
             rows.append(row)

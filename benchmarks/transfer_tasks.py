@@ -289,8 +289,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     tasks: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         tasks.setdefault(r["task"], []).append(r)
+    one = any(r.get("rt1_seconds") is not None for r in rows)  # `--one-command` rows: two more columns
     head = "| task | seeds | " + " | ".join(label for _, label in ARMS)
     head += " | ft − fastai | ft − probe | rt pipeline s | fastai train s | unfreeze auto |"
+    head += " rt 1-command ft | rt 1-command s |" if one else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rs in tasks.items():
         acc = {k: [r[k] for r in rs] for k, _ in ARMS}
@@ -302,7 +304,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             + " | ".join(fmt_ci(acc[k]) for k, _ in ARMS)
             + f" | {fmt_ci(d_fa)} | {fmt_ci(d_pr)} | {fmt_ci([r['rt_seconds'] for r in rs], 1)}"
             + f" | {fmt_ci([r.get('fastai_seconds') for r in rs], 1)} | {', '.join(picks)} |"
-        )
+            + (f" {fmt_ci([r.get('rt1_finetune') for r in rs])} | {fmt_ci([r.get('rt1_seconds') for r in rs], 1)} |"
+               if one else "")
+        )  # fmt: skip
     return "\n".join(lines)
 
 

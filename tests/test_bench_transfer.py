@@ -69,3 +69,13 @@ def test_variants_table_pairs_by_task_and_seed() -> None:
     assert cells[:3] == ["a", "3", "0.500 ± 0.000"] and cells[4].endswith("(n=2)") and cells[5].startswith("0.400")
     assert cells[6] == "0.100 ± 0.000"  # v − defaults, paired on seeds 0 and 2
     assert cells[7].startswith("0.300")  # v − probe: mean of 0.2 and 0.4
+
+
+def test_table_shows_the_one_command_arm_when_measured() -> None:
+    base = {"task": "a", "rt_probe": 0.7, "rt_finetune": 0.8, "fastai": 0.75, "rt_seconds": 10.0,
+            "fastai_seconds": 12.0, "unfreeze": "head"}  # fmt: skip
+    plain = tt.table([base, base]).splitlines()
+    one = tt.table([base | {"rt1_finetune": 0.78, "rt1_seconds": 4.0}] * 2).splitlines()
+    assert one[0].count("|") == plain[0].count("|") + 2 and "rt 1-command s" in one[0]
+    cells = [c.strip() for c in one[2].split("|")]
+    assert cells[-3] == "0.780 ± 0.000" and cells[-2] == "4.0 ± 0.0"

@@ -632,3 +632,29 @@ def test_start_is_a_candidate_and_kept_when_training_only_hurts(image_folder, tm
     ok = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert ok["start_validation"] is not None
     assert ok["kept_start"] is (ok["best_epoch"] == -1)
+
+
+# ------------------------------------------------------------------ one command: the probe as the start
+
+
+def test_one_command_starts_from_the_probe_it_fits(image_folder, tmp_path):
+    """`rt finetune --data --weights PATH` (no head directory): extract + fit-head run in the process, under
+    OUT/start, and the run starts from that head and keeps its split; --fresh-head and random weights don't."""
+    ckpt = tmp_path / "pre.safetensors"
+    bb = _backbone()
+    save_backbone(bb.net, ckpt, bb.identity)
+    common = dict(data=image_folder, model="resnet18", weights=str(ckpt), image_size=SIZE, unfreeze="head", epochs=1)
+    res = finetune(_cfg(tmp_path / "one", **common))
+    start = tmp_path / "one" / "start"
+    assert (start / "features.h5").exists() and (start / "head" / "meta.json").exists()
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert report["start"]["head"] == f"fitted head from {start / 'head'}"
+    assert report["start_validation"] is not None and res.unfreeze == "head"
+    head_split = json.loads((start / "head" / "split.json").read_text())
+    run_split = json.loads((tmp_path / "one" / "split.json").read_text())
+    assert sorted(head_split["val"]) == sorted(run_split["val"]) and len(run_split["val"]) > 0
+    fresh = finetune(_cfg(tmp_path / "fresh", fresh_head=True, **common))
+    scratch = finetune(_cfg(tmp_path / "scratch", **{**common, "weights": "none"}))
+    for r in (fresh, scratch):
+        assert not (r.out / "start").exists()
+        assert json.loads((r.out / "report.json").read_text())["start"]["head"] == "fresh"

@@ -118,3 +118,29 @@ def test_cli_head_option_and_its_errors(cache: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no hidden layer" in r.output
     r = runner.invoke(app, ["fit-head", "--help"])
     assert "--head" in r.output and "fastai" in r.output
+
+
+def test_onecycle_adamw_matches_torch_optim() -> None:
+    """The hand-written optimizer (no torch._dynamo import) is torch's AdamW + OneCycleLR, step for step."""
+    from torch import nn
+
+    from resnet_transfer.head.minibatch import OneCycleAdamW
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    b = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    b.load_state_dict(a.state_dict())
+    before = [p.detach().clone() for p in a.parameters()]
+    steps = 37
+    mine = OneCycleAdamW(a.parameters(), 2e-3, steps, 0.01)
+    ref = torch.optim.AdamW(b.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=2e-3, total_steps=steps, pct_start=0.25)
+    for _ in range(steps):
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        for m, opt in ((a, mine), (b, ref)):
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        sched.step()
+    assert max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters())) < 1e-6
+    assert all(float((p - q).abs().max()) > 1e-4 for p, q in zip(a.parameters(), before))  # it did train

@@ -41,7 +41,10 @@ CheckpointEveryOpt = Annotated[
 ]
 HeadDirArg = Annotated[
     Path | None,
-    typer.Argument(help="A head directory from `rt fit-head` to start from (omit it to start with a fresh head)."),
+    typer.Argument(
+        help="A head directory from `rt fit-head` to start from. Omitted, on pretrained weights: the probe is "
+        "fitted first, in this process (extract + fit-head into OUT/start); --fresh-head: a fresh head."
+    ),
 ]
 
 

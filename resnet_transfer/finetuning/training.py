@@ -201,11 +201,13 @@ def finetune(
     the configuration saved in its checkpoint. ``on_epoch_end(epoch, row)`` is called after each epoch's
     checkpoint is written (a hook for callers; raising KeyboardInterrupt there stops the run resumably)."""
     from .outputs import check_out, write_outputs
+    from .probe_start import probe_start
 
     distributed.setup_training(cfg.device)  # torchrun: join the group; ranks > 0 report warnings only
     cfg, ckpt = _config(cfg, resume)
     if ckpt is None:
         distributed.on_main(lambda: check_out(Path(cfg.out), cfg.overwrite, CHECKPOINT_DIR, LAST_CKPT))
+        cfg = probe_start(cfg)  # no head directory: the probe the two-command workflow would start from
     run = build_run(cfg, ckpt)
     _announce(run)
     if ckpt is None:

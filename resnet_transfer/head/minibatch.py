@@ -132,6 +132,48 @@ def onecycle_batch(n: int, batch_size: int, epochs: int) -> int:
     return max(bs, math.ceil(n * int(epochs) / ONECYCLE_MAX_STEPS))
 
 
+def onecycle_at(step: int, total: int, peak: float, pct: float = 0.25) -> tuple[float, float]:
+    """``(lr, beta1)`` at ``step`` of a one-cycle schedule of ``total`` steps (torch's ``OneCycleLR``
+    defaults, as fastai's ``fit_one_cycle``): the lr rises from ``peak / 25`` to ``peak`` over the first
+    ``pct`` of the steps and falls to ``peak / 25e4`` (cosine halves), beta1 moving 0.95 -> 0.85 -> 0.95."""
+    up = max(1.0, pct * total - 1)
+    lo, end = peak / 25.0, peak / 25.0 / 1e4
+
+    def cos(a: float, b: float, f: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * f) + 1)
+
+    if step <= up:
+        f = step / up
+        return cos(lo, peak, f), cos(0.95, 0.85, f)
+    f = (step - up) / max(1.0, total - 1 - up)
+    return cos(peak, end, f), cos(0.85, 0.95, f)
+
+
+class OneCycleAdamW:
+    """AdamW (decoupled weight decay, bias-corrected moments, beta2 0.99) under :func:`onecycle_at`, in plain
+    tensor operations: ``torch.optim``'s constructor imports ``torch._dynamo`` (about 1 s), most of what a
+    small `rt fit-head` would otherwise spend. Matches ``torch.optim.AdamW`` + ``OneCycleLR`` (tested)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], peak: float, total: int, weight_decay: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.peak, self.total, self.wd, self.t = float(peak), int(total), float(weight_decay), 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr, b1 = onecycle_at(self.t, self.total, self.peak)
+        self.t += 1
+        c1, c2 = 1 - b1**self.t, 1 - 0.99**self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            p.mul_(1 - lr * self.wd)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(0.99).addcmul_(p.grad, p.grad, value=0.01)
+            p.addcdiv_(m, (v.sqrt() / math.sqrt(c2)).add_(1e-8), value=-lr / c1)
+
+
 def fit_onecycle(
     module: nn.Module,
     X: np.ndarray,
@@ -145,15 +187,13 @@ def fit_onecycle(
     label_smoothing: float = 0.0,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """AdamW (betas 0.9, 0.99) under a one-cycle learning rate (warm-up over the first quarter, cosine
-    down) for ``epochs`` passes over ``X`` in shuffled minibatches, the partial last one dropped (a
-    BatchNorm head needs more than one row). Returns ``(history, steps)``."""
+    """:class:`OneCycleAdamW` peaking at ``lr`` for ``epochs`` passes over ``X`` in shuffled minibatches, the
+    partial last one dropped (a BatchNorm head needs more than one row). Returns ``(history, steps)``."""
     n = len(X)
     bs = onecycle_batch(n, batch_size, epochs)
     per_epoch = max(1, n // bs)
     steps = int(epochs) * per_epoch
-    opt = torch.optim.AdamW(module.parameters(), lr=float(lr), weight_decay=float(weight_decay), betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(lr), total_steps=steps, pct_start=0.25)
+    opt = OneCycleAdamW(module.parameters(), lr, steps, weight_decay)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(np.asarray(y, np.int64))
     wt = torch.from_numpy(np.asarray(w, np.float32))
     g = torch.Generator().manual_seed(seed)
@@ -168,10 +208,9 @@ def fit_onecycle(
                 module(Xt[idx]), yt[idx], reduction="none", label_smoothing=label_smoothing
             )
             loss = (per * wt[idx]).sum() / wt[idx].sum().clamp_min(1e-12)
-            opt.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             total += float(loss.detach())
         history.append({"epoch": epoch + 1, "train_loss": total / per_epoch})
     module.eval()

@@ -1,0 +1,67 @@
+"""The probe as the start of a one-command finetune: `rt finetune --data DIR --model M --weights W` without a
+head directory runs what `rt extract` + `rt fit-head` would (in this process, so it pays one start-up) and
+starts from the head it fits, as the three-command workflow does.
+
+The features go to ``OUT/start/features.h5`` (a cache like any other: an interrupted run resumes it, a second
+run reads only headers) and the head to ``OUT/start/head`` (``--head auto``: the linear probe or fastai's MLP
+head, whichever validates better; its split is the finetune's). Skipped, with the fresh head as before, for
+``--fresh-head`` (or ``--hidden``: a fresh MLP), random weights (a probe on random features says nothing), a cache of stage maps, and
+torchrun jobs (one process would extract while the others wait).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..base import distributed, get_reporter
+from .config import FinetuneConfig
+
+START_DIR = "start"
+
+
+def wants_probe_start(cfg: FinetuneConfig) -> bool:
+    """True when the run has images but no head to start from, on pretrained weights, in one process."""
+    if cfg.head is not None or cfg.cache is not None or cfg.data is None or cfg.fresh_head or cfg.hidden:
+        return False
+    if str(cfg.weights or "imagenet").lower() == "none":
+        return False
+    return not distributed.launched()
+
+
+def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` starting from a probe fitted now under ``OUT/start`` (see the module docstring), or ``cfg``
+    unchanged when :func:`wants_probe_start` says no."""
+    if not wants_probe_start(cfg):
+        return cfg
+    from ..cache import ExtractConfig, extract
+    from ..head import FitHeadConfig, fit_head
+
+    start = Path(cfg.out) / START_DIR
+    rep = get_reporter()
+    rep.info(f"no head directory: fitting the probe to start from (extract + fit-head, in this process) in {start}")
+    common = {
+        "model": cfg.model or "resnet50",
+        "weights": cfg.weights or "imagenet",
+        "image_size": cfg.image_size,
+        "device": cfg.device,
+        "workers": cfg.workers,
+        "strict": cfg.strict,
+    }
+    cache = start / "features.h5"
+    extract(ExtractConfig(data=Path(cfg.data), out=cache, **common))  # type: ignore[arg-type]
+    val_cache = None
+    if cfg.val is not None:
+        val_cache = start / "val.h5"
+        extract(ExtractConfig(data=Path(cfg.val), out=val_cache, **common))
+    fit_head(
+        FitHeadConfig(
+            cache=cache,
+            out=start / "head",
+            val=val_cache,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            overwrite=True,
+        )
+    )
+    return replace(cfg, head=start / "head", model=None, weights=None, image_size=None)

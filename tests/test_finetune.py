@@ -658,3 +658,13 @@ def test_one_command_starts_from_the_probe_it_fits(image_folder, tmp_path):
     for r in (fresh, scratch):
         assert not (r.out / "start").exists()
         assert json.loads((r.out / "report.json").read_text())["start"]["head"] == "fresh"
+    # cached-stage training: the head is fitted on the stage cache's own pooled features
+    from resnet_transfer.cache import ExtractConfig, extract
+
+    staged = tmp_path / "l3.h5"
+    extract(ExtractConfig(data=image_folder, out=staged, model="resnet18", weights=str(ckpt), image_size=SIZE,
+                          cut=["layer3"], precision="fp32", batch_size=8))  # fmt: skip
+    res = finetune(_cfg(tmp_path / "cached", cache=staged, unfreeze="layer4", epochs=1))
+    report = json.loads((res.out / "report.json").read_text())
+    assert report["cached_stage"] == "layer3" and (res.out / "start" / "head" / "meta.json").exists()
+    assert not (res.out / "start" / "features.h5").exists()

@@ -1,12 +1,13 @@
 """The probe as the start of a one-command finetune: `rt finetune --data DIR --model M --weights W` without a
 head directory runs what `rt extract` + `rt fit-head` would (in this process, so it pays one start-up) and
-starts from the head it fits, as the three-command workflow does.
+starts from the head it fits, as the three-command workflow does. With ``--cache`` (a cache of stage maps: cached-stage
+training) the head is fitted on that cache's pooled features, which it already holds.
 
 The features go to ``OUT/start/features.h5`` (a cache like any other: an interrupted run resumes it, a second
 run reads only headers) and the head to ``OUT/start/head`` (``--head auto``: the linear probe or fastai's MLP
 head, whichever validates better; its split is the finetune's). Skipped, with the fresh head as before, for
-``--fresh-head`` (or ``--hidden``: a fresh MLP), random weights (a probe on random features says nothing), a cache of stage maps, and
-torchrun jobs (one process would extract while the others wait).
+``--fresh-head`` (or ``--hidden``: a fresh MLP), random weights (a probe on random features says nothing)
+and torchrun jobs (one process would extract while the others wait).
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ START_DIR = "start"
 
 def wants_probe_start(cfg: FinetuneConfig) -> bool:
     """True when the run has images but no head to start from, on pretrained weights, in one process."""
-    if cfg.head is not None or cfg.cache is not None or cfg.data is None or cfg.fresh_head or cfg.hidden:
+    if cfg.head is not None or (cfg.data is None and cfg.cache is None) or cfg.fresh_head or cfg.hidden:
         return False
-    if str(cfg.weights or "imagenet").lower() == "none":
-        return False
-    return not distributed.launched()
+    if cfg.cache is not None:
+        from ..cache import FeatureCache
+
+        with FeatureCache(cfg.cache) as c:
+            random = str(c.identity.weights_id).startswith("random:")
+    else:
+        random = str(cfg.weights or "imagenet").lower() == "none"
+    return not random and not distributed.launched()
 
 
 def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -35,7 +41,6 @@ def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
     if not wants_probe_start(cfg):
         return cfg
     from ..cache import ExtractConfig, extract
-    from ..head import FitHeadConfig, fit_head
 
     start = Path(cfg.out) / START_DIR
     rep = get_reporter()
@@ -48,20 +53,23 @@ def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
         "workers": cfg.workers,
         "strict": cfg.strict,
     }
+    if cfg.cache is not None:  # cached-stage training: the cache holds the pooled features already
+        cache, val_cache = Path(cfg.cache), Path(cfg.val) if cfg.val is not None else None
+        _fit(cfg, cache, val_cache, start)
+        return replace(cfg, head=start / "head")
     cache = start / "features.h5"
     extract(ExtractConfig(data=Path(cfg.data), out=cache, **common))  # type: ignore[arg-type]
     val_cache = None
     if cfg.val is not None:
         val_cache = start / "val.h5"
         extract(ExtractConfig(data=Path(cfg.val), out=val_cache, **common))
-    fit_head(
-        FitHeadConfig(
-            cache=cache,
-            out=start / "head",
-            val=val_cache,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            overwrite=True,
-        )
-    )
+    _fit(cfg, cache, val_cache, start)
     return replace(cfg, head=start / "head", model=None, weights=None, image_size=None)
+
+
+def _fit(cfg: FinetuneConfig, cache: Path, val_cache: Path | None, start: Path) -> None:
+    from ..head import FitHeadConfig, fit_head
+
+    head = FitHeadConfig(cache=cache, out=start / "head", val=val_cache, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                         overwrite=True)  # fmt: skip
+    fit_head(head)

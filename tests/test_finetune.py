@@ -668,3 +668,35 @@ def test_one_command_starts_from_the_probe_it_fits(image_folder, tmp_path):
     report = json.loads((res.out / "report.json").read_text())
     assert report["cached_stage"] == "layer3" and (res.out / "start" / "head" / "meta.json").exists()
     assert not (res.out / "start" / "features.h5").exists()
+
+
+# ------------------------------------------------------------------------------------------ --lr-find
+
+
+def test_lr_suggestion_reads_the_curve():
+    import math
+
+    from resnet_transfer.finetuning.lr_find import suggest
+
+    lrs = [1e-7 * 1e8 ** (k / 99) for k in range(100)]
+    falling = [2.0 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) for lr in lrs]  # steepest near 1e-3
+    lr, why = suggest(lrs, falling)
+    assert 5e-4 < lr < 2e-3 and "steepest descent" in why
+    flat = [0.5 if lr < 1e-3 else 0.5 + math.log10(lr) + 3 for lr in lrs]  # a fitted head: flat, then rising
+    lr, why = suggest(lrs, flat)
+    assert 5e-5 < lr < 2e-4 and "flat" in why
+    assert suggest(lrs[:2], flat[:2])[0] == 1e-3
+
+
+def test_lr_find_runs_before_training_and_leaves_the_start_alone(image_folder, tmp_path, monkeypatch):
+    from resnet_transfer.finetuning import lr_find
+
+    monkeypatch.setattr(lr_find, "STEPS", 12)
+    hd = _head_dir(tmp_path / "head")
+    common = dict(head=hd, data=image_folder, unfreeze="layer4", epochs=1, patience=0)
+    plain = finetune(_cfg(tmp_path / "plain", **common))
+    found = finetune(_cfg(tmp_path / "found", lr_find=True, **common))
+    a, b = (json.loads((r.out / "report.json").read_text()) for r in (plain, found))
+    assert a["start_validation"] == b["start_validation"]  # every weight and statistic put back
+    assert a["lr_find"] is None and b["lr_find"]["steps"] >= 3 and (found.out / "lr_find.png").exists()
+    assert b["config"]["lr"] == b["lr_find"]["suggestion"] and b["history"][0]["lr"]["head"] <= b["config"]["lr"]

@@ -79,6 +79,9 @@ def finetune(
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs (early stopping may end sooner).")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate of the head.")] = 1e-3,
+    lr_find: Annotated[
+        bool, typer.Option("--lr-find", help="Choose --lr by a range test first (fastai's lr_find): lr_find.png.")
+    ] = False,
     lr_mult: Annotated[
         float | None,
         typer.Option(

@@ -25,6 +25,7 @@ class TrainState:
     precision: str | None = None  # the train step's precision (auto: chosen once, kept on resume)
     precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
     start: dict[str, Any] | None = None  # the starting point's validation (val_loss, val_acc): a candidate
+    lr_find: dict[str, Any] | None = None  # --lr-find: the range test's curve and the rate chosen (lr_find.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,6 +62,7 @@ class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3  # the head's (AdamW); stages below get lr * lr_mult**depth
+    lr_find: bool = False  # choose lr by a range test first (lr_find.py); lr is then the suggestion
     lr_mult: float | None = None  # default 0.3 (pretrained) / 1.0 (random init)
     lr_schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 1.0

@@ -164,6 +164,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "best_epoch": state.best_epoch,
         "start_validation": state.start,  # the starting point, validated before any step: a candidate
         "kept_start": kept,  # no epoch beat the start on validation: the start's weights are handed back
+        "lr_find": state.lr_find,  # --lr-find: the range test and the rate it chose (lr_find.py)
         "selection": (
             f"the start: no epoch improved {cfg.monitor} on it"
             if kept

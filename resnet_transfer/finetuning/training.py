@@ -200,6 +200,7 @@ def finetune(
     """Finetune (see the module docstring); with ``resume`` (an output directory) continue its run with
     the configuration saved in its checkpoint. ``on_epoch_end(epoch, row)`` is called after each epoch's
     checkpoint is written (a hook for callers; raising KeyboardInterrupt there stops the run resumably)."""
+    from .lr_find import apply_lr_find
     from .outputs import check_out, write_outputs
     from .probe_start import probe_start
 
@@ -209,6 +210,8 @@ def finetune(
         distributed.on_main(lambda: check_out(Path(cfg.out), cfg.overwrite, CHECKPOINT_DIR, LAST_CKPT))
         cfg = probe_start(cfg)  # no head directory: the probe the two-command workflow would start from
     run = build_run(cfg, ckpt)
+    if ckpt is None and cfg.lr_find:
+        apply_lr_find(run)  # a resumed run keeps the rate its checkpoint's config holds
     _announce(run)
     if ckpt is None:
         validate_start(run)

@@ -48,7 +48,8 @@ def folded_linear(head: Any, where: str) -> tuple[Any, Any]:
         raise UsageError(
             f"{where}: an MLP head (hidden {head.hidden}) has no place in a plain timm network (its classifier "
             "is one linear layer)",
-            "export it with --format onnx (or torchscript), or fit a linear head (no --hidden) for timm",
+            "export it with --format onnx (or torchscript), or fit a linear head for timm (`rt fit-head --head "
+            "linear`; `--head auto` keeps the MLP where it validates better)",
         )
     if head.features:
         raise UsageError(

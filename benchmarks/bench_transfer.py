@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--fastai-workers", default="0",
-        help="fastai's DataLoader num_workers: 0 (the fastest measured on 2 vCPUs) or `default` (fastai's own)",
+        help="fastai's DataLoader num_workers: 0 or `default` (fastai's own); a comma list times each, "
+        "the first in the table",
     )  # fmt: skip
     p.add_argument("--label", default="defaults", help="a name for this configuration in the JSON")
     p.add_argument("--json", type=Path, default=None, help="append the per-seed rows here (JSON lines)")
@@ -253,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 work = a.work / "runs" / a.label / name / f"s{seed}"
                 row |= run_rt_one_command(train, test, src, spec.size, a.epochs, seed, work, extra)
             if not a.no_fastai:
-                workers = None if a.fastai_workers == "default" else int(a.fastai_workers)
-                row |= run_fastai(train, test, src, spec.size, a.epochs, seed, workers)
+                for i, w in enumerate(a.fastai_workers.split(",")):  # the first is the table's column
+                    workers = None if w == "default" else int(w)
+                    got = run_fastai(train, test, src, spec.size, a.epochs, seed, workers)
+                    row |= got if i == 0 else {f"fastai_seconds_workers_{w}": got["fastai_seconds"],
+                                               f"fastai_workers_{w}": got["fastai"]}  # fmt: skip
             else:
                 row |= {"fastai": None, "fastai_seconds": None}
             rows.append(row)

@@ -4,9 +4,9 @@ Before the first epoch, the run's own model, freeze policy (the parts that train
 per-stage rates) and training feed take ``STEPS`` steps with the head's rate rising exponentially from
 ``START`` to ``END`` (each stage at its usual fraction of it), on a separate random stream; the loss is
 smoothed (exponential average, bias-corrected) and the test stops once it exceeds four times its minimum.
-The suggestion (:func:`suggest`): where the loss falls, its steepest descent (fastai's ``steep``); where it
-is flat and then rises, as from a fitted head, a tenth of the largest rate that keeps it within 5% of its
-minimum; clamped to ``[1e-6, 0.1]``. Then every
+The suggestion (:func:`suggest`), against the median loss of the first fifth of the steps: where the loss
+falls more than 10% below it, its steepest descent (fastai's ``steep``); where it does not, as from a
+fitted head, a tenth of the last rate before it rises 10% above it for good; clamped to ``[1e-6, 0.1]``. Then every
 weight and BatchNorm statistic is put back, and the run trains with ``--lr`` set to the suggestion.
 report.json's ``lr_find`` keeps the curve and the choice; ``lr_find.png`` draws it.
 """
@@ -27,25 +27,28 @@ LO, HI = 1e-6, 0.1
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, str]:
     """The rate to train at, from the smoothed loss against the rate, and a one-line reason.
 
-    Where the loss falls (a fresh head: it drops by more than 5% before its minimum), the point of steepest
-    descent (the most negative slope against log rate; fastai's ``steep``). Where it is flat and then rises (a
-    fitted head starts near its optimum on these rows), the largest rate whose loss is still within 5% of the
-    minimum, over ten: the edge where steps start to move the model, with a margin. Clamped to [LO, HI]."""
-    if len(lrs) < 3:
+    The baseline is the median smoothed loss over the first fifth of the steps (rates too small to move
+    anything; batch-to-batch noise averaged out). Where the loss falls more than 10% below it (a fresh
+    head), the point of steepest descent before the minimum (the most negative slope against log rate;
+    fastai's ``steep``). Where it does not (a fitted head starts near its optimum on these rows), a tenth of
+    the last rate before the loss rises 10% above the baseline for good: the edge where steps start to
+    move the model, with a margin. Clamped to [LO, HI]."""
+    if len(lrs) < 5:
         return 1e-3, f"{len(lrs)} step(s) only: the default 1e-3"
+    base = float(sorted(losses[: max(3, len(losses) // 5)])[max(3, len(losses) // 5) // 2])
     i = min(range(len(losses)), key=lambda k: losses[k])
-    if i >= 2 and losses[0] - losses[i] > 0.05 * abs(losses[0]):
+    if i >= 2 and losses[i] < 0.9 * base:
         slope = {
             k: (losses[k + 1] - losses[k - 1]) / (math.log(lrs[k + 1]) - math.log(lrs[k - 1])) for k in range(1, i)
         }
         k = min(slope, key=lambda j: slope[j])
-        lr, why = lrs[k], f"steepest descent of the loss at lr {lrs[k]:.2e} (minimum {losses[i]:.4f} at {lrs[i]:.2e})"
+        lr, why = lrs[k], f"steepest descent of the loss at lr {lrs[k]:.2e} (from {base:.4f} to {losses[i]:.4f})"
     else:
-        edge = 0
-        while edge + 1 < len(losses) and losses[edge + 1] <= 1.05 * losses[i]:
-            edge += 1
+        edge = len(losses) - 1
+        while edge > 0 and losses[edge] > 1.1 * base:
+            edge -= 1
         lr = lrs[edge] / 10.0
-        why = f"loss flat (within 5% of {losses[i]:.4f}) up to lr {lrs[edge]:.2e}, then rising -> a tenth of it"
+        why = f"loss level ({base:.4f}) up to lr {lrs[edge]:.2e}, then rising -> a tenth of it"
     lr = min(HI, max(LO, lr))
     return lr, f"{why} over {len(lrs)} steps: lr {lr:.2e}"
 

@@ -649,6 +649,7 @@ def test_one_command_starts_from_the_probe_it_fits(image_folder, tmp_path):
     assert (start / "features.h5").exists() and (start / "head" / "meta.json").exists()
     report = json.loads((tmp_path / "one" / "report.json").read_text())
     assert report["start"]["head"] == f"fitted head from {start / 'head'}"
+    assert report["start"]["head_selection"]["chosen"] in ("linear", "mlp")
     assert report["start_validation"] is not None and res.unfreeze == "head"
     head_split = json.loads((start / "head" / "split.json").read_text())
     run_split = json.loads((tmp_path / "one" / "split.json").read_text())

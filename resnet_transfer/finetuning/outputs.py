@@ -150,6 +150,14 @@ def _best_row(state: Any) -> dict[str, Any]:
     return history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
 
 
+def _head_selection(head_dir: Any) -> dict[str, Any] | None:
+    """The starting head's ``head_selection`` (linear probe or MLP, and the scores), from its report.json."""
+    try:
+        return json.loads((Path(head_dir) / "report.json").read_text()).get("head_selection")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
     cfg, state, feed = run.cfg, run.state, run.feed
     history = state.history
@@ -182,7 +190,11 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "plan": [{"part": p.name, "from_epoch": p.start, "lr": p.lr} for p in run.policy.plans],
         "unfreeze_events": [{"epoch": r["epoch"], "stages": r["unfrozen"]} for r in history if r["unfrozen"]],
         "cached_stage": run.feeding.cut,
-        "start": {"head": run.start.head_source, "backbone": run.start.backbone.identity.to_dict()},
+        "start": {
+            "head": run.start.head_source,
+            "head_selection": _head_selection(cfg.head),  # fit-head --head auto: what validation said
+            "backbone": run.start.backbone.identity.to_dict(),
+        },
         "precision": run.precision,
         "precision_choice": state.precision_choice,
         "device": run.device.type,

@@ -100,3 +100,14 @@ def test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_folder(tmp_path: Path) -> Path:
     """A private, writable copy-sized folder (4 per class) for tests that add or break files."""
     return make_image_folder(tmp_path / "data", per_class=4, seed=2)
+
+
+@pytest.fixture
+def quiet_reporter():
+    """A reporter that records messages and prints nothing, set for the test and restored after it."""
+    from resnet_transfer.base import Reporter, set_reporter
+
+    rep = Reporter(verbose=False)
+    previous = set_reporter(rep)
+    yield rep
+    set_reporter(previous)

@@ -12,7 +12,7 @@ import torch
 from conftest import make_image_folder
 from typer.testing import CliRunner
 
-from resnet_transfer.base import Reporter, UsageError, set_reporter
+from resnet_transfer.base import UsageError
 from resnet_transfer.cache import ExtractConfig, extract
 from resnet_transfer.cli import app
 from resnet_transfer.head import MLP_HEAD, FitHeadConfig, HeadModule, SoftmaxHead, build_head_module, choose_head
@@ -22,12 +22,7 @@ from resnet_transfer.models import PredictConfig, predict
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def quiet() -> Reporter:
-    rep = Reporter(verbose=False)
-    prev = set_reporter(rep)
-    yield rep
-    set_reporter(prev)
+pytestmark = pytest.mark.usefixtures("quiet_reporter")  # conftest.py
 
 
 def xor(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

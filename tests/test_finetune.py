@@ -654,6 +654,9 @@ def test_one_command_starts_from_the_probe_it_fits(image_folder, tmp_path):
     head_split = json.loads((start / "head" / "split.json").read_text())
     run_split = json.loads((tmp_path / "one" / "split.json").read_text())
     assert sorted(head_split["val"]) == sorted(run_split["val"]) and len(run_split["val"]) > 0
+    # the same --out with another backbone (here another input size): --overwrite re-extracts the start
+    again = finetune(_cfg(tmp_path / "one", overwrite=True, **{**common, "image_size": 48}))
+    assert json.loads((again.out / "report.json").read_text())["start"]["backbone"]["transform"]["input_size"] == 48
     fresh = finetune(_cfg(tmp_path / "fresh", fresh_head=True, **common))
     scratch = finetune(_cfg(tmp_path / "scratch", **{**common, "weights": "none"}))
     for r in (fresh, scratch):

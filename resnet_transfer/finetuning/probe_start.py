@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..base import distributed, get_reporter
 from .config import FinetuneConfig
@@ -40,8 +41,6 @@ def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
     unchanged when :func:`wants_probe_start` says no."""
     if not wants_probe_start(cfg):
         return cfg
-    from ..cache import ExtractConfig, extract
-
     start = Path(cfg.out) / START_DIR
     rep = get_reporter()
     rep.info(f"no head directory: fitting the probe to start from (extract + fit-head, in this process) in {start}")
@@ -58,13 +57,31 @@ def probe_start(cfg: FinetuneConfig) -> FinetuneConfig:
         _fit(cfg, cache, val_cache, start)
         return replace(cfg, head=start / "head")
     cache = start / "features.h5"
-    extract(ExtractConfig(data=Path(cfg.data), out=cache, **common))  # type: ignore[arg-type]
+    _extract(cfg, Path(cfg.data), cache, common)  # type: ignore[arg-type]
     val_cache = None
     if cfg.val is not None:
         val_cache = start / "val.h5"
-        extract(ExtractConfig(data=Path(cfg.val), out=val_cache, **common))
+        _extract(cfg, Path(cfg.val), val_cache, common)
     _fit(cfg, cache, val_cache, start)
     return replace(cfg, head=start / "head", model=None, weights=None, image_size=None)
+
+
+def _extract(cfg: FinetuneConfig, data: Path, out: Path, common: dict[str, Any]) -> None:
+    """The cache ``out`` brought up to date with ``data`` (resumed, or only the changed images computed); one
+    an earlier run in this --out made with another backbone is replaced under --overwrite."""
+    from ..base import IdentityMismatch, UsageError
+    from ..cache import ExtractConfig, extract
+
+    try:
+        extract(ExtractConfig(data=data, out=out, **common))
+    except IdentityMismatch as exc:
+        if not cfg.overwrite:
+            raise UsageError(
+                f"{out} holds the features of another backbone, from an earlier run in --out {cfg.out}",
+                "pass --overwrite to replace them, or choose another --out",
+            ) from exc
+        get_reporter().info(f"{out}: another backbone's features (an earlier run): extracting anew (--overwrite)")
+        extract(ExtractConfig(data=data, out=out, overwrite=True, **common))
 
 
 def _fit(cfg: FinetuneConfig, cache: Path, val_cache: Path | None, start: Path) -> None:

@@ -33,7 +33,7 @@ METHODS = {
     "knn_source": "kNN, source-pretrained features",
     "probe_random": "linear probe, random-init features",
     "scratch": "from scratch (all layers, random init)",
-    "probe_fitted": "linear probe via rt fit-head (the finetunes' start)",
+    "probe_fitted": "probe via rt fit-head --head auto (the finetunes' start)",
     "finetune_layer4": "finetune layer4 (from the source model)",
     "finetune_all": "finetune all (from the source model)",
 }

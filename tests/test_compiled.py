@@ -12,8 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from resnet_transfer.backbone import build_backbone, compiled_forward
-from resnet_transfer.backbone import artefact
+from resnet_transfer.backbone import artefact, build_backbone, compiled_forward
 from resnet_transfer.backbone import compiled as compiled_mod
 from resnet_transfer.base import CompilePrior, UsageError, compile_plan, resolve_compile
 from resnet_transfer.base import runtime as runtime

@@ -41,7 +41,9 @@ def _path(net: torch.nn.Module, ident: str, precision: str = "fp32", chw: tuple[
     return artefact.artefact_path(net, ident, "resnet18", precision, CPU, chw)
 
 
-def test_the_key_changes_with_weights_precision_shape_and_torch(packages: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_key_changes_with_weights_precision_shape_and_torch(
+    packages: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     net, ident = _tiny()
     p = _path(net, ident)
     assert p is not None and p.parent == packages and p.suffix == ".pt2"
@@ -157,7 +159,7 @@ def test_a_real_package_is_built_reused_and_invalidated(packages: Path) -> None:
     with torch.inference_mode():
         ref = net(x)
     fwd, out, _ = _run(net, ident, x)
-    assert fwd._loaded is False and fwd.artefact().exists()
+    assert fwd._loaded is False and fwd.artefact().exists() and torch.allclose(out, ref, atol=1e-3, rtol=1e-3)
     fwd2, out2, _ = _run(net, ident, x)
     assert fwd2._loaded is True and torch.allclose(out2, ref, atol=1e-3, rtol=1e-3)
     with torch.inference_mode():

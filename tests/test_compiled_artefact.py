@@ -166,3 +166,29 @@ def test_a_real_package_is_built_reused_and_invalidated(packages: Path) -> None:
         assert torch.allclose(fwd2(x[:3]), ref[:3], atol=1e-3, rtol=1e-3)
     other, ident2 = _tiny(seed=1)
     assert _path(other, ident2) != fwd.artefact()
+
+
+def test_auto_loads_a_package_at_the_first_batch_where_the_records_say_compile(
+    packages: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later run: this host recorded eager and compiled rates and the package is on disk, so `auto` loads it
+    for the very first batch instead of running eager batches to time them again."""
+    from resnet_transfer.backbone import speed_records, work_id
+
+    net, ident = _tiny()
+    x = _batch(4)
+    _fake_build(monkeypatch, net)
+    speed_records.record(CPU, work_id("resnet18", "fp32", tuple(x.shape)), eager_s=0.1, compiled_s=0.01, load_s=0.2)
+    path = _path(net, ident)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"fake package")
+    rep = Reporter(verbose=False)
+    prev = set_reporter(rep)
+    try:
+        fwd = compiled_forward(net, CPU, "fp32", "auto", 1000, ident, "resnet18")
+        with torch.inference_mode():
+            fwd(x)
+    finally:
+        set_reporter(prev)
+    assert fwd.compiled is True and fwd._loaded is True and fwd._eager_t.images == 0
+    assert any("load of the compiled package 0.2 s" in m for m in rep.messages)

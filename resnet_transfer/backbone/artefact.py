@@ -29,7 +29,7 @@ from torch import nn
 
 ENV = "RT_COMPILE_ARTEFACTS"
 VERSION = 1  # bump when the way a package is built changes
-CHECK_IMAGES = 2  # images of the first batch run both ways to check a package
+CHECK_IMAGES = 1  # images of the first batch run both ways to check a package
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}  # max |diff| over max |eager|
 
 

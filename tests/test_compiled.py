@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from resnet_transfer.backbone import build_backbone, compiled_forward
+from resnet_transfer.backbone import artefact, build_backbone, compiled_forward
 from resnet_transfer.backbone import compiled as compiled_mod
 from resnet_transfer.base import CompilePrior, UsageError, compile_plan, resolve_compile
 from resnet_transfer.base import runtime as runtime
@@ -22,6 +22,13 @@ CPU = torch.device("cpu")
 GAINING = CompilePrior(
     "test", speedup=2.0, cold_s=40.0, warm_s=10.0, eager_s_per_image=0.04, source="test", plausible=2.0
 )
+
+
+@pytest.fixture(autouse=True)
+def jit_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the decision and inductor's JIT compile: no compiled package kept on disk (those
+    have their own tests, tests/test_compiled_artefact.py)."""
+    monkeypatch.setenv("RT_COMPILE_ARTEFACTS", "off")
 
 
 @pytest.fixture
@@ -324,6 +331,8 @@ def test_a_small_rt_extract_never_compiles(image_folder: Path, tmp_path: Path, m
     monkeypatch.setenv("RT_SPEED_RECORDS", str(tmp_path / "records.json"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("a small job compiled"))
+    monkeypatch.setenv("RT_COMPILE_ARTEFACTS", str(tmp_path / "compiled"))
+    monkeypatch.setattr(artefact, "build", lambda *a, **k: pytest.fail("a small job built a package"))
     out = tmp_path / "f.h5"
     argv = ["extract", "--data", str(image_folder), "--out", str(out), "--model", "resnet18", "--weights", "none"]
     res = CliRunner().invoke(app, [*argv, "--image-size", "32", "--batch-size", "4", "--compile", "auto"])
@@ -332,3 +341,4 @@ def test_a_small_rt_extract_never_compiles(image_folder: Path, tmp_path: Path, m
     records = json.loads((tmp_path / "records.json").read_text())
     (host,) = records["hosts"].values()
     assert all("compiled_s" not in w and "compile_cold_s" not in w for w in host["work"].values())
+    assert not (tmp_path / "compiled").exists()

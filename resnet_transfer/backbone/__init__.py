@@ -9,6 +9,7 @@ from ..base.lazy import face
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
+        "artefact": ("artefact_dir", "artefact_path"),
         "compiled": ("compiled_forward", "frozen_call"),
         "forward": ("forward_images",),
         "identity": (

@@ -17,7 +17,10 @@ as thread-safe.) Every run records what it measured
 ``/tmp/torchinductor_<user>``) keeps the compiled kernels; next to it a small record per model and shape
 says the cache holds them (so the warm compile time applies). A compiled function serves the batch shape
 it was compiled for (``dynamic=False``); other shapes (the last, partial batch) run eager, which on the CPU
-costs less than a recompile or padding. Modules with forward hooks (``--cut`` maps are captured by hooks)
+costs less than a recompile or padding. On the CPU the compile goes into a package kept on disk
+(:mod:`.artefact`: AOTInductor, dynamic batch), which later runs load in a fraction of a second instead of
+compiling again (a package that cannot be built falls back to this JIT compile); it serves every batch size,
+the last partial batch too. Modules with forward hooks (``--cut`` maps are captured by hooks)
 stay eager: hooks are Python side effects.
 """
 
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from ..base import COMPILE_MODES, compile_plan, get_reporter, resolve_compile
+from .artefact import ArtefactForward, artefact_path
 from .speed_records import StepTimer, work_id
 
 RECORD_DIR = "resnet_transfer"  # inside inductor's cache dir: the record dies with inductor's cache
@@ -93,6 +97,9 @@ class CompiledForward:
         self.model = model or "unnamed"
         self.n_images = int(n_images)
         self.eager = _AutocastForward(net, device.type, _precision_dtype(precision))
+        self.identity = key
+        self._artefact: Path | bool | None = False  # False: not looked up yet (artefact_path)
+        self._loaded = False  # this run loaded a compiled package from disk instead of compiling
         self.key = self._record_key(key, precision, device)
         self.compiled: bool | None = False if m == "off" else None
         self.compile_s: float | None = None
@@ -122,13 +129,27 @@ class CompiledForward:
             if self._measuring and self._compiled_t.images >= TRIAL_BATCHES * shape[0]:
                 self._settle()
             return out
+        if self._fn is not None and self.compile_s is not None and self._any_batch(shape):
+            return self._fn(x)  # a package serves a partial batch too (untimed)
         if self._shape is None:
             self._shape = shape
         if self.compiled is None and shape == self._shape:
             if self.mode == "on" or self._seen >= 1:
                 return self._decide_and_run(x)
+            if self._package_decides():
+                return self._first_compiled(x)
             return self._eager(x)  # the cold first batch: not a fair eager timing
         return self._eager(x)
+
+    def _any_batch(self, shape: tuple[int, ...]) -> bool:
+        return isinstance(self._fn, ArtefactForward) and self._shape is not None and shape[1:] == self._shape[1:]
+
+    def artefact(self) -> Path | None:
+        """The compiled package's file for this forward (:mod:`.artefact`), None where none is kept."""
+        if self._artefact is False:
+            chw = tuple((self._shape or (0,))[1:])
+            self._artefact = artefact_path(self.eager.net, self.identity, self.model, self.precision, self.device, chw)
+        return self._artefact if isinstance(self._artefact, Path) else None
 
     def _run(self, fn: Any, x: torch.Tensor, timer: StepTimer | None) -> torch.Tensor:
         if timer is None or not self._timed:
@@ -165,15 +186,35 @@ class CompiledForward:
         self._compile()
         return self._first_compiled(x)
 
+    def _package_decides(self) -> bool:
+        """``auto`` at the first batch where a compiled package is on disk and this host recorded both rates:
+        when they say compile, load it now rather than run eager batches only to time them again."""
+        if self.mode != "auto" or self.device.type != "cpu":
+            return False
+        from .speed_records import read
+
+        rec = read(self.device, self.work)
+        path = self.artefact()
+        if "eager_s" not in rec or "compiled_s" not in rec or path is None or not path.exists():
+            return False
+        action, line = self._auto(self.n_images, rec["eager_s"])
+        if action != "compile":
+            return False
+        self.compiled = True
+        self._compile()
+        get_reporter().info(line)
+        return True
+
     def _auto(self, left: int, eager_now: float) -> tuple[str, str]:
         """The ``auto`` action for ``left`` images (:func:`runtime.compile_plan`) and its log line."""
         from .speed_records import read
 
         rec = read(self.device, self.work)
-        warm = self.cached_compile_s() is not None  # inductor's cache holds this model: the warm cost applies
+        package = self.artefact() is not None and self.artefact().exists()  # type: ignore[union-attr]
+        warm = package or self.cached_compile_s() is not None  # the warm cost (or a load) applies
         eager = rec.get("eager_s", eager_now)
         compiled = rec.get("compiled_s")
-        cost = rec.get("compile_warm_s") if warm else rec.get("compile_cold_s")
+        cost = rec.get("load_s") if package else rec.get("compile_warm_s") if warm else rec.get("compile_cold_s")
         trial = 2 * TRIAL_BATCHES * (self._shape or (1,))[0]  # the compiled batches to time, with room to gain
         action, why = compile_plan(left, eager, compiled, cost, warm, self.device, trial)
         if action == "measure":
@@ -186,7 +227,12 @@ class CompiledForward:
             return action, f"compile auto: eager {eager * 1000:.1f} ms/img; {why} -> eager for {left} images left"
         figures = f"eager {eager * 1000:.1f} ms/img, compiled {compiled * 1000:.1f} ms/img"
         state = "warm" if warm else "cold"
-        figures += f", compile {cost:.0f} s {state}" if cost is not None else f", a {state} compile not timed here yet"
+        if package:
+            figures += f", load of the compiled package {cost:.1f} s" if cost is not None else ", a compiled package"
+        else:
+            figures += (
+                f", compile {cost:.0f} s {state}" if cost is not None else f", a {state} compile not timed here yet"
+            )
         verdict = "compile" if action == "compile" else "eager"
         return action, f"compile auto: measured on this host ({figures}) -> {verdict} for {left} images left ({why})"
 
@@ -202,8 +248,7 @@ class CompiledForward:
         left = self.n_images - self._seen - self._compiled_t.images - (self._shape or (0,))[0]
         get_reporter().info(
             f"compile auto: measured on this host for {self.work}: eager {1000 * (eager or 0):.1f} ms/img, "
-            f"compiled {1000 * (compiled or 0):.1f} ms/img, compile {self.compile_s or 0:.0f} s "
-            f"{'warm' if self._warm else 'cold'} -> {'compiled' if keep else 'eager'} for the ~{max(0, left)} "
+            f"compiled {1000 * (compiled or 0):.1f} ms/img, {self._cost_said()} -> {'compiled' if keep else 'eager'} for the ~{max(0, left)} "
             "images left; recorded for later runs"
         )
 
@@ -212,15 +257,40 @@ class CompiledForward:
         """This forward's entry in the speed records (:func:`speed_records.work_id`)."""
         return work_id(self.model, self.precision, self._shape or ())
 
+    def _cost_said(self) -> str:
+        if self._loaded:
+            return f"compiled package loaded from disk in {self.compile_s or 0:.1f} s"
+        what = "compile (package kept for later runs)" if isinstance(self._fn, ArtefactForward) else "compile"
+        return f"{what} {self.compile_s or 0:.0f} s {'warm' if self._warm else 'cold'}"
+
     def _compile(self) -> None:
         self._warm = self.cached_compile_s() is not None
+        path = self.artefact() if self.device.type == "cpu" else None
+        self._fn = ArtefactForward(self.eager, path, self.precision) if path is not None else self._jit()
+
+    def _jit(self) -> Any:
         fn = torch.compile(self.eager, dynamic=False)
-        self._fn = frozen_call(fn) if self.device.type == "cpu" else fn
+        return frozen_call(fn) if self.device.type == "cpu" else fn
+
+    def _call_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiling (or package-loading) call; a package that cannot be had falls back to the JIT compile."""
+        if isinstance(self._fn, ArtefactForward):
+            try:
+                out = self._fn(x)
+                self._loaded = bool(self._fn.loaded)
+                return out
+            except Exception as exc:
+                get_reporter().warn(
+                    f"compile: no compiled package ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "inductor's JIT compile instead"
+                )
+                self._fn = self._jit()
+        return self._fn(x)
 
     def _first_compiled(self, x: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
         try:
-            out = self._fn(x)
+            out = self._call_first(x)
         except Exception as exc:  # inductor could not compile here (no C++ compiler, an unsupported op)
             if self.mode == "on":
                 raise
@@ -230,7 +300,8 @@ class CompiledForward:
             return self._eager(x)
         _sync(self.device)
         self.compile_s = time.perf_counter() - t
-        self._write_record()
+        if not self._loaded:
+            self._write_record()
         return out
 
     def finish(self) -> None:
@@ -240,7 +311,8 @@ class CompiledForward:
         self._finished = True
         from .speed_records import record
 
-        compile_s = {("compile_warm_s" if self._warm else "compile_cold_s"): self.compile_s}
+        figure = "load_s" if self._loaded else "compile_warm_s" if self._warm else "compile_cold_s"
+        compile_s = {figure: self.compile_s}
         record(
             self.device,
             self.work,

@@ -3,7 +3,8 @@
 `--compile auto` (:mod:`.compiled`) and the int8 hint of `rt extract` weigh what earlier runs *measured here*
 for the same model, precision and batch shape, never a table of another machine's figures: eager and
 compiled seconds per image, compile seconds on an empty and on a warm inductor cache, int8 seconds per
-image and its quantise + compile seconds. An eager run records its eager rate; a compiled run its compile
+image and its quantise + compile seconds; ``load_s`` the seconds to load and check a compiled package kept on
+disk (:mod:`.artefact`). An eager run records its eager rate; a compiled run its compile
 time and compiled rate; an int8 run its own two (``finish()`` of the forward objects, at the end of a run).
 
 The file is ``$RT_SPEED_RECORDS``, else ``$XDG_CACHE_HOME/resnet_transfer/speed-records.json`` (default
@@ -29,7 +30,7 @@ from typing import Any
 FORMAT = "resnet_transfer.speed_records"
 VERSION = 1
 KEEP = 5
-FIGURES = ("eager_s", "compiled_s", "compile_cold_s", "compile_warm_s", "int8_s", "int8_setup_s")
+FIGURES = ("eager_s", "compiled_s", "compile_cold_s", "compile_warm_s", "load_s", "int8_s", "int8_setup_s")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 _warned: set[str] = set()

@@ -346,3 +346,30 @@ def test_normalized_batches_channels_last_with_errors(tmp_path: Path, view: str 
     assert torch.allclose(x[0], expected, atol=1e-5)
     if view:
         assert torch.allclose(x[1], expected.flip(-1), atol=1e-5)
+
+
+def test_kept_decoded_images_give_the_same_items_without_the_files(tmp_path: Path) -> None:
+    """``keep_decoded``: later epochs use the decoded image kept in memory (the file is not read again) and
+    get exactly what decoding gives; over the budget, images are decoded each time as before."""
+    import torch
+
+    from resnet_transfer.images import ImageDataset, TransformConfig, train_transform
+
+    (tmp_path / "a").mkdir()
+    for i in range(4):
+        _photo(40 + i, 30, i).save(tmp_path / "a" / f"{i}.png")
+    tf = train_transform(TransformConfig(16, 18), 0.0, 0.35, True)
+    kept = ImageDataset(list_images(tmp_path), tf, keep_decoded=1 << 20)
+    plain = ImageDataset(list_images(tmp_path), tf)
+    small = ImageDataset(list_images(tmp_path), tf, keep_decoded=(40 + 41) * 30 * 3)  # room for the first two
+    first = []
+    for ds in (kept, plain, small):
+        torch.manual_seed(0)
+        first.append([ds[i][0] for i in range(4)])
+    assert all(torch.equal(a, b) for a, b in zip(first[0], first[1]))
+    for f in (tmp_path / "a").iterdir():
+        f.unlink()
+    torch.manual_seed(1)
+    again = [kept[i] for i in range(4)]
+    assert all(not e for _, _, e in again) and not torch.equal(again[0][0], first[0][0])  # a new random crop
+    assert [bool(small[i][2]) for i in range(4)] == [False, False, True, True]  # only two were kept

@@ -706,3 +706,25 @@ def test_lr_find_runs_before_training_and_leaves_the_start_alone(image_folder, t
     assert a["start_validation"] == b["start_validation"]  # every weight and statistic put back
     assert a["lr_find"] is None and b["lr_find"]["steps"] >= 3 and (found.out / "lr_find.png").exists()
     assert b["config"]["lr"] == b["lr_find"]["suggestion"] and b["history"][0]["lr"]["head"] <= b["config"]["lr"]
+
+
+def test_prefetched_batches_are_the_same_with_decoded_images_kept(image_folder, tmp_path):
+    """The feed's decode threads read kept images from memory in later epochs; the batches are bit for bit
+    those of a feed that decodes every epoch, and the files are no longer needed once kept."""
+    import shutil
+
+    from resnet_transfer.finetuning.prefetch import decoded_ahead
+    from resnet_transfer.images import ImageDataset, TransformConfig, list_images, train_transform
+
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    tf = train_transform(TransformConfig(SIZE, 36), 0.0, 0.35, True)
+    kept, plain = (ImageDataset(list_images(data), tf, keep_decoded=k) for k in (64 << 20, 0))
+    order = [[3, 1, 7, 0], [5, 2, 6, 4], [9, 8, 11, 10]]
+    for ds in (kept, plain):
+        torch.manual_seed(0)
+        ds.epochs = [list(decoded_ahead(ds, order, 2)) for _ in range(2)]
+    for a, b in zip(kept.epochs, plain.epochs):
+        assert all(torch.equal(x, y) and i == j for (x, i, _), (y, j, _) in zip(a, b))
+    shutil.rmtree(data)
+    again = list(decoded_ahead(kept, order, 2))
+    assert not any(e for _, _, errs in again for e in errs) and len(kept._decoded) == 12

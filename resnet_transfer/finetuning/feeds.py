@@ -40,6 +40,22 @@ class Feed:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
+def keep_decoded_bytes() -> int:
+    """How much decoded training images the image feed keeps in memory between epochs: a tenth of the RAM,
+    at most 2 GiB (``RT_KEEP_DECODED_MB`` overrides; 0 turns it off). Measured: the feed's decode was most of
+    what an epoch adds to the bare train step on 2 vCPUs (docs/performance.md)."""
+    import os
+
+    given = os.environ.get("RT_KEEP_DECODED_MB")
+    if given is not None:
+        return max(0, int(float(given) * (1 << 20)))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return int(min(2 << 30, ram // 10))
+
+
 class ImageFeed(Feed):
     """Batches from image files: augmented for training, eval transform for validation."""
 
@@ -56,7 +72,10 @@ class ImageFeed(Feed):
         self.batch_size = cfg.batch_size
         self.device = device
         self.train_ds = ImageDataset(
-            self.train_list, train_transform(tcfg, cfg.color_jitter, cfg.crop_scale, cfg.hflip), tcfg.draft_target()
+            self.train_list,
+            train_transform(tcfg, cfg.color_jitter, cfg.crop_scale, cfg.hflip),
+            tcfg.draft_target(),
+            keep_decoded=keep_decoded_bytes() if self.workers == 0 else 0,  # decode threads share the memory
         )
         val_ok = val_images is not None and len(val_images)
         self.val_ds = ImageDataset(val_images, make_eval(tcfg), tcfg.draft_target()) if val_ok else None

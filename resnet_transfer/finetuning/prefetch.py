@@ -36,6 +36,8 @@ def decoded_ahead(
     from ..images import collate, load_image
 
     def load(i: int) -> Any:
+        if hasattr(dataset, "decoded"):  # kept in memory from an earlier epoch where the budget allows
+            return dataset.decoded(i)
         return load_image(dataset.path(i), dataset.max_pixels, dataset.draft)
 
     def item(i: int, fut: Future[Any]) -> tuple[Any, int, str]:

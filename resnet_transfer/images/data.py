@@ -371,7 +371,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 class ImageDataset:
     """A map-style dataset over an :class:`ImageList`. Items are ``(tensor, index, error)``; a file that
-    cannot be decoded gives a zero tensor and the reason in ``error`` (so one bad file never stops a run)."""
+    cannot be decoded gives a zero tensor and the reason in ``error`` (so one bad file never stops a run).
+
+    ``keep_decoded`` (bytes, 0 = off): keep decoded images in memory up to that many pixel bytes, so the
+    epochs after the first skip reading and decoding them and pay only the (random) transform; the images
+    kept are exactly what decoding gives, so the batches are the same with or without it."""
 
     def __init__(
         self,
@@ -379,12 +383,16 @@ class ImageDataset:
         transform: Any,
         draft: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        keep_decoded: int = 0,
     ):
         self.images = images
         self.transform = transform
         self.draft = draft
         self.max_pixels = max_pixels
         self._shape: tuple[int, ...] | None = None
+        self.keep_decoded = int(keep_decoded)
+        self._decoded: dict[int, Image.Image] = {}  # index -> decoded image (decode threads share it)
+        self._kept = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -393,11 +401,23 @@ class ImageDataset:
         """Image ``i``'s file, or its member of the source (:meth:`ImageList.file`)."""
         return self.images.file(i)
 
+    def decoded(self, i: int) -> Image.Image:
+        """Image ``i`` decoded: kept in memory from an earlier epoch, or read now (and kept while the
+        ``keep_decoded`` budget allows). Raises :class:`ImageDecodeError` as :func:`load_image` does."""
+        img = self._decoded.get(i)
+        if img is None:
+            img = load_image(self.path(i), self.max_pixels, self.draft)
+            size = img.width * img.height * len(img.getbands())
+            if self._kept + size <= self.keep_decoded:
+                self._decoded[i] = img
+                self._kept += size  # decode threads may race here: the budget is approximate by an image
+        return img
+
     def __getitem__(self, i: int) -> tuple[Any, int, str]:
         import torch
 
         try:
-            img = load_image(self.path(i), self.max_pixels, self.draft)
+            img = self.decoded(i)
             x = self.transform(img)
             self._shape = tuple(x.shape)
             return x, i, ""

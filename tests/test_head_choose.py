@@ -100,6 +100,8 @@ def test_fit_head_reports_the_choice_and_the_head_it_wrote(cache: Path, tmp_path
     # an explicit head parameter is what the user asked for: no choice
     res = run_fit_head(FitHeadConfig(cache=cache, out=tmp_path / "l2", l2=0.1))
     assert res.report["head_selection"]["method"] == "none" and res.report["head"]["type"] == "linear"
+    res = run_fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h", hidden=16, solver="adamw", epochs=3))
+    assert res.report["head"]["hidden"] == 16 and "norm" not in res.report["head"]  # the plain MLP asked for
 
 
 def test_cli_head_option_and_its_errors(cache: Path, tmp_path: Path) -> None:

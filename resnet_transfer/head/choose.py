@@ -71,9 +71,11 @@ def check_head_type(head_type: str, given: dict[str, Any]) -> None:
 
 
 def fixed_choice(head_type: str, given: dict[str, Any], params: dict[str, Any], why: str) -> HeadChoice:
-    """No comparison: ``head_type`` (``auto`` falls back to the linear probe, or what ``given`` asks for)."""
+    """No comparison: ``head_type`` ``linear``/``mlp`` (the MLP with fastai's settings under what is given), or
+    for ``auto`` exactly the head parameters given (``--hidden 256 --solver adamw`` is that MLP, as always)."""
     kind = "mlp" if head_type == "mlp" or given.get("hidden") else "linear"
-    return HeadChoice(kind, head_params(kind, params, given), "given" if head_type != "auto" else "none", why)
+    fitted = head_params("mlp", params, given) if head_type == "mlp" else dict(params)
+    return HeadChoice(kind, fitted, "given" if head_type != "auto" else "none", why)
 
 
 def _mlp_scores(

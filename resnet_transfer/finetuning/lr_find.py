@@ -129,10 +129,8 @@ def apply_lr_find(run: Any) -> None:
     """``--lr-find``: run the test, then train at the suggestion (every part's rate scaled by the same
     factor, optimiser and schedule rebuilt); the curve goes into the run's state (report.json) and
     ``lr_find.png``."""
-    import torch
-
     from ..base import distributed
-    from .start import adamw
+    from .start import optimizer_and_schedule
 
     if distributed.launched():  # each rank would test on its own batches and choose its own rate
         get_reporter().warn("--lr-find is not run under torchrun: training at --lr")
@@ -142,11 +140,6 @@ def apply_lr_find(run: Any) -> None:
     for plan in run.policy.plans:
         plan.lr *= factor
     run.cfg.lr = found["suggestion"]
-    run.policy.apply(0)
-    groups = run.policy.param_groups(run.cfg.weight_decay)
-    run.optimizer = adamw(groups, run.cfg.lr, run.device)
-    steps = run.feed.steps_per_epoch()
-    lambdas = run.policy.lr_lambdas(groups, steps, run.cfg.lr_schedule, run.cfg.warmup_epochs)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambdas)
+    run.optimizer, run.scheduler = optimizer_and_schedule(run.policy, run.cfg, run.device, run.feed.steps_per_epoch())
     run.state.lr_find = {k: found[k] for k in ("suggestion", "reason", "steps", "lrs", "losses")}
     plot_lr_find(found, Path(run.cfg.out) / "lr_find.png")

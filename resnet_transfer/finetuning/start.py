@@ -145,13 +145,9 @@ def build_run(cfg: FinetuneConfig, ckpt: dict[str, Any] | None) -> Run:
     precision, choice = _train_precision(cfg, ckpt, device, model, policy, feeding.feed, cfg.epochs * steps)
     train_forward = _train_compile(cfg, train_forward, device, precision, cfg.epochs * steps, bb, choice)
 
-    policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
-    groups = policy.param_groups(cfg.weight_decay)
-    optimizer = adamw(groups, cfg.lr, device)
-    lambdas = policy.lr_lambdas(groups, steps, cfg.lr_schedule, cfg.warmup_epochs)
+    optimizer, scheduler = optimizer_and_schedule(policy, cfg, device, steps)
     run = Run(
-        cfg, start, feeding, model, policy, target, optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas),
+        cfg, start, feeding, model, policy, target, optimizer, scheduler,
         torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
         torch.Generator().manual_seed(cfg.seed), train_forward, device, precision,
     )  # fmt: skip
@@ -208,6 +204,18 @@ def _train_compile(
     fwd = TrainCompile(inner, device, precision, getattr(cfg, "compile", "auto"), steps, cfg.batch_size, arch)
     choice["compile"] = fwd.choice
     return fwd
+
+
+def optimizer_and_schedule(policy: Any, cfg: FinetuneConfig, device: Any, steps_per_epoch: int) -> tuple[Any, Any]:
+    """AdamW over the parts that train at epoch 0 (their requires_grad flags set first) at the policy's
+    per-part rates, and the per-part warm-up + schedule (``LambdaLR``) over the run."""
+    import torch
+
+    policy.apply(0)  # requires_grad flags before the optimiser sees the parameters
+    groups = policy.param_groups(cfg.weight_decay)
+    optimizer = adamw(groups, cfg.lr, device)
+    lambdas = policy.lr_lambdas(groups, steps_per_epoch, cfg.lr_schedule, cfg.warmup_epochs)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, device: Any) -> Any:

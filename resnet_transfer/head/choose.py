@@ -11,14 +11,13 @@ by stratified k-fold cross-validation over every labelled row, as the feature ch
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..base import UsageError, get_reporter
-from .select import CV_FOLDS, path_scores
+from .select import CV_FOLDS, cv_folds, path_scores
 
 HEAD_TYPES = ("auto", "linear", "mlp")
 # fastai's head (create_head: ps=0.5 -> 0.25 before the hidden layer, 512 units) and fit_one_cycle's
@@ -137,18 +136,11 @@ def _cross_validate(
     folds: int,
     seed: int,
 ) -> tuple[list[dict[str, Any]], int, int]:
-    from sklearn.model_selection import StratifiedKFold
-
     has_val = X_val is not None and y_val is not None and len(y_val) > 0
     X = np.vstack([X_train, X_val]) if has_val else X_train
     y = np.concatenate([y_train, y_val]) if has_val else np.asarray(y_train)
-    counts = np.bincount(np.unique(y, return_inverse=True)[1])
-    k = int(min(folds, max(2, counts.min())))
-    if len(counts) < 2 or len(y) < 2 * k:
-        raise UsageError(f"too few labelled rows ({len(y)}) to choose the head", "pass --head linear or mlp")
-    with warnings.catch_warnings():  # a class with fewer rows than folds: scikit-learn warns
-        warnings.simplefilter("ignore", UserWarning)
-        splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    splits = cv_folds(y, folds, seed, "to choose the head", "pass --head linear or mlp")
+    k = len(splits)
     lin: dict[float, list[tuple[float, float]]] = {}
     mlp: list[tuple[float, float]] = []
     for tr, va in splits:

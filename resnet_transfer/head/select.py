@@ -154,24 +154,19 @@ def _select_by_cv(
     folds: int,
     seed: int,
 ) -> Selection:
-    from sklearn.model_selection import StratifiedKFold
-
     y = np.concatenate([y_train, y_val]) if y_val is not None and len(y_val) else np.asarray(y_train)
     X = {
         n: (np.vstack([train[n], val[n]]) if val is not None and y_val is not None and len(y_val) else train[n])
         for n in train
     }
-    counts = np.bincount(y)
-    counts = counts[counts > 0]
-    k = int(min(folds, max(2, counts.min())))
-    if len(counts) < 2 or len(y) < 2 * k:
-        raise UsageError(
-            f"too few labelled rows ({len(y)}) to choose the features by cross-validation",
-            "pass --features final (or a stage), or add images",
-        )
-    with warnings.catch_warnings():  # a class with fewer rows than folds: scikit-learn warns, we report it
-        warnings.simplefilter("ignore", UserWarning)
-        splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    splits = cv_folds(
+        y,
+        folds,
+        seed,
+        "to choose the features by cross-validation",
+        "pass --features final (or a stage), or add images",
+    )
+    k = len(splits)
     scores: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for tr, va in splits:
         for name in X:
@@ -192,6 +187,22 @@ def _select_by_cv(
     best = _best(tried)
     desc = f"stratified {k}-fold cross-validation over {len(y)} rows (seed {seed})"
     return Selection(_as_set(best["features"]), float(best["l2"]), "cv", desc, tried)
+
+
+def cv_folds(y: np.ndarray, folds: int, seed: int, what: str, hint: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, shuffled ``(train, val)`` index folds over labels ``y``: ``folds`` of them, fewer when the
+    smallest class has fewer rows (at least 2); a :class:`UsageError` (``too few labelled rows ... {what}``,
+    ``hint``) when there are not two classes or two rows per fold. The one fold maker of the feature and
+    head choices."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(np.unique(y, return_inverse=True)[1])
+    k = int(min(folds, max(2, counts.min())))
+    if len(counts) < 2 or len(y) < 2 * k:
+        raise UsageError(f"too few labelled rows ({len(y)}) {what}", hint)
+    with warnings.catch_warnings():  # a class with fewer rows than folds: scikit-learn warns, we report it
+        warnings.simplefilter("ignore", UserWarning)
+        return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
 def _as_set(name: str) -> FeatureSet:

@@ -70,6 +70,7 @@ __all__, __getattr__, __dir__ = face(
             "resolve_compile",
             "resolve_device",
             "resolve_precision",
+            "total_ram_bytes",
             "train_workers",
             "tune_process",
         ),

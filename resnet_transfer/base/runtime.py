@@ -101,6 +101,14 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def total_ram_bytes(default: int = 8 << 30) -> int:
+    """The machine's physical memory in bytes (``default`` where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return int(default)
+
+
 def default_workers(device: Any) -> int:
     """DataLoader worker processes: on a CUDA box, decode in parallel processes; on the CPU, none: the
     images are decoded by threads of the main process (:func:`decode_threads`) while the forward pass

@@ -49,11 +49,9 @@ def keep_decoded_bytes() -> int:
     given = os.environ.get("RT_KEEP_DECODED_MB")
     if given is not None:
         return max(0, int(float(given) * (1 << 20)))
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 8 << 30
-    return int(min(2 << 30, ram // 10))
+    from ..base import total_ram_bytes
+
+    return int(min(2 << 30, total_ram_bytes() // 10))
 
 
 class ImageFeed(Feed):

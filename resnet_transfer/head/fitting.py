@@ -7,7 +7,6 @@ or AdamW streamed from the cache when the rows do not fit) -> temperature fitted
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,11 +121,9 @@ class ValidationRows:
 def _memory_budget_bytes(cfg: FitHeadConfig) -> float:
     if cfg.max_memory_gb is not None:
         return cfg.max_memory_gb * 1e9
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8e9
-    return 0.4 * total
+    from ..base import total_ram_bytes
+
+    return 0.4 * total_ram_bytes(default=8_000_000_000)
 
 
 def _class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:

@@ -115,6 +115,9 @@ def run_rt(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int
         "unfreeze": report["unfreeze"],
         "kept_start": report.get("kept_start"),
         "best_epoch": report["best_epoch"],
+        "rt_val_acc": report.get("accuracy"),
+        "rt_val_loss": report.get("val_loss"),
+        "rt_n_val": report.get("n_val"),
     }
 
 

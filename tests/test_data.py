@@ -243,6 +243,24 @@ def test_uint8_path_equals_float_path() -> None:
     assert torch.allclose(out, floats, atol=1e-5)
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_uint8_train_transform_draws_and_crops_as_the_float_one(jitter: float) -> None:
+    import torch
+
+    from resnet_transfer.images import normalize_batch, train_transform, train_transform_uint8
+
+    cfg = TransformConfig(input_size=32, resize_size=36, interpolation="bilinear")
+    imgs = [_photo(120, 90, 0), _photo(90, 160, 1), _photo(64, 64, 2)]
+    torch.manual_seed(3)
+    floats = torch.stack([train_transform(cfg, jitter, 0.2, True)(im) for im in imgs])
+    after_float = torch.rand(1)
+    torch.manual_seed(3)
+    u8 = torch.stack([train_transform_uint8(cfg, jitter, 0.2, True)(im) for im in imgs])
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 3, 32, 32)
+    assert torch.equal(torch.rand(1), after_float)  # the same random draws, no more, no fewer
+    assert torch.allclose(normalize_batch(u8, cfg), floats, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [0, 1, 3])
 def test_iter_batches_in_order_with_errors(tmp_path: Path, threads: int) -> None:
     from resnet_transfer.images import ImageDataset, eval_transform_uint8, iter_batches

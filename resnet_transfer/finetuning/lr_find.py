@@ -79,7 +79,7 @@ def lr_range_test(run: Any, steps: int = STEPS) -> dict[str, Any]:
                 lr = START * (END / START) ** (k / max(1, steps - 1))
                 for g, s in zip(opt.param_groups, share):
                     g["lr"] = lr * s
-                x = x.to(device).contiguous(memory_format=torch.channels_last)
+                x = run.feed.to_input(x, device)
                 with autocast(device, run.precision):
                     logits = run.model(x)  # eager: the train step's compile decision is not disturbed
                 loss = torch.nn.functional.cross_entropy(

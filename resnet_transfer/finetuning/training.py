@@ -67,7 +67,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     step_done = getattr(run.train_forward, "step_done", None)  # step.py: times the steps for --compile auto
     with get_reporter().progress(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, unit="step") as bar:
         for x, y in run.feed.train_batches(run.generator):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = run.feed.to_input(x, device)
             y = y.to(device, non_blocking=True)
             with autocast(device, run.precision):
                 logits = run.train_forward(x)
@@ -104,7 +104,7 @@ def val_logits(run: Run) -> Iterator[tuple[Any, Any]]:
     run.model.eval()
     with torch.inference_mode():
         for x, y in run.feed.val_batches():
-            x = x.to(run.device).contiguous(memory_format=torch.channels_last)
+            x = run.feed.to_input(x, run.device)
             with autocast(run.device, run.precision):
                 logits = run.model(x)
             yield logits.float(), y.to(run.device)
@@ -253,7 +253,12 @@ def finetune(
         recalibrate(run)
         return write_outputs(run, seconds)
 
-    return distributed.on_main(finish)
+    result = distributed.on_main(finish)
+    if cfg.unfreeze == "auto" and not distributed.launched():  # decided by validation where affordable
+        from .depth_search import search_deeper
+
+        result = search_deeper(cfg, result, on_epoch_end)
+    return result
 
 
 def checkpoint_due(cfg: FinetuneConfig, epoch: int, stopped: bool) -> bool:

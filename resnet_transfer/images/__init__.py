@@ -54,6 +54,7 @@ __all__, __getattr__, __dir__ = face(
             "eval_transform_uint8",
             "normalize_batch",
             "train_transform",
+            "train_transform_uint8",
             "tta_transform",
         ),
     },

@@ -3,7 +3,8 @@
 :class:`TransformConfig` (recorded in every cache, head and model directory, inside the backbone identity);
 the fused resize + center crop (:class:`ResizeCenterCrop`); the views: eval (:func:`eval_transform`, and
 :func:`eval_transform_uint8` + :func:`normalize_batch` for batches normalised on the device), train
-(:func:`train_transform`: random-resized crop, flip, jitter) and test-time augmentation
+(:func:`train_transform`: random-resized crop, flip, jitter; :func:`train_transform_uint8` likewise, normalised
+per batch) and test-time augmentation
 (:func:`tta_transform`: flip, ten-crop). torch / torchvision are imported inside the functions that use them,
 so reading a config never loads them.
 """
@@ -171,11 +172,7 @@ def normalize_batch(x: Any, cfg: TransformConfig, memory_format: Any = None) -> 
     return out.contiguous(memory_format=memory_format) if memory_format is not None else out
 
 
-def train_transform(
-    cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08, hflip: bool = True
-) -> Any:
-    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter; ``hflip=False``
-    for images whose mirror image is another thing, e.g. text and digits)."""
+def _train_steps(cfg: TransformConfig, color_jitter: float, scale_min: float, hflip: bool) -> list[Any]:
     from torchvision import transforms as T
 
     steps: list[Any] = [
@@ -187,8 +184,29 @@ def train_transform(
         steps.append(T.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
-    return T.Compose(steps)
+    return steps
+
+
+def train_transform(
+    cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08, hflip: bool = True
+) -> Any:
+    """The ResNet recipe: random-resized crop and horizontal flip (optionally colour jitter; ``hflip=False``
+    for images whose mirror image is another thing, e.g. text and digits)."""
+    from torchvision import transforms as T
+
+    steps = _train_steps(cfg, color_jitter, scale_min, hflip)
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+
+def train_transform_uint8(
+    cfg: TransformConfig, color_jitter: float = 0.0, scale_min: float = 0.08, hflip: bool = True
+) -> Any:
+    """:func:`train_transform` ending in a ``uint8`` (3, S, S) tensor (the same random draws, in the same
+    order), for batches normalised at once with :func:`normalize_batch`: the per-image float conversion and
+    normalisation cost twice the crop itself at 64 px (docs/performance.md)."""
+    from torchvision import transforms as T
+
+    return T.Compose([*_train_steps(cfg, color_jitter, scale_min, hflip), to_uint8_tensor])
 
 
 def tta_transform(cfg: TransformConfig, mode: str) -> Any:

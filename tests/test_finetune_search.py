@@ -112,8 +112,11 @@ def test_the_rule_alone_where_the_search_cannot_afford_to(search_data, image_fol
     finetune(_cfg(tmp_path / "long", data, pre, epochs=1))
     why = _report(tmp_path / "long")["unfreeze_search"]["why"]
     assert "budget" in why and "--unfreeze layer4" in why
-    finetune(_cfg(tmp_path / "given", data, pre, epochs=1, unfreeze="layer4"))  # an explicit depth: no search
-    assert "unfreeze_search" not in _report(tmp_path / "given")
+    stale = tmp_path / "given" / "trials" / "layer3"  # an earlier run's candidate: never read back as this one's
+    stale.mkdir(parents=True)
+    (stale / "report.json").write_text("{}")
+    finetune(_cfg(tmp_path / "given", data, pre, epochs=1, unfreeze="layer4", overwrite=True))  # no search
+    assert "unfreeze_search" not in _report(tmp_path / "given") and not stale.exists()
 
 
 def test_an_interrupted_search_resumes_to_the_same_choice(search_data, searched, tmp_path, quiet_reporter):

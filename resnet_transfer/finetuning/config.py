@@ -37,6 +37,7 @@ class TrainState:
 
 
 CHECKPOINT_DIR = "checkpoints"
+TRIALS_DIR = "trials"  # `--unfreeze auto`: the deeper candidate (depth_search.py)
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Interrupted, atomic_write_json, distributed, get_reporter
-from .config import CHECKPOINT_DIR, FinetuneConfig
+from .config import CHECKPOINT_DIR, TRIALS_DIR, FinetuneConfig
 from .outputs import REPORT_JSON, FinetuneResult
 
-TRIALS_DIR = "trials"
 MIN_VAL_ROWS = 20
 DEEPER_COST = 1.5  # a deeper part's run against the rule's: more backward work per step (measured 1.2-1.9x)
 BUDGET_FACTOR = 1.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import UsageError, atomic_write_json, get_reporter, plot_training_curves
-from .config import Run
+from .config import TRIALS_DIR, Run
 
 
 @dataclass
@@ -47,6 +47,7 @@ def check_out(out: Path, overwrite: bool, checkpoint_dir: str, last_ckpt: str) -
     if overwrite and out.is_dir():
         (out / "meta.json").unlink(missing_ok=True)
         shutil.rmtree(out / checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(out / TRIALS_DIR, ignore_errors=True)  # an earlier run's --unfreeze auto candidates
 
 
 def write_outputs(run: Run, seconds: float) -> FinetuneResult:

@@ -4,7 +4,7 @@ The count rule (:data:`freeze.AUTO_RULE`) picks a depth from the labelled images
 design (a small task's backbone moves little). After the rule's run has finished in ``OUT`` (a model like any
 other, its start and every epoch already candidates), :func:`search_deeper` trains the next deeper part
 (``head`` -> the top stage, ``layer4`` -> ``layer3`` ..., the lowest stage -> ``all``) from the same start,
-with the same split, seed, epochs and schedule, in ``OUT/trials/<part>``, and keeps whichever of the two
+with the same split, seed, epochs, schedule and precision, in ``OUT/trials/<part>``, and keeps whichever of the two
 validates better on the run's monitor (``val_loss`` by default; a tie keeps the rule's pick). The loser stays
 whole under ``OUT/trials/<part>`` (nothing is lost), the winner is ``OUT``, and report.json's
 ``unfreeze_search`` says what each candidate validated at and why the winner won.
@@ -75,7 +75,9 @@ def search_deeper(
         f"trying {deeper} from the same start in {out / TRIALS_DIR / deeper} (decided by validation)"
     )
     trial_dir = out / TRIALS_DIR / deeper
-    trial = _trial(replace(cfg, unfreeze=deeper, out=trial_dir, overwrite=True), trial_dir, out, on_epoch_end)
+    precision = report.get("precision") or cfg.precision  # the rule's run's: both candidates at the same one
+    sub = replace(cfg, unfreeze=deeper, out=trial_dir, overwrite=True, precision=precision)
+    trial = _trial(sub, trial_dir, out, on_epoch_end)
     theirs = _summary(json.loads((trial_dir / REPORT_JSON).read_text()), trial.seconds)
     better = _better(theirs[cfg.monitor], mine[cfg.monitor], cfg.monitor)
     chosen = deeper if better else main.unfreeze

@@ -53,10 +53,15 @@ def deeper_part(target: str, parts: list[str], allowed: list[str] | None = None)
 
 
 def search_deeper(
-    cfg: FinetuneConfig, main: FinetuneResult, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
+    cfg: FinetuneConfig,
+    main: FinetuneResult,
+    train: Callable[..., FinetuneResult],
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FinetuneResult:
     """After the rule's run in ``cfg.out``: try one deeper part where affordable, keep the better (module
-    docstring); ``main`` is the rule's result. Returns the kept run's result (``out`` is ``cfg.out``)."""
+    docstring); ``main`` is the rule's result, ``train`` :func:`training.finetune` (passed in: this module is
+    the loop's step after it, not a caller of the loop's module). Returns the kept run's result (``out`` is
+    ``cfg.out``)."""
     out = Path(cfg.out)
     report = json.loads((out / REPORT_JSON).read_text())
     parts = [p["part"] for p in report.get("plan", [])]
@@ -77,7 +82,7 @@ def search_deeper(
     trial_dir = out / TRIALS_DIR / deeper
     precision = report.get("precision") or cfg.precision  # the rule's run's: both candidates at the same one
     sub = replace(cfg, unfreeze=deeper, out=trial_dir, overwrite=True, precision=precision)
-    trial = _trial(sub, trial_dir, out, on_epoch_end)
+    trial = _trial(sub, trial_dir, out, train, on_epoch_end)
     theirs = _summary(json.loads((trial_dir / REPORT_JSON).read_text()), trial.seconds)
     better = _better(theirs[cfg.monitor], mine[cfg.monitor], cfg.monitor)
     chosen = deeper if better else main.unfreeze
@@ -144,11 +149,14 @@ def _better(theirs: float | None, mine: float | None, monitor: str) -> bool:
 
 
 def _trial(
-    cfg: FinetuneConfig, trial_dir: Path, out: Path, on_epoch_end: Callable[[int, dict[str, Any]], None] | None
+    cfg: FinetuneConfig,
+    trial_dir: Path,
+    out: Path,
+    train: Callable[..., FinetuneResult],
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
 ) -> FinetuneResult:
     """The deeper candidate's run: read back when finished, resumed when interrupted, else started."""
     from .checkpoints import LAST_CKPT
-    from .training import finetune
 
     if (trial_dir / REPORT_JSON).exists() and (trial_dir / "meta.json").exists():
         rep = json.loads((trial_dir / REPORT_JSON).read_text())
@@ -159,7 +167,7 @@ def _trial(
                               list(rep.get("history", [])))  # fmt: skip
     resume = trial_dir if (trial_dir / CHECKPOINT_DIR / LAST_CKPT).exists() else None
     try:
-        return finetune(cfg, resume=resume, on_epoch_end=on_epoch_end)
+        return train(cfg, resume=resume, on_epoch_end=on_epoch_end)
     except Interrupted as exc:
         raise Interrupted(
             f"{exc.message} (the --unfreeze auto search's deeper candidate)",

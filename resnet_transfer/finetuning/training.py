@@ -257,7 +257,7 @@ def finetune(
     if cfg.unfreeze == "auto" and not distributed.launched():  # decided by validation where affordable
         from .depth_search import search_deeper
 
-        result = search_deeper(cfg, result, on_epoch_end)
+        result = search_deeper(cfg, result, finetune, on_epoch_end)
     return result
 
 

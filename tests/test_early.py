@@ -132,3 +132,5 @@ def test_extract_with_an_early_start_writes_the_same_cache(
     a, b = FeatureCache(tmp_path / "plain.h5"), FeatureCache(tmp_path / "early.h5")
     assert a.paths == b.paths and a.keys == b.keys
     assert np.array_equal(a.features(), b.features())
+    extract(ExtractConfig(out=tmp_path / "early.h5", **common))  # an existing cache: the plan decides, no early start
+    assert len(started) == 1

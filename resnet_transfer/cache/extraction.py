@@ -99,12 +99,15 @@ def _listing(cfg: ExtractConfig) -> Any:
 def _early_start(cfg: ExtractConfig, images: Any) -> Any:
     """Crops of the first images, decoded by a child process while this one loads torch and timm and builds
     the model (:func:`images.early_crops`), for the transform this model spec resolved to last time; None
-    when there is none, or when the run may reuse stored content (an existing cache without --overwrite:
-    only the plan, after the backbone is built, knows which images to compute) or decodes in workers."""
+    when there is none, or when the run may reuse stored content (an existing cache or the chunks of an
+    interrupted run, without --overwrite: only the plan, after the backbone is built, knows which images to
+    compute) or decodes in workers."""
     from ..backbone import recalled_transform
     from ..images import early_crops
+    from .reader import chunk_dir
 
-    if cfg.dry_run or (cfg.workers or 0) > 0 or (Path(cfg.out).exists() and not cfg.overwrite):
+    stored = Path(cfg.out).exists() or chunk_dir(cfg.out).exists()
+    if cfg.dry_run or (cfg.workers or 0) > 0 or (stored and not cfg.overwrite):
         return None
     guess = recalled_transform(cfg.model, cfg.weights, cfg.image_size)
     return early_crops(images, guess, cfg.max_pixels) if guess is not None else None

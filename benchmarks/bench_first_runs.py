@@ -11,7 +11,12 @@ the moment each of rt's log lines reached this process: ``setup`` (spawn to the 
 interpreter, imports, model build, listing), ``loop`` (rt's own "extract: N img in" seconds, the compile or
 package load included), ``compile_or_load`` (what rt recorded for it: a cold/warm compile or the load of
 the compiled package kept on disk), ``finalize`` (the loop's end to the process's exit: HDF5 finalize,
-exit).
+exit), ``early`` (images the child decoded while the model was being built and the feed took:
+``images.early_crops``; runs after the first recall the transform).
+
+``--ab N`` then runs N pairs of the same command without and with that early start (the recalled transform
+removed before the "without" run), in alternating order, so that the load falls on both alike; it prints
+their medians.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--rounds", type=int, default=3, help="bound: rounds of the forward-only paths")
+    ap.add_argument("--ab", type=int, default=0, help="then N pairs of runs without / with the early start")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rt-bench-first-") as tmp:
         work = Path(tmp)
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parts["compile_or_load"] = _last_cost(work / "records.json")
             runs.append({"run": k + 1, "wall_s": wall, "img_s": args.images / wall, "said": said,
                          "parts_s": parts, "load_1m": [load, os.getloadavg()[0]]})  # fmt: skip
+        ab = ab_runs(args.ab, argv_rt, env, work / "records-transforms.json")
         after = bound()
     b0, b1 = before["bound_img_s"]["library-compiled"], after["bound_img_s"]["library-compiled"]
     summary = [f"bound (library compiled) before {fmt(b0)} img/s, after {fmt(b1)} img/s"]
@@ -70,15 +77,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{fmt(r['over_bound'][1], 2)}x the bound before / after; {r['said']}"
         )
         summary.append("  parts: " + ", ".join(f"{k} {v}" for k, v in r["parts_s"].items()))
+    summary += ab_summary(ab, args.images, b0, b1)
     result = {
         "bench": "first_runs",
         "runs": runs,
+        "ab": ab,
         "bound_before": before,
         "bound_after": after,
         "machine": machine_info("cpu"),
         "command": command_line("first_runs", argv),
     }
     return emit(result, summary)
+
+
+def ab_runs(pairs: int, argv: list[str], env: dict[str, str], memo: Path) -> list[dict[str, Any]]:
+    """``pairs`` x (without, with) the early start, the order alternating pair by pair."""
+    out = []
+    for k in range(pairs):
+        for early in (False, True) if k % 2 == 0 else (True, False):
+            if not early:
+                memo.unlink(missing_ok=True)  # no transform recalled: no early start (the run writes it again)
+            load = os.getloadavg()[0]
+            wall, _, parts = timed_process(argv, env)
+            out.append({"early": early, "wall_s": wall, "parts_s": parts, "load_1m": [load, os.getloadavg()[0]]})
+    return out
+
+
+def ab_summary(ab: list[dict[str, Any]], images: int, b0: float, b1: float) -> list[str]:
+    import statistics
+
+    lines = []
+    for early in (False, True):
+        rows = [r for r in ab if r["early"] is early]
+        if not rows:
+            continue
+        wall = statistics.median(r["wall_s"] for r in rows)
+        med = {k: statistics.median(r["parts_s"].get(k) or 0 for r in rows) for k in ("setup", "loop", "early")}
+        rate = images / wall
+        lines.append(
+            f"ab {'with' if early else 'without'} early start: median {fmt(wall)} s "
+            f"({', '.join(fmt(r['wall_s']) for r in rows)}), {fmt(rate)} img/s = {fmt(ratio(rate, b0), 2)}x / "
+            f"{fmt(ratio(rate, b1), 2)}x the bound; setup {med['setup']}, loop {med['loop']}, early {med['early']}"
+        )
+    return lines
 
 
 def timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, str, dict[str, Any]]:
@@ -98,7 +139,8 @@ def timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, str, dic
     setup = next((t for t, ln in lines if ln.startswith("extracting ")), None)
     done = next(((t, ln) for t, ln in lines if re.match(r"extract: \d+ img in ", ln)), None)
     loop = float(re.findall(r" in ([\d.]+)s", done[1])[0]) if done else None
-    parts = {"setup": _r(setup), "loop": _r(loop), "finalize": _r(wall - done[0] if done else None)}
+    early = next((int(m[1]) for _, ln in lines if (m := re.match(r"(\d+) of them decoded while", ln))), 0)
+    parts = {"setup": _r(setup), "loop": _r(loop), "finalize": _r(wall - done[0] if done else None), "early": early}
     return wall, said[-1] if said else "", parts
 
 

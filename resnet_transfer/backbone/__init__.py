@@ -42,6 +42,7 @@ __all__, __getattr__, __dir__ = face(
             "records_path",
             "work_id",
         ),
+        "transform_memo": ("recalled_transform", "remember_transform"),
         "quantized": (
             "Int8Forward",
             "calibration_batch",

@@ -47,6 +47,7 @@ def forward_images(
     max_pixels: int | None = None,
     compile: str = "off",
     calibration: Sequence[str] | None = None,
+    early: Any = None,
 ) -> Iterator[ForwardBatch]:
     """Run ``backbone`` (a :class:`backbones.Backbone`) over ``images`` (an :class:`data.ImageList`) in its
     eval transform, ``batch_size`` images per forward pass.
@@ -58,7 +59,8 @@ def forward_images(
     ``compile``: ``auto`` | ``on`` | ``off``, the backbone's forward compiled by inductor
     (:func:`compiled.compiled_forward`; a custom ``pooled`` stays eager). ``precision`` ``int8`` (or
     ``int8@<digest>``) runs :class:`quantized.Int8Forward`, calibrated on the image paths ``calibration``
-    (default: its fixed photo crops)."""
+    (default: its fixed photo crops). ``early``: crops decoded before the model was ready
+    (:func:`images.early_crops`), for the feed to take."""
     import torch
 
     from ..base import autocast, precision_kind
@@ -83,7 +85,7 @@ def forward_images(
         ident = backbone.identity
         fn = compiled_forward(net, dev, precision, compile, len(images) * views, ident.to_json(), ident.arch)
     batches = normalized_batches(
-        images, backbone.transform, per_batch, dev, view=view, workers=workers, max_pixels=max_pixels
+        images, backbone.transform, per_batch, dev, view=view, workers=workers, max_pixels=max_pixels, early=early
     )
     try:
         with torch.inference_mode():

@@ -14,10 +14,13 @@ from .config import ExtractConfig, RunSetup
 # ------------------------------------------------------------------------------------------ forward
 
 
-def compute(cfg: ExtractConfig, setup: RunSetup, todo: Any, keys: list[str], store: Any) -> tuple[int, float]:
+def compute(
+    cfg: ExtractConfig, setup: RunSetup, todo: Any, keys: list[str], store: Any, early: Any = None
+) -> tuple[int, float]:
     """Forward the images of ``todo`` (content ``keys``) through :func:`forward.forward_images`, committing a
-    chunk file every ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). Returns
-    (images forwarded, seconds)."""
+    chunk file every ``cfg.chunk_rows`` images (decode failures are recorded as skipped, by key). ``early``:
+    crops decoded before the model was ready (:func:`images.early_crops`). Returns (images forwarded,
+    seconds)."""
     from ..backbone import forward_images
 
     rep = get_reporter()
@@ -33,6 +36,7 @@ def compute(cfg: ExtractConfig, setup: RunSetup, todo: Any, keys: list[str], sto
         max_pixels=cfg.max_pixels,
         compile=cfg.compile,
         calibration=setup.calibration,
+        early=early,
     )
     buf = _Buffer(setup, _ChunkWriter(store))
     t_run = time.perf_counter()

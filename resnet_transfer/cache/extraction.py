@@ -38,16 +38,24 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return _extract_sharded(cfg)
     t0 = time.perf_counter()
     images = _listing(cfg)  # first: a wrong --data answers before the backbone (torch, timm) is loaded
-    setup = _setup(cfg)
-    writer = _writer(cfg, setup, images, lock=not cfg.dry_run)
-    if cfg.dry_run:
-        return _dry_run(cfg, writer, images)
-    with writer:
-        plan = _plan(writer, images)
-        todo, keys = plan.todo()
-        _announce(cfg, setup, plan, len(images))
-        computed, seconds = compute(cfg, setup, todo, keys, writer.store) if len(todo) else (0, 0.0)
-        return _finish(cfg, writer, plan, computed, seconds, t0)
+    early = _early_start(cfg, images)  # crops decoded on the idle core while torch and timm load
+    try:
+        setup = _setup(cfg)
+        early = _early_check(cfg, setup, early)
+        writer = _writer(cfg, setup, images, lock=not cfg.dry_run)
+        if cfg.dry_run:
+            return _dry_run(cfg, writer, images)
+        with writer:
+            plan = _plan(writer, images)
+            todo, keys = plan.todo()
+            _announce(cfg, setup, plan, len(images))
+            computed, seconds = compute(cfg, setup, todo, keys, writer.store, early) if len(todo) else (0, 0.0)
+            if early is not None and early.used:
+                get_reporter().info(f"{early.used} of them decoded while the model was being built (early start)")
+            return _finish(cfg, writer, plan, computed, seconds, t0)
+    finally:
+        if early is not None:
+            early.close()
 
 
 def _check_options(cfg: ExtractConfig) -> None:
@@ -86,6 +94,36 @@ def _listing(cfg: ExtractConfig) -> Any:
     for note in images.notes:
         get_reporter().warn(note)
     return images
+
+
+def _early_start(cfg: ExtractConfig, images: Any) -> Any:
+    """Crops of the first images, decoded by a child process while this one loads torch and timm and builds
+    the model (:func:`images.early_crops`), for the transform this model spec resolved to last time; None
+    when there is none, or when the run may reuse stored content (an existing cache or the chunks of an
+    interrupted run, without --overwrite: only the plan, after the backbone is built, knows which images to
+    compute) or decodes in workers."""
+    from ..backbone import recalled_transform
+    from ..images import early_crops
+    from .reader import chunk_dir
+
+    stored = Path(cfg.out).exists() or chunk_dir(cfg.out).exists()
+    if cfg.dry_run or (cfg.workers or 0) > 0 or (stored and not cfg.overwrite):
+        return None
+    guess = recalled_transform(cfg.model, cfg.weights, cfg.image_size)
+    return early_crops(images, guess, cfg.max_pixels) if guess is not None else None
+
+
+def _early_check(cfg: ExtractConfig, setup: RunSetup, early: Any) -> Any:
+    """Remember the transform this model spec resolved to (the next run's guess); keep the early crops only
+    if they are what the feed will make: the same transform, decoded by threads of this process on the CPU."""
+    from ..backbone import remember_transform
+
+    transform = setup.backbone.transform
+    remember_transform(cfg.model, cfg.weights, cfg.image_size, transform)
+    if early is not None and (setup.workers or setup.device.type != "cpu" or not early.fits(transform, cfg.max_pixels)):
+        early.close()
+        return None
+    return early
 
 
 def _setup(cfg: ExtractConfig) -> RunSetup:

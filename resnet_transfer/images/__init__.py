@@ -24,6 +24,7 @@ __all__, __getattr__, __dir__ = face(
             "remap_labels",
             "stratified_split",
         ),
+        "early": ("EARLY_BYTES", "EarlyCrops", "early_crops", "early_worthwhile"),
         "feed": ("collate", "iter_batches", "normalized_batches"),
         "reader": ("Member", "Reader"),
         "sources": ("SOURCE_KINDS", "detect", "open_source"),
@@ -56,6 +57,7 @@ __all__, __getattr__, __dir__ = face(
             "train_transform",
             "train_transform_uint8",
             "tta_transform",
+            "uint8_chw",
         ),
     },
 )

@@ -375,7 +375,10 @@ class ImageDataset:
 
     ``keep_decoded`` (bytes, 0 = off): keep decoded images in memory up to that many pixel bytes, so the
     epochs after the first skip reading and decoding them and pay only the (random) transform; the images
-    kept are exactly what decoding gives, so the batches are the same with or without it."""
+    kept are exactly what decoding gives, so the batches are the same with or without it.
+
+    ``early``: an :class:`early.EarlyCrops` whose crops are what ``transform`` makes (the feed checks): an
+    image it holds is taken from it instead of decoded."""
 
     def __init__(
         self,
@@ -384,6 +387,7 @@ class ImageDataset:
         draft: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_decoded: int = 0,
+        early: Any = None,
     ):
         self.images = images
         self.transform = transform
@@ -393,6 +397,7 @@ class ImageDataset:
         self.keep_decoded = int(keep_decoded)
         self._decoded: dict[int, Image.Image] = {}  # index -> decoded image (decode threads share it)
         self._kept = 0
+        self.early = early
 
     def __len__(self) -> int:
         return len(self.images)
@@ -416,6 +421,11 @@ class ImageDataset:
     def __getitem__(self, i: int) -> tuple[Any, int, str]:
         import torch
 
+        crop = self.early.take(self.images, i) if self.early is not None else None
+        if crop is not None:
+            x = torch.from_numpy(crop)
+            self._shape = tuple(x.shape)
+            return x, i, ""
         try:
             img = self.decoded(i)
             x = self.transform(img)

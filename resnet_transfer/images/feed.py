@@ -102,6 +102,7 @@ def normalized_batches(
     view: str | None = None,
     workers: int = 0,
     max_pixels: int | None = None,
+    early: Any = None,
 ) -> Iterator[tuple[Any, list[int], list[str]]]:
     """The one image feed of extract, predict and evaluate: ``(x, indices, errors)`` per batch of
     ``images``, in order. ``x`` is the float32 batch of the readable images, normalised with ``transform``'s
@@ -112,7 +113,10 @@ def normalized_batches(
     (:func:`iter_batches`) or by ``workers`` DataLoader processes, normalised per batch on the device. ``flip``
     / ``tencrop`` are test-time views (made by torch ops, in this thread): ``x`` then holds each image's views
     one after another (``len(indices ok) * views`` rows; :data:`transforms.VIEWS`), and ``batch_size`` counts
-    images."""
+    images.
+
+    ``early``: crops made before the feed started (:func:`early.early_crops`), taken by the decode threads
+    of the eval view where they are what ``transform`` and ``max_pixels`` make (else left alone)."""
     import torch
 
     from ..base import decode_threads
@@ -137,6 +141,8 @@ def normalized_batches(
         size = (transform.resize_size, transform.input_size)
         loader = gpu_batches(dataset, paths, batch_size, *size, device, decode_threads())
     else:
+        if view is None and early is not None and early.fits(transform, max_pixels):
+            dataset.early = early
         loader = iter_batches(dataset, batch_size, 0 if view else decode_threads())
     h2d = HostToDevice(device)  # CUDA: pinned copies on a side stream; elsewhere the batch as it is
     try:

@@ -96,18 +96,25 @@ class ResizeCenterCrop:
         self.interpolation = interpolation
         self.resample = _INTERP.get(interpolation.lower(), 2)
 
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        # torchvision's output size: the short side becomes s, the long side int(s * long / short)
+        s = self.resize_size
+        return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+
+    def fused(self, size: tuple[int, int]) -> bool:
+        """Whether an image of ``size`` (w, h) takes the fused PIL path (else torchvision's two steps, which
+        import torch)."""
+        new_w, new_h = self._resized(*size)
+        return min(new_w, new_h) >= self.input_size and self.resample in _FUSED
+
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size
-        s, c = self.resize_size, self.input_size
-        # torchvision's output size: the short side becomes s, the long side int(s * long / short)
-        if w <= h:
-            new_w, new_h = s, int(s * h / w)
-        else:
-            new_w, new_h = int(s * w / h), s
-        if new_w < c or new_h < c or self.resample not in _FUSED:
+        c = self.input_size
+        new_w, new_h = self._resized(w, h)
+        if not self.fused((w, h)):
             from torchvision import transforms as T
 
-            resized = T.Resize(s, interpolation=interpolation_mode(self.interpolation))(img)
+            resized = T.Resize(self.resize_size, interpolation=interpolation_mode(self.interpolation))(img)
             return T.CenterCrop(c)(resized)
         top = round((new_h - c) / 2.0)
         left = round((new_w - c) / 2.0)
@@ -131,10 +138,15 @@ def to_uint8_tensor(img: Image.Image) -> Any:
     decode threads never start OpenMP teams of their own)."""
     import torch
 
+    return torch.from_numpy(uint8_chw(img))
+
+
+def uint8_chw(img: Image.Image) -> np.ndarray:
+    """An RGB PIL image -> a contiguous ``uint8`` (3, H, W) array (what :func:`to_uint8_tensor` wraps)."""
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def eval_transform(cfg: TransformConfig) -> Any:

@@ -29,6 +29,14 @@ def test_deeper_part_walks_down_the_plan_and_respects_a_cut():
     assert ds.deeper_part("layer4", PARTS, allowed=["head", "layer4"]) is None  # maps cut at layer3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_validation_searches():
+    """The fixture's 21 validation images search here (the default asks for 50: a smaller folder, faster)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ds, "MIN_VAL_ROWS", 20)
+        yield
+
+
 @pytest.fixture(scope="module")
 def search_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """24 images per class (the rule: head only) and a "pretrained" file (the rule looks at data size only)."""

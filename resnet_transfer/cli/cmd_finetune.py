@@ -16,7 +16,7 @@ UnfreezeOpt = Annotated[
         "--unfreeze",
         "-u",
         help="Train this stage and everything above it: head | layer4 | layer3 | layer2 | layer1 | all | auto "
-        "(depth from labelled images per class, the rule printed; then, with >= 20 validation images and time "
+        "(depth from labelled images per class, the rule printed; then, with >= 50 validation images and time "
         "for it, one stage deeper is trained too and the better on validation kept: report.json "
         "unfreeze_search, the other in OUT/trials/).",
     ),

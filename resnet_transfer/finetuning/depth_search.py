@@ -18,7 +18,9 @@ Where it cannot afford to, the rule decides alone and the report says why:
 - the deeper candidate, estimated at :data:`DEEPER_COST` times the rule's run, would take longer than
   ``max(MIN_BUDGET_S, BUDGET_FACTOR x the rule's run)`` (a long run is not doubled by default: pass a deeper
   ``--unfreeze`` to try it);
-- nothing deeper can train (``all`` already; a cache of stage maps cut below the pick); torchrun jobs.
+- nothing deeper can train (``all`` already; a cache of stage maps cut below the pick).
+
+Under torchrun the loop does not call the search at all (report.json is rank 0's alone): the rule decides.
 
 An interrupted trial resumes with ``rt finetune --resume OUT`` (its own checkpoints are under the trial); a
 finished trial is read back, never trained again.
@@ -33,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..base import Interrupted, atomic_write_json, distributed, get_reporter
+from ..base import Interrupted, atomic_write_json, get_reporter
 from .config import CHECKPOINT_DIR, TRIALS_DIR, FinetuneConfig
 from .outputs import REPORT_JSON, FinetuneResult
 
@@ -118,8 +120,6 @@ def _deeper(report: dict[str, Any], parts: list[str]) -> str | None:
 def _cannot(report: dict[str, Any], main: FinetuneResult, deeper: str | None) -> str | None:
     """Why the search cannot afford to run (``None``: it can)."""
     n_val = int(report.get("n_val") or 0)
-    if distributed.launched():
-        return "a torchrun job: the search is not run across processes"
     if deeper is None:
         return f"nothing deeper than {main.unfreeze} can train here"
     if n_val < MIN_VAL_ROWS:

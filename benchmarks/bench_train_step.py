@@ -135,6 +135,9 @@ def _rates(history: list[dict[str, Any]], images: int, batch: int) -> list[dict[
     return [{"train_img_s_": n / r["train_seconds"], "epoch_img_s_": n / r["seconds"]} for r in history]
 
 
+_COMPILED = ("compiled", "compile")
+
+
 def finetune_vs_step(
     name: str, images: int, epochs: int, rounds: int, work: Any, decode_ahead_arm: bool = True
 ) -> dict[str, Any]:
@@ -166,21 +169,23 @@ def finetune_vs_step(
             serial["train_img_s"] = [r["train_img_s_"] for r in _rates(rep0, images, batch)[1:]]
         finally:
             feeds.ImageFeed.train_batches = before  # type: ignore[method-assign]
+    bare_before: list[float] = []
+    if serial:  # the bare step before the measured run too (the host drifts by 10% between minutes)
+        rep0 = json.loads((work / "ft" / "report.json").read_text())
+        c0 = (rep0.get("precision_choice") or {}).get("compile") or {}
+        bare_before = _bare_step_img_s(name, rep0["precision"], c0.get("kept", c0.get("action")) in _COMPILED, rounds)
     t0 = time.perf_counter()
     finetune(cfg)
     wall = time.perf_counter() - t0
     report = json.loads((work / "ft" / "report.json").read_text())
     choice = report.get("precision_choice") or {}
     precision = report["precision"]
-    compiled = (choice.get("compile") or {}).get("kept", (choice.get("compile") or {}).get("action")) in (
-        "compiled",
-        "compile",
-    )
+    compiled = (choice.get("compile") or {}).get("kept", (choice.get("compile") or {}).get("action")) in _COMPILED
     hist = report["history"]
     steady = hist[1:] or hist
     rates = _rates(hist, images, batch)[1:] or _rates(hist, images, batch)
     train_img_s = [r["train_img_s_"] for r in rates]
-    bare = _bare_step_img_s(name, precision, compiled, rounds)
+    bare = bare_before + _bare_step_img_s(name, precision, compiled, rounds)
     import torch
 
     from resnet_transfer.backbone import build_backbone

@@ -708,16 +708,24 @@ def test_lr_find_runs_before_training_and_leaves_the_start_alone(image_folder, t
     assert b["config"]["lr"] == b["lr_find"]["suggestion"] and b["history"][0]["lr"]["head"] <= b["config"]["lr"]
 
 
-def test_prefetched_batches_are_the_same_with_decoded_images_kept(image_folder, tmp_path):
+@pytest.mark.parametrize("uint8", [False, True])
+def test_prefetched_batches_are_the_same_with_decoded_images_kept(image_folder, tmp_path, uint8):
     """The feed's decode threads read kept images from memory in later epochs; the batches are bit for bit
-    those of a feed that decodes every epoch, and the files are no longer needed once kept."""
+    those of a feed that decodes every epoch, and the files are no longer needed once kept. With the
+    feed's own transform (``uint8``) the kept images are arrays, converted once."""
     import shutil
 
     from resnet_transfer.finetuning.prefetch import decoded_ahead
-    from resnet_transfer.images import ImageDataset, TransformConfig, list_images, train_transform
+    from resnet_transfer.images import (
+        ImageDataset,
+        TransformConfig,
+        list_images,
+        train_transform,
+        train_transform_uint8,
+    )
 
     data = shutil.copytree(image_folder, tmp_path / "data")
-    tf = train_transform(TransformConfig(SIZE, 36), 0.0, 0.35, True)
+    tf = (train_transform_uint8 if uint8 else train_transform)(TransformConfig(SIZE, 36), 0.0, 0.35, True)
     kept, plain = (ImageDataset(list_images(data), tf, keep_decoded=k) for k in (64 << 20, 0))
     order = [[3, 1, 7, 0], [5, 2, 6, 4], [9, 8, 11, 10]]
     for ds in (kept, plain):
@@ -728,3 +736,4 @@ def test_prefetched_batches_are_the_same_with_decoded_images_kept(image_folder, 
     shutil.rmtree(data)
     again = list(decoded_ahead(kept, order, 2))
     assert not any(e for _, _, errs in again for e in errs) and len(kept._decoded) == 12
+    assert all(isinstance(im, np.ndarray) == uint8 for im in kept._decoded.values())

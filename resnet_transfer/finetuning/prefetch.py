@@ -53,11 +53,19 @@ def decoded_ahead(
         dataset._shape = tuple(x.shape)
         return x, i, ""
 
+    def ahead(i: int) -> Future[Any]:
+        kept = getattr(dataset, "_decoded", {}).get(i)
+        if kept is None:
+            return pool.submit(load, i)
+        done: Future[Any] = Future()  # kept from an earlier epoch: no thread wakes up during the step
+        done.set_result(kept)
+        return done
+
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="rt-train-decode", initializer=_lower_priority)
     pending: deque[list[tuple[int, Future[Any]]]] = deque()
     try:
         for idx in batches:
-            pending.append([(i, pool.submit(load, i)) for i in idx])
+            pending.append([(i, ahead(i)) for i in idx])
             if len(pending) > 1:
                 yield collate([item(i, f) for i, f in pending.popleft()])
         while pending:

@@ -395,7 +395,7 @@ class ImageDataset:
         self.max_pixels = max_pixels
         self._shape: tuple[int, ...] | None = None
         self.keep_decoded = int(keep_decoded)
-        self._decoded: dict[int, Image.Image] = {}  # index -> decoded image (decode threads share it)
+        self._decoded: dict[int, Image.Image | np.ndarray] = {}  # index -> decoded image (decode threads share it)
         self._kept = 0
         self.early = early
 
@@ -406,13 +406,17 @@ class ImageDataset:
         """Image ``i``'s file, or its member of the source (:meth:`ImageList.file`)."""
         return self.images.file(i)
 
-    def decoded(self, i: int) -> Image.Image:
+    def decoded(self, i: int) -> Image.Image | np.ndarray:
         """Image ``i`` decoded: kept in memory from an earlier epoch, or read now (and kept while the
-        ``keep_decoded`` budget allows). Raises :class:`ImageDecodeError` as :func:`load_image` does."""
+        ``keep_decoded`` budget allows). Raises :class:`ImageDecodeError` as :func:`load_image` does. A
+        transform that ``takes_arrays`` (``TrainCropUint8``) gets a ``uint8`` HWC array: converted here,
+        once, in the decode thread that calls this, not per epoch in the training loop."""
         img = self._decoded.get(i)
         if img is None:
             img = load_image(self.path(i), self.max_pixels, self.draft)
-            size = img.width * img.height * len(img.getbands())
+            if getattr(self.transform, "takes_arrays", False):
+                img = np.array(img, dtype=np.uint8)
+            size = img.nbytes if isinstance(img, np.ndarray) else img.width * img.height * len(img.getbands())
             if self._kept + size <= self.keep_decoded:
                 self._decoded[i] = img
                 self._kept += size  # decode threads may race here: the budget is approximate by an image

@@ -19,9 +19,16 @@ def collate(batch: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[str
     """Stack the good items; failed ones keep their index and reason, with no tensor."""
     import torch
 
-    good = [b for b in batch if not b[2]]
-    xs = torch.stack([b[0] for b in good]) if good else None
-    return xs, [b[1] for b in batch], [b[2] for b in batch]
+    good = [b[0] for b in batch if not b[2]]
+    if good and all(x.dim() == 3 and x.permute(1, 2, 0).is_contiguous() for x in good):
+        # HWC storage (TrainCropUint8): an (N, C, H, W) batch in channels-last memory, without a transpose
+        return torch.stack([x.permute(1, 2, 0) for x in good]).permute(0, 3, 1, 2), *_rest(batch)
+    xs = torch.stack(good) if good else None
+    return xs, *_rest(batch)
+
+
+def _rest(batch: list[tuple[Any, int, str]]) -> tuple[list[int], list[str]]:
+    return [b[1] for b in batch], [b[2] for b in batch]
 
 
 STEAL_AFTER_S = 0.02  # iter_batches: how long the caller waits for an item before decoding one itself

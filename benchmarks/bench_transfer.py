@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,14 @@ def test_accuracy(model_dir: Path, test_dir: Path) -> float:
     return correct / max(1, n)
 
 
-def run_rt(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int, work: Path, extra: list[str]) -> dict:
+def run_rt(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int, work: Path, extra: list[str],
+           head_extra: Sequence[str] = ()) -> dict:  # fmt: skip
     log = work / "log.txt"
     work.mkdir(parents=True, exist_ok=True)
     seconds = rt("extract", "--data", str(train), "--model", "resnet18", "--weights", str(src), "--image-size",
                  str(size), "--out", str(work / "train.h5"), "--overwrite", log=log)  # fmt: skip
     seconds += rt("fit-head", "--cache", str(work / "train.h5"), "--seed", str(seed), "--out", str(work / "head"),
-                  "--overwrite", log=log)  # fmt: skip
+                  "--overwrite", *head_extra, log=log)  # fmt: skip
     seconds += rt("finetune", str(work / "head"), "--data", str(train), "--unfreeze", "auto", "--epochs", str(epochs),
                   "--no-hflip", "--seed", str(seed), "--out", str(work / "ft"), "--overwrite", *extra, log=log)  # fmt: skip
     report = json.loads((work / "ft" / "report.json").read_text())
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/bench_transfer"))
     p.add_argument("--source", type=Path, default=None, help="a source model directory to reuse (skips training)")
     p.add_argument("--rt-args", default="", help="extra `rt finetune` options (to try other settings)")
+    p.add_argument("--head-args", default="", help='extra `rt fit-head` options (e.g. "--views 8 --no-hflip")')
     p.add_argument("--no-fastai", action="store_true", help="rt only")
     p.add_argument(
         "--one-command", action="store_true",
@@ -249,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
                 "source": str(src),
                 "epochs": a.epochs,
                 "rt_args": a.rt_args,
+                "head_args": a.head_args,
             }
             row |= run_rt(
-                train, test, src, spec.size, a.epochs, seed, a.work / "runs" / a.label / name / f"s{seed}", extra
-            )
+                train, test, src, spec.size, a.epochs, seed, a.work / "runs" / a.label / name / f"s{seed}", extra,
+                shlex.split(a.head_args),
+            )  # fmt: skip
             if a.one_command:
                 work = a.work / "runs" / a.label / name / f"s{seed}"
                 row |= run_rt_one_command(train, test, src, spec.size, a.epochs, seed, work, extra)

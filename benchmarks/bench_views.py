@@ -4,12 +4,13 @@
 ``python -m benchmarks transfer`` left under ``--work`` (per task and seed: the training images, the head's
 ``split.json``) and, per task-seed, computes with the suite's source backbone the eval-crop features of
 every training image plus ``--views`` random-resized crops (finetune's default augmentation: scale 0.35-1,
-no flip, as the suite runs) of each image on the *training* side of the head's split. It fits the linear
-probe and ``--head auto``'s choice twice on the same split, once on the eval crops alone, once on the eval
+no flip, as the suite runs; ``--crop-scale``) of each image on the *training* side of the head's split. It
+fits the linear probe and ``--head auto``'s choice (made on the eval crops, as ``rt fit-head --views`` makes
+it; ``--linear-only`` skips it) twice on the same split, once on the eval crops alone, once on the eval
 crops plus the views (validation: the eval crops of the validation images only, so no view of a validation
 image is trained on), and scores both on the task's fixed test set (eval crops). Printed: test accuracy,
 mean ± 95% t-interval over seeds, and the paired difference (views − one view). This is the measurement
-behind ``rt extract``'s decision not to cache several views by default (docs/transfer.md).
+behind ``rt fit-head --views`` and its default of none (docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def _features(net: Any, xs: list[Any], tcfg: Any, batch: int = 64) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def task_seed(run: Path, images: Path, test: Path, source: Path, size: int, views: int, seed: int) -> dict[str, Any]:
+def task_seed(
+    run: Path, images: Path, test: Path, source: Path, size: int, views: int, seed: int,
+    crop_scale: float = 0.35, heads: tuple[str, ...] = ("linear", "auto"),
+) -> dict[str, Any]:  # fmt: skip
     """Test accuracy of the linear and auto heads with one view and with ``views`` more, one task-seed."""
     import torch
 
@@ -73,7 +77,7 @@ def task_seed(run: Path, images: Path, test: Path, source: Path, size: int, view
     imgs = [load_image(images / p) for p in paths]
     X = _features(net, [eval_tf(im) for im in imgs], tcfg)
     torch.manual_seed(seed)
-    aug = train_transform_uint8(tcfg, 0.0, 0.35, False)
+    aug = train_transform_uint8(tcfg, 0.0, crop_scale, False)
     t0 = time.perf_counter()
     Xv = _features(net, [aug(imgs[i]) for i in tr for _ in range(views)], tcfg)
     view_s = time.perf_counter() - t0
@@ -82,14 +86,17 @@ def task_seed(run: Path, images: Path, test: Path, source: Path, size: int, view
     Xt = _features(net, [eval_tf(load_image(tl.file(i))) for i in range(len(tl))], tcfg)
     yt = np.asarray(tl.labels)
     params = {"num_classes": int(y.max()) + 1, "seed": seed}
-    out: dict[str, Any] = {"n_train": len(tr), "n_val": len(va), "views": views, "view_seconds": view_s}
+    out: dict[str, Any] = {"n_train": len(tr), "n_val": len(va), "views": views, "crop_scale": crop_scale}
+    out["view_seconds"] = view_s
     for arm, (Xa, ya) in {
         "one": (X[tr], y[tr]),
         "views": (np.concatenate([X[tr], Xv]), np.concatenate([y[tr], yv])),
     }.items():
         lin = SoftmaxHead(**head_params("linear", params, {})).fit(Xa, ya, X[va], y[va])
         out[f"linear_{arm}"] = float((lin.predict(Xt) == yt).mean())
-        chosen = choose_head(Xa, ya, X[va], y[va], params, seed=seed).chosen
+        if "auto" not in heads:
+            continue
+        chosen = choose_head(X[tr], y[tr], X[va], y[va], params, seed=seed).chosen  # on eval crops, as fit-head
         head = SoftmaxHead(**head_params(chosen, params, {})).fit(Xa, ya, X[va], y[va])
         out[f"auto_{arm}"] = float((head.predict(Xt) == yt).mean())
         out[f"auto_{arm}_chose"] = chosen
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="defaults")
     p.add_argument("--source", type=Path, required=True, help="the source model the suite used (--source)")
     p.add_argument("--views", type=int, default=8, help="augmented views per training image")
+    p.add_argument("--crop-scale", type=float, default=0.35, help="the views' smallest crop area fraction")
+    p.add_argument("--linear-only", action="store_true", help="skip --head auto's choice (faster)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all the work dir has)")
     p.add_argument("--json", type=Path, default=None, help="append the rows here (JSON lines)")
     p.add_argument("--quick", action="store_true", help="the suite's two quick tasks only")
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             test = a.work / "tasks" / spec.name / "test"
             if not (run / "train.h5").exists() or not images.is_dir():
                 continue
-            r = {"task": spec.name, "seed": seed, **task_seed(run, images, test, a.source, spec.size, a.views, seed)}
+            heads = ("linear",) if a.linear_only else ("linear", "auto")
+            got = task_seed(run, images, test, a.source, spec.size, a.views, seed, a.crop_scale, heads)
+            r = {"task": spec.name, "seed": seed, **got}
             rows.append(r)
             print(json.dumps(r), flush=True)
             if a.json:
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         rs = [r for r in rows if r["task"] == task]
         cells = []
         for h in ("linear", "auto"):
+            if f"{h}_one" not in rs[0]:
+                cells += ["-", "-", "-"]
+                continue
             cells += [tt.fmt_ci([r[f"{h}_one"] for r in rs]), tt.fmt_ci([r[f"{h}_views"] for r in rs])]
             cells.append(tt.fmt_ci([r[f"{h}_views"] - r[f"{h}_one"] for r in rs]))
         lines.append(f"| {task} | {len(rs)} | " + " | ".join(cells) + " |")
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`{command_line('views', argv)}`; CPU {info.get('cpu')}, load {os.getloadavg()[0]:.1f}\n")
     print("\n".join(lines))
     if rows:
-        for h in ("linear", "auto"):
+        for h in ("linear", "auto") if "auto_one" in rows[0] else ("linear",):
             d = [r[f"{h}_views"] - r[f"{h}_one"] for r in rows]
             print(f"all {len(rows)} task-seeds, {h}: views − one view {tt.fmt_ci(d)}")
     return 0

@@ -76,9 +76,12 @@ def fit_head_cmd(
             help="A few images of none of the classes (folder or cache): keep the scorer that separates them best.",
         ),
     ] = None,
+    views: common.ViewsOpt = None,
+    hflip: common.ViewsFlipOpt = True,
+    root: common.ViewsRootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Train a softmax head on cached features (seconds; the images are not touched again).
+    """Train a softmax head on cached features (seconds; the images are not touched again, unless --views).
 
     The head is the linear probe or fastai's MLP head, whichever validates better (`--head auto`; with
     few validation rows, by 5-fold cross-validation); it is the start of every `rt finetune`.
@@ -99,6 +102,8 @@ def fit_head_cmd(
         rt fit-head --cache pets.h5 --features layer3+layer4 --out stage-head/
 
         rt fit-head --cache pets.h5 --ood ./not-pets --out cat-head/
+
+        rt fit-head --cache digits.h5 --views 8 --no-hflip --out digit-head/
     """
     from ..head import FitHeadConfig
     from ..head import fit_head as run_fit_head
@@ -106,24 +111,12 @@ def fit_head_cmd(
     cw = None if class_weight.lower() == "none" else class_weight.lower()
     given = dict(solver=solver, l2=l2, hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr)
     given["patience"] = patience  # only the head parameters set on the command line go to the estimator
-    kwargs = dict(  # built inside call: a bad option (--head, --knn-search) is the one-line error, exit 2
-        cache=cache,
-        out=out,
-        classes=classes,
-        val=val,
-        val_fraction=val_fraction,
-        seed=seed,
-        features=features,
-        head_type=head_type,
-        class_weight=cw,
-        label_smoothing=label_smoothing,
-        max_iter=max_iter,
-        **{k: v for k, v in given.items() if v is not None},
-        max_memory_gb=max_memory_gb,
-        overwrite=overwrite,
-        knn_search=knn_search,
-        ood=ood,
-    )
+    # the config is built inside call: a bad option (--head, --knn-search) is the one-line error, exit 2
+    kwargs = dict(cache=cache, out=out, classes=classes, val=val, val_fraction=val_fraction, seed=seed,
+                  features=features, head_type=head_type, class_weight=cw, label_smoothing=label_smoothing,
+                  max_iter=max_iter, max_memory_gb=max_memory_gb, overwrite=overwrite, knn_search=knn_search,
+                  ood=ood, hflip=hflip, root=root)  # fmt: skip
+    kwargs.update({k: v for k, v in {**given, "views": views}.items() if v is not None})
     result = common.call(lambda: run_fit_head(FitHeadConfig(**kwargs)))
     if as_json:
         common.echo_json(result.report)

@@ -87,6 +87,13 @@ def _extract(cfg: FinetuneConfig, data: Path, out: Path, common: dict[str, Any])
 def _fit(cfg: FinetuneConfig, cache: Path, val_cache: Path | None, start: Path) -> None:
     from ..head import FitHeadConfig, fit_head
 
-    head = FitHeadConfig(cache=cache, out=start / "head", val=val_cache, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                         overwrite=True)  # fmt: skip
+    head = FitHeadConfig(
+        cache=cache,
+        out=start / "head",
+        val=val_cache,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        overwrite=True,
+        hflip=cfg.hflip,
+    )  # fmt: skip  (--views auto's crops flip as the finetune's)
     fit_head(head)

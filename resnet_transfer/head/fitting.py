@@ -16,6 +16,7 @@ import numpy as np
 
 from ..base import DataError, UsageError, atomic_write_json, get_reporter
 from .neighbors import SEARCHES
+from .views import DEFAULT_VIEWS, add_views, parse_views
 
 VAL_NOTE = (
     "accuracy is on the validation rows, which also chose l2 / the early-stopping epoch: slightly "
@@ -56,6 +57,9 @@ class FitHeadConfig:
     ood: Path | None = None  # images of the unknown (cache or folder): choose the OOD scorer (ood_fit.py)
     head_type: str = "auto"  # auto | linear | mlp (choose.py)
     head: dict[str, Any] = field(default_factory=dict)  # SoftmaxHead parameters given explicitly
+    views: int | str = DEFAULT_VIEWS  # augmented views per training image added to the fit: auto | K | 0 (views.py)
+    hflip: bool = True  # the views' random horizontal flips
+    root: Path | None = None  # where the cache's images are, for --views (default: found as the tools find it)
 
     def __init__(
         self,
@@ -74,9 +78,13 @@ class FitHeadConfig:
         ood: Path | None = None,
         head_type: str = "auto",
         head: dict[str, Any] | None = None,
+        views: int | str = DEFAULT_VIEWS,
+        hflip: bool = True,
+        root: Path | None = None,
         **head_params: Any,
     ) -> None:
         self.cache, self.out, self.classes, self.val = cache, out, classes, val
+        self.views, self.hflip, self.root = parse_views(views), bool(hflip), root
         self.val_fraction, self.seed, self.max_memory_gb = val_fraction, seed, max_memory_gb
         self.features = features
         self.overwrite, self.plot, self.knn_search, self.ood = overwrite, plot, knn_search, ood
@@ -220,7 +228,14 @@ def _needs_streaming(cfg: FitHeadConfig, cache: Any, rows: np.ndarray, solver: s
     return need > _memory_budget_bytes(cfg), need
 
 
-def _fit(cfg: FitHeadConfig, head: Any, cache: Any, split: ValidationRows, X_train: np.ndarray | None = None) -> bool:
+def _fit(
+    cfg: FitHeadConfig,
+    head: Any,
+    cache: Any,
+    split: ValidationRows,
+    X_train: np.ndarray | None = None,
+    y_train: np.ndarray | None = None,
+) -> bool:
     """Fit ``head`` in memory (on ``X_train``, the chosen features, when given), or streamed from the
     cache (AdamW) over the memory budget; True if streamed."""
     rep = get_reporter()
@@ -232,9 +247,9 @@ def _fit(cfg: FitHeadConfig, head: Any, cache: Any, split: ValidationRows, X_tra
         X = cache.features(rows) if X_train is None else X_train
         rep.info(
             f"fitting a {'MLP (' + str(hidden) + ' hidden)' if hidden else 'linear'} head on "
-            f"{len(rows)} rows x {X.shape[1]} features, {len(cache.classes)} classes, solver {solver}"
+            f"{len(X)} rows x {X.shape[1]} features, {len(cache.classes)} classes, solver {solver}"
         )
-        head.fit(X, cache.labels[rows], split.X_val, split.y_val)
+        head.fit(X, cache.labels[rows] if y_train is None else y_train, split.X_val, split.y_val)
         return False
     if solver != "adamw":
         rep.warn(
@@ -401,7 +416,8 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
                 params["l2"] = selection[0].l2
         choice, X_fit = _choose_head(cfg, cache, split, params, X_train)
         head = SoftmaxHead(**choice.params)
-        streamed = _fit(cfg, head, cache, split, X_fit)
+        X_fit, y_fit, views = add_views(cfg, cache, split, selection, X_fit, _memory_budget_bytes(cfg))
+        streamed = _fit(cfg, head, cache, split, X_fit, y_fit)
         if selection is not None:
             head.module_.features = selection[0].features
         identity = cache.identity
@@ -431,7 +447,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             "description": sel.description,
             "tried": sel.tried,
         }
-    report["head_selection"] = choice.as_report()
+    report["head_selection"], report["views"] = choice.as_report(), views
     report["temperature"] = head.module_.temperature
     report["calibration"] = calibration
     report["knn"] = knn

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_image_folder
 from typer.testing import CliRunner
 
-from resnet_transfer.base import DataError, UsageError
+from resnet_transfer.base import DataError, RtError, UsageError
 from resnet_transfer.cache import ExtractConfig, FeatureCache, extract
 from resnet_transfer.cli import app
 from resnet_transfer.head import FitHeadConfig, fit_head
@@ -143,7 +143,7 @@ def test_auto_views_without_the_images_fit_on_the_eval_crops(views_cache: Path, 
     r = fit_head(
         FitHeadConfig(cache=views_cache, out=tmp_path / "h", views="auto", head_type="linear", root=tmp_path / "none")
     )
-    assert r.report["views"]["views"] == 0 and "auto" == r.report["views"]["asked"]
+    assert r.report["views"]["views"] == 0 and r.report["views"]["asked"] == "auto"
     assert f"not in {tmp_path / 'none'}" in r.report["views"]["why_not"]  # said, and the fit went on
 
 
@@ -158,3 +158,22 @@ def test_views_option_takes_auto_or_a_count(views_cache: Path, tmp_path: Path) -
         app, ["fit-head", "--cache", str(views_cache), "--out", str(tmp_path / "h"), "--views", "x"]
     )
     assert res.exit_code == 2 and "--views" in res.output
+
+
+def test_auto_views_without_the_weights_fit_on_the_eval_crops(tmp_path: Path, quiet_reporter) -> None:
+    """A cache whose --weights file is gone still fits (as before the views); an explicit K says why."""
+    from resnet_transfer.backbone import build_backbone, save_backbone
+
+    bb = build_backbone("resnet18", "none", SIZE)
+    ckpt = tmp_path / "mine.safetensors"
+    save_backbone(bb.net, ckpt, bb.identity)
+    data = make_image_folder(tmp_path / "data", per_class=4, seed=6)
+    cache = tmp_path / "c.h5"
+    extract(ExtractConfig(data=data, out=cache, model="resnet18", weights=str(ckpt), image_size=SIZE))
+    ckpt.unlink()
+    r = fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h", head_type="linear"))
+    assert r.report["views"]["views"] == 0 and r.report["views"]["asked"] == "auto"
+    assert any("fitting on the eval crops only" in m for m in quiet_reporter.messages)
+    with pytest.raises(RtError) as e:
+        fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h2", head_type="linear", views=2))
+    assert "mine.safetensors" in str(e.value)

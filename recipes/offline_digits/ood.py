@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for seed in range(a.seeds):
         head_dir = out / f"head{seed}"
-        if not (head_dir / "meta.json").exists():
+        if not (head_dir / "meta.json").exists():  # --no-hflip: a mirrored 7 is no 7 (the views, as the finetunes)
             rt("fit-head", "--cache", out / "train.h5", "--out", head_dir, "--seed", seed, "--val-fraction", 0.3,
-               "--overwrite")  # fmt: skip
+               "--no-hflip", "--overwrite")  # fmt: skip
         md = read_model_dir(head_dir)
         ood = read_ood(head_dir, md.meta)
         head = build_head_module(md.head_config)

@@ -116,8 +116,8 @@ def probe_head(args: argparse.Namespace, manifest: Path, k: int, seed: int) -> P
           f"--out {cache} --overwrite", flush=True)  # fmt: skip
     extract(ExtractConfig(data=manifest, out=cache, model="resnet18", weights=str(args.source),
                           image_size=args.size, overwrite=True))  # fmt: skip
-    print(f"$ rt fit-head --cache {cache} --seed {seed} --out {head} --overwrite", flush=True)
-    fit_head(FitHeadConfig(cache=cache, out=head, seed=seed, overwrite=True))
+    print(f"$ rt fit-head --cache {cache} --seed {seed} --no-hflip --out {head} --overwrite", flush=True)
+    fit_head(FitHeadConfig(cache=cache, out=head, seed=seed, overwrite=True, hflip=False))  # digits: no mirror views
     test_cache = args.run / "cache" / "source" / "test.h5"
     if test_cache.exists():
         report_dir = args.run / "eval" / "probe_fitted" / f"k{k}" / f"seed{seed}"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import DataError, UsageError, get_reporter
+from ..base import DataError, RtError, UsageError, get_reporter
 
 VIEW_CROP_SCALE = 0.8  # the smallest crop's area fraction (milder than finetune's 0.35: see the module doc)
 VIEW_BATCH = 64
@@ -78,7 +78,7 @@ def add_views(
             Xv, yv, report = view_features(
                 cache, rows, k, cfg.seed, cfg.hflip, cfg.root, AUTO_BUDGET_S if auto else None
             )
-        except DataError as exc:
+        except RtError as exc:  # images or weights not here: auto fits as before, an explicit K says why
             if not auto:
                 raise
             why = exc.message

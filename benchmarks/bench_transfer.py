@@ -5,7 +5,7 @@ epochs, several seeds each.
 Per task and seed:
 
 * rt, as a user runs it (each a fresh `rt` process, start-up included in the wall time):
-  ``rt extract`` (the training images, source backbone) -> ``rt fit-head`` (the probe) ->
+  ``rt extract`` (the training images, source backbone) -> ``rt fit-head --no-hflip`` (the probe) ->
   ``rt finetune HEAD --unfreeze auto --epochs E --no-hflip``; then the probe's and the finetuned model's test
   accuracy (not timed).
 * fastai 2.8: ``vision_learner(dls, resnet18, pretrained=False)`` with the source checkpoint's weights
@@ -106,7 +106,7 @@ def run_rt(train: Path, test: Path, src: Path, size: int, epochs: int, seed: int
     seconds = rt("extract", "--data", str(train), "--model", "resnet18", "--weights", str(src), "--image-size",
                  str(size), "--out", str(work / "train.h5"), "--overwrite", log=log)  # fmt: skip
     seconds += rt("fit-head", "--cache", str(work / "train.h5"), "--seed", str(seed), "--out", str(work / "head"),
-                  "--overwrite", *head_extra, log=log)  # fmt: skip
+                  "--no-hflip", "--overwrite", *head_extra, log=log)  # fmt: skip
     seconds += rt("finetune", str(work / "head"), "--data", str(train), "--unfreeze", "auto", "--epochs", str(epochs),
                   "--no-hflip", "--seed", str(seed), "--out", str(work / "ft"), "--overwrite", *extra, log=log)  # fmt: skip
     report = json.loads((work / "ft" / "report.json").read_text())
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/bench_transfer"))
     p.add_argument("--source", type=Path, default=None, help="a source model directory to reuse (skips training)")
     p.add_argument("--rt-args", default="", help="extra `rt finetune` options (to try other settings)")
-    p.add_argument("--head-args", default="", help='extra `rt fit-head` options (e.g. "--views 8 --no-hflip")')
+    p.add_argument("--head-args", default="", help='extra `rt fit-head` options (e.g. "--views 0")')
     p.add_argument("--no-fastai", action="store_true", help="rt only")
     p.add_argument(
         "--one-command", action="store_true",

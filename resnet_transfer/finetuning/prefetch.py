@@ -54,7 +54,7 @@ def decoded_ahead(
         return x, i, ""
 
     def ahead(i: int) -> Future[Any]:
-        kept = getattr(dataset, "_decoded", {}).get(i)
+        kept = dataset.kept(i) if hasattr(dataset, "kept") else None
         if kept is None:
             return pool.submit(load, i)
         done: Future[Any] = Future()  # kept from an earlier epoch: no thread wakes up during the step

@@ -406,6 +406,10 @@ class ImageDataset:
         """Image ``i``'s file, or its member of the source (:meth:`ImageList.file`)."""
         return self.images.file(i)
 
+    def kept(self, i: int) -> Image.Image | np.ndarray | None:
+        """Image ``i`` as kept in memory from an earlier epoch, or ``None`` (not kept: decode it)."""
+        return self._decoded.get(i)
+
     def decoded(self, i: int) -> Image.Image | np.ndarray:
         """Image ``i`` decoded: kept in memory from an earlier epoch, or read now (and kept while the
         ``keep_decoded`` budget allows). Raises :class:`ImageDecodeError` as :func:`load_image` does. A

@@ -177,3 +177,21 @@ def test_auto_views_without_the_weights_fit_on_the_eval_crops(tmp_path: Path, qu
     with pytest.raises(RtError) as e:
         fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h2", head_type="linear", views=2))
     assert "mine.safetensors" in str(e.value)
+
+
+def test_an_image_changed_since_extract_is_noticed(tmp_path: Path, quiet_reporter) -> None:
+    """Views of a file that is no longer the one the cache holds the eval crop of would mix two images:
+    an explicit --views says which file and what to run; auto fits on the eval crops and says why."""
+    data = make_image_folder(tmp_path / "data", per_class=4, seed=7)
+    cache = tmp_path / "c.h5"
+    extract(ExtractConfig(data=data, out=cache, model="resnet18", weights="none", image_size=SIZE))
+    with FeatureCache(cache) as c:
+        paths = [data / str(p) for p in c.paths]
+    contents = [p.read_bytes() for p in paths]
+    for p, b in zip(paths, contents[1:] + contents[:1]):  # every file now holds another image's bytes
+        p.write_bytes(b)
+    with pytest.raises(DataError) as e:
+        fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h", head_type="linear", views=2, val_fraction=0.5))
+    assert "changed since `rt extract`" in e.value.message and "rt extract" in e.value.hint
+    r = fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h2", head_type="linear", val_fraction=0.5))
+    assert r.report["views"]["views"] == 0 and "changed since" in r.report["views"]["why_not"]

@@ -161,6 +161,8 @@ class _Source:
         from ..images import image_root
 
         self.paths = [str(cache.paths[int(r)]) for r in rows]
+        self.keys = [str(cache.keys[int(r)]) for r in rows]  # content keys: a changed image is noticed
+        self.cache_path = cache.path
         where = image_root(cache, root)
         if where.folder is None or not where.found:
             raise DataError(
@@ -179,14 +181,25 @@ class _Source:
         self.precision = precision if precision in ("bf16", "fp16") else "fp32"  # int8 caches: views in fp32
 
     def image(self, i: int) -> np.ndarray:
+        """Training image ``i``, decoded; a :class:`DataError` if it cannot be read or is no longer the
+        image the cache holds the eval crop of (its content key differs)."""
+        from ..base import file_digest
         from ..images import load_image
 
+        f = self.files[i]
         try:
-            return np.array(load_image(self.files[i], draft=self.tcfg.draft_target()), dtype=np.uint8)
+            key = f.reader.digest(f.name) if hasattr(f, "reader") else file_digest(f)
+            img = np.array(load_image(f, draft=self.tcfg.draft_target()), dtype=np.uint8)
         except Exception as exc:
             raise DataError(
                 f"--views: {self.paths[i]} in {self.folder}: {exc}", "fix or remove the image, or drop --views"
             ) from exc
+        if key != self.keys[i]:  # (a cache written without contents has path keys: no views, said why)
+            raise DataError(
+                f"--views: {self.paths[i]} in {self.folder} has changed since `rt extract` wrote {self.cache_path}",
+                "run the same `rt extract` again (it recomputes only what changed), then fit the head",
+            )
+        return img
 
     def forward(self, crops: list[Any]) -> np.ndarray:
         return _forward(self.net, crops, self.tcfg, self.device, self.precision)

@@ -94,6 +94,6 @@ def _fit(cfg: FinetuneConfig, cache: Path, val_cache: Path | None, start: Path) 
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         overwrite=True,
-        hflip=cfg.hflip,
-    )  # fmt: skip  (--views auto's crops flip as the finetune's)
+        hflip=cfg.hflip,  # --views auto's crops flip as the finetune's
+    )
     fit_head(head)

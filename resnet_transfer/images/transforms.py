@@ -233,12 +233,11 @@ class TrainCropUint8:
     def __init__(self, cfg: TransformConfig, color_jitter: float, scale_min: float, hflip: bool) -> None:
         from torchvision import transforms as T
 
+        steps = _train_steps(cfg, color_jitter, scale_min, hflip)  # the float transform's steps: one definition
         self.size = int(cfg.input_size)
-        self.crop = T.RandomResizedCrop(
-            self.size, scale=(scale_min, 1.0), interpolation=interpolation_mode(cfg.interpolation)
-        )
-        self.hflip = bool(hflip)
-        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.crop = steps[0]
+        self.hflip = any(isinstance(t, T.RandomHorizontalFlip) for t in steps)
+        self.jitter = next((t for t in steps if isinstance(t, T.ColorJitter)), None)
 
     def __call__(self, img: Any) -> Any:
         import torch

@@ -29,7 +29,13 @@ from resnet_transfer.images import stratified_split
 from resnet_transfer.models import Classifier
 
 SIZE = 32
-FAST = {"image_size": None, "batch_size": 8, "precision": "fp32", "workers": 0}
+FAST = {
+    "image_size": None,
+    "batch_size": 8,
+    "precision": "fp32",
+    "workers": 0,
+    "start_margin": 0.0,
+}  # mechanics: any gain
 
 
 def _backbone():
@@ -632,6 +638,34 @@ def test_start_is_a_candidate_and_kept_when_training_only_hurts(image_folder, tm
     ok = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert ok["start_validation"] is not None
     assert ok["kept_start"] is (ok["best_epoch"] == -1)
+
+
+def test_start_margin_keeps_the_start_unless_an_epoch_is_clearly_better(image_folder, tmp_path):
+    """``--start-margin K``: an epoch replaces the start only when its per-image gain in the monitor is
+    more than K standard errors; each row says what the paired comparison found. An absurd margin keeps
+    the start whatever the epochs did; margin 0 is the plain rule (any gain)."""
+    hd = _head_dir(tmp_path / "head")
+    kw = {"data": image_folder, "unfreeze": "layer4", "epochs": 2, "patience": 0, "checkpoint_every": 0}
+    kw |= {"head": hd, "monitor": "val_loss_cal", "lr": 1e-3, "start_margin": 0.0}
+    plain = finetune(_cfg(tmp_path / "plain", **kw))
+    rep = json.loads((tmp_path / "plain" / "report.json").read_text())
+    rows = rep["history"]
+    assert all(r["val_loss_cal"] <= r["val_loss"] + 1e-9 for r in rows)  # the fitted T never raises the NLL
+    assert all(set(r["vs_start"]) == {"gain", "se", "clear"} for r in rows)
+    gains = [r["vs_start"]["gain"] for r in rows]
+    start_cal = rep["start_validation"]["val_loss_cal"]
+    for r, g in zip(rows, gains, strict=True):
+        assert g == pytest.approx(start_cal - r["val_loss_cal"], abs=1e-6)  # the mean of the paired gains
+        assert r["vs_start"]["clear"] is (g > 0)
+    expect = -1 if max(gains) <= 0 else int(np.argmax([-r["val_loss_cal"] for r in rows]))
+    assert plain.best_epoch == expect
+    strict_run = finetune(_cfg(tmp_path / "strict", **{**kw, "start_margin": 1e9}))
+    strict = json.loads((tmp_path / "strict" / "report.json").read_text())
+    assert strict_run.best_epoch == -1 and strict["kept_start"] is True
+    assert strict["val_loss_cal"] == pytest.approx(start_cal)
+    assert not any(r["vs_start"]["clear"] for r in strict["history"])
+    with pytest.raises(UsageError, match="val_loss_cal"):
+        finetune(_cfg(tmp_path / "bad", **{**kw, "monitor": "val_los"}))
 
 
 # ------------------------------------------------------------------ one command: the probe as the start

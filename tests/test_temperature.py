@@ -11,6 +11,7 @@ from resnet_transfer.head import (
     build_head_module,
     calibration_summary,
     fit_temperature,
+    nll_rows,
     predict_logits,
     predict_probabilities,
 )
@@ -68,3 +69,17 @@ def test_head_module_applies_temperature_only_in_predict_proba() -> None:
     # a head written before temperatures existed: no key, T = 1
     old = {k: v for k, v in m.config.items() if k != "temperature"}
     assert build_head_module(old).temperature == 1.0
+
+
+def test_nll_rows_at_the_fitted_temperature_ignore_a_change_of_confidence() -> None:
+    """What `rt finetune --monitor val_loss_cal` compares: two candidates whose logits differ by a scale
+    (the same ranking, other confidence) have the same calibrated loss, while their raw losses differ."""
+    z, y = calibrated(n=600, seed=2)
+    raw = [float(nll_rows(z * f, y).mean()) for f in (1.0, 4.0)]
+    cal = [float(nll_rows(z * f, y, fit_temperature(z * f, y)).mean()) for f in (1.0, 4.0)]
+    assert raw[1] > raw[0] + 0.3
+    assert cal[1] == pytest.approx(cal[0], abs=2e-3)
+    assert nll_rows(z, y).shape == (600,) and float(nll_rows(z, y).min()) >= 0.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(nll_rows(z, y), -np.log(p[np.arange(len(y)), y]), rtol=1e-10)

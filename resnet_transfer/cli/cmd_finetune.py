@@ -21,6 +21,22 @@ UnfreezeOpt = Annotated[
         "unfreeze_search, the other in OUT/trials/).",
     ),
 ]
+MonitorOpt = Annotated[
+    str,
+    typer.Option(
+        "--monitor",
+        help="Picks the best of the start and the epochs: val_loss_cal (the loss after each one's own "
+        "temperature, as the model handed back is calibrated) | val_loss | val_acc.",
+    ),
+]
+StartMarginOpt = Annotated[
+    float,
+    typer.Option(
+        "--start-margin",
+        help="An epoch replaces the starting head only when it validates better by more than this many "
+        "standard errors of the per-image difference (0: any gain).",
+    ),
+]
 BnOpt = Annotated[
     str,
     typer.Option(
@@ -85,10 +101,7 @@ def finetune(
         bool, typer.Option("--lr-find", help="Choose --lr by a range test first (fastai's lr_find): lr_find.png.")
     ] = False,
     lr_mult: Annotated[
-        float | None,
-        typer.Option(
-            "--lr-mult", help="Each stage down trains at this times the lr above (default 0.3; 1.0 from scratch)."
-        ),
+        float | None, typer.Option("--lr-mult", help="Each stage down: this x the lr above (0.3; 1.0 from scratch).")
     ] = None,
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="cosine | onecycle | constant")] = "cosine",
     warmup_epochs: Annotated[
@@ -102,7 +115,8 @@ def finetune(
         bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips (off for digits, text).")
     ] = True,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Stratified validation share.")] = 0.2,
-    monitor: Annotated[str, typer.Option("--monitor", help="val_loss | val_acc: picks the best epoch.")] = "val_loss",
+    monitor: MonitorOpt = "val_loss_cal",
+    start_margin: StartMarginOpt = 1.0,
     patience: Annotated[
         int, typer.Option("--patience", help="Stop after this many epochs without improvement (0: never).")
     ] = 3,

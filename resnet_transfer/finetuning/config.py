@@ -26,6 +26,7 @@ class TrainState:
     precision_choice: dict[str, Any] = field(default_factory=dict)  # how it was chosen (report.json)
     start: dict[str, Any] | None = None  # the starting point's validation (val_loss, val_acc): a candidate
     lr_find: dict[str, Any] | None = None  # --lr-find: the range test's curve and the rate chosen (lr_find.py)
+    start_losses: list[float] | None = None  # the start's per-image validation losses (the paired test)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -73,7 +74,8 @@ class FinetuneConfig:
     crop_scale: float = 0.35  # RandomResizedCrop minimum area fraction
     hflip: bool = True  # random horizontal flips (off for digits, text: their mirror image is another thing)
     val_fraction: float = 0.2
-    monitor: str = "val_loss"  # val_loss | val_acc
+    monitor: str = "val_loss_cal"  # val_loss_cal | val_loss | val_acc (training.MONITORS; docs/finetune.md)
+    start_margin: float = 1.0  # an epoch replaces the start only when better by this many standard errors
     patience: int = 3  # epochs without improvement before stopping (0: never stop early)
     fresh_head: bool = False
     hidden: int = 0  # a fresh head: 0 = linear, > 0 = MLP with this many hidden units
@@ -128,6 +130,7 @@ class Run:
     best_state: dict[str, Any] | None = None  # the best epoch's weights (a copy), on disk at the next checkpoint
     calibration: dict[str, Any] | None = None  # the temperature refitted for the final weights (recalibrate)
     best_saved: bool = True  # best.pt holds best_state
+    val_losses: Any = None  # the latest validation's per-image values of the monitor (training.validate)
 
     @property
     def feed(self) -> Any:

@@ -5,7 +5,7 @@ design (a small task's backbone moves little). After the rule's run has finished
 other, its start and every epoch already candidates), :func:`search_deeper` trains the next deeper part
 (``head`` -> the top stage, ``layer4`` -> ``layer3`` ..., the lowest stage -> ``all``) from the same start,
 with the same split, seed, epochs, schedule and precision, in ``OUT/trials/<part>``, and keeps whichever of the two
-validates better on the run's monitor (``val_loss`` by default; a tie keeps the rule's pick). The loser stays
+validates better on the run's monitor (``val_loss_cal`` by default; a tie keeps the rule's pick). The loser stays
 whole under ``OUT/trials/<part>`` (nothing is lost), the winner is ``OUT``, and report.json's
 ``unfreeze_search`` says what each candidate validated at and why the winner won.
 
@@ -138,6 +138,7 @@ def _summary(report: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {
         "val_loss": report.get("val_loss"),
         "val_acc": report.get("accuracy"),
+        "val_loss_cal": report.get("val_loss_cal"),
         "best_epoch": report.get("best_epoch"),
         "kept_start": report.get("kept_start"),
         "seconds": round(float(seconds), 2),
@@ -147,7 +148,7 @@ def _summary(report: dict[str, Any], seconds: float) -> dict[str, Any]:
 def _better(theirs: float | None, mine: float | None, monitor: str) -> bool:
     if theirs is None or mine is None:
         return False
-    return theirs < mine if monitor == "val_loss" else theirs > mine
+    return theirs > mine if monitor == "val_acc" else theirs < mine
 
 
 def _trial(
@@ -164,7 +165,8 @@ def _trial(
         rep = json.loads((trial_dir / REPORT_JSON).read_text())
         get_reporter().info(f"{trial_dir}: finished earlier (read back, not trained again)")
         return FinetuneResult(trial_dir, int(rep.get("epochs_run", 0)), int(rep.get("best_epoch", -1)),
-                              {"val_loss": rep.get("val_loss"), "val_acc": rep.get("accuracy")},
+                              {"val_loss": rep.get("val_loss"), "val_acc": rep.get("accuracy"),
+                               "val_loss_cal": rep.get("val_loss_cal")},
                               bool(rep.get("stopped_early")), str(rep.get("unfreeze")), float(rep.get("seconds", 0.0)),
                               list(rep.get("history", [])))  # fmt: skip
     resume = trial_dir if (trial_dir / CHECKPOINT_DIR / LAST_CKPT).exists() else None

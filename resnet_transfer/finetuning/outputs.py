@@ -114,7 +114,7 @@ def write_outputs(run: Run, seconds: float) -> FinetuneResult:
         rep.warn(f"{len(skipped)} image(s) could not be read and were skipped (listed in {out / REPORT_JSON}):")
         for p, reason in skipped[:20]:
             rep.warn(f"  {p}: {reason}")
-    best = {k: best_row.get(k) for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
+    best = {k: best_row.get(k) for k in ("val_loss", "val_acc", "val_loss_cal", "train_loss", "train_acc")}
     return FinetuneResult(
         out, len(history), state.best_epoch, best, state.stopped, run.target, seconds, history, skipped
     )
@@ -159,6 +159,19 @@ def _head_selection(head_dir: Any) -> dict[str, Any] | None:
         return None
 
 
+def _selection(cfg: Any, state: Any, kept: bool) -> str:
+    margin = (
+        f" by more than {cfg.start_margin:g} standard error(s) of the per-image difference"
+        if cfg.start_margin > 0 and state.start_losses is not None
+        else ""
+    )
+    if kept:
+        return f"the start: no epoch improved {cfg.monitor} on it{margin}"
+    return f"epoch {state.best_epoch + 1}: the best {cfg.monitor}" + (
+        f" (the start included; an epoch had to beat it{margin})" if state.start else ""
+    )
+
+
 def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any]:
     cfg, state, feed = run.cfg, run.state, run.feed
     history = state.history
@@ -167,6 +180,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "kind": "finetune",
         "accuracy": best_row["val_acc"],
         "val_loss": best_row["val_loss"],
+        "val_loss_cal": best_row.get("val_loss_cal"),  # at the temperature fitted to these logits
         "n_train": feed.n_train,
         "n_val": feed.n_val,
         "seconds": round(seconds, 2),
@@ -174,12 +188,7 @@ def _report(run: Run, best_row: dict[str, Any], seconds: float) -> dict[str, Any
         "start_validation": state.start,  # the starting point, validated before any step: a candidate
         "kept_start": kept,  # no epoch beat the start on validation: the start's weights are handed back
         "lr_find": state.lr_find,  # --lr-find: the range test and the rate it chose (lr_find.py)
-        "selection": (
-            f"the start: no epoch improved {cfg.monitor} on it"
-            if kept
-            else f"epoch {state.best_epoch + 1}: the best {cfg.monitor}"
-            + (" (the start included)" if state.start else "")
-        ),
+        "selection": _selection(cfg, state, kept),
         "epochs_run": len(history),
         "stopped_early": state.stopped,
         "unfreeze": run.target,

@@ -38,6 +38,9 @@ from .config import CHECKPOINT_DIR, FinetuneConfig, Run
 from .outputs import FinetuneResult
 from .start import build_run
 
+# what picks the best epoch (the start included): lower is better but for val_acc
+MONITORS = ("val_loss_cal", "val_loss", "val_acc")
+
 # ------------------------------------------------------------------------------------------------- epoch
 
 
@@ -114,15 +117,34 @@ def validate(run: Run) -> dict[str, float | None]:
     """Loss and accuracy on the validation feed (``None`` without one); every rank validates a slice."""
     import torch
 
+    run.val_losses = None
     if not run.feed.n_val:
-        return {"val_loss": None, "val_acc": None}
+        return {"val_loss": None, "val_acc": None, "val_loss_cal": None}
     total, correct, n = 0.0, 0, 0
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     for logits, y in val_logits(run):
         total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
+        kept.append((logits.cpu().numpy(), y.cpu().numpy()))
     total, correct, n = distributed.all_reduce_sums(total, correct, n)
-    return {"val_loss": total / max(1, n), "val_acc": correct / max(1, n)}
+    row = {"val_loss": total / max(1, n), "val_acc": correct / max(1, n), "val_loss_cal": None}
+    if not distributed.launched():  # each rank holds a slice: the temperature and the paired test need all
+        row["val_loss_cal"], run.val_losses = _per_image(run.cfg.monitor, kept)
+    return row
+
+
+def _per_image(monitor: str, batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """The calibrated validation loss (at the temperature fitted to these logits: what the delivered model
+    has once :func:`recalibrate` ran) and each image's value of ``monitor``, lower is better (the paired
+    test of :func:`track_best`)."""
+    from ..head import fit_temperature, nll_rows
+
+    z, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    cal = nll_rows(z, y, fit_temperature(z, y))
+    if monitor == "val_acc":
+        return float(cal.mean()), -(z.argmax(1) == y).astype(np.float64)
+    return float(cal.mean()), cal if monitor == "val_loss_cal" else nll_rows(z, y)
 
 
 def recalibrate(run: Run) -> None:
@@ -156,10 +178,13 @@ def validate_start(run: Run) -> None:
         return
     row = validate(run)
     run.state.start = dict(row)
+    run.state.start_losses = None if run.val_losses is None else [float(v) for v in run.val_losses]
     track_best(run, {**row, "epoch": -1}, -1)
     run.state.bad = 0
     get_reporter().info(
-        f"start (before any step): val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} (a candidate like any epoch)"
+        f"start (before any step): val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
+        + (f" calibrated loss {row['val_loss_cal']:.4f}" if row.get("val_loss_cal") is not None else "")
+        + " (a candidate like any epoch)"
     )
 
 
@@ -172,11 +197,18 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     """Keep the best epoch's weights in best.pt; stop early after ``patience`` epochs without improvement
     (never before the last stage has been unfrozen)."""
     cfg, state = run.cfg, run.state
-    value = row[cfg.monitor]
+    value = row.get(cfg.monitor)
+    if value is None and cfg.monitor == "val_loss_cal":
+        value = row["val_loss"]  # under torchrun (each rank a slice of validation): the raw loss
     if value is None:
         state.best_epoch = epoch  # no validation: the last epoch is the result
         return
-    better = state.best is None or (value < state.best if cfg.monitor == "val_loss" else value > state.best)
+    better = state.best is None or (value > state.best if cfg.monitor == "val_acc" else value < state.best)
+    paired = vs_start(run) if epoch >= 0 else None
+    if paired is not None:
+        row["vs_start"] = paired
+        if better and not paired["clear"]:
+            better = False  # better than the best so far, but not clearly better than the start
     if better:
         state.best, state.best_epoch, state.bad = value, epoch, 0
         run.best_state = run.model.state()  # a copy, on the CPU
@@ -187,6 +219,20 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
         return
     if cfg.patience and state.bad >= cfg.patience and epoch >= run.policy.last_start and epoch + 1 < cfg.epochs:
         state.stopped = True
+
+
+def vs_start(run: Run) -> dict[str, Any] | None:
+    """The latest validation against the start's, image by image: the mean gain in the monitor (> 0:
+    better), its standard error, and whether the gain is more than ``start_margin`` standard errors (the
+    same images, so the image-to-image spread cancels). On a few dozen validation images a better mean is
+    often noise, and handing back a finetune no better than the probe it started from is the mistake the
+    start candidate exists to prevent. ``None`` when there is no start or no per-image values (torchrun)."""
+    start, now = run.state.start_losses, run.val_losses
+    if start is None or now is None or len(start) != len(now) or len(now) < 2:
+        return None
+    d = np.asarray(start, dtype=np.float64) - np.asarray(now, dtype=np.float64)
+    gain, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {"gain": gain, "se": se, "clear": gain > float(run.cfg.start_margin) * se}
 
 
 # -------------------------------------------------------------------------------------------------- loop
@@ -306,8 +352,8 @@ def _config(cfg: FinetuneConfig, resume: str | Path | None) -> tuple[FinetuneCon
     for name, v, lo in checks:
         if v < lo:
             raise UsageError(f"{name} {v} must be at least {lo}")
-    if cfg.monitor not in ("val_loss", "val_acc"):
-        raise UsageError(f"--monitor {cfg.monitor!r} is not known", "use val_loss or val_acc")
+    if cfg.monitor not in MONITORS:
+        raise UsageError(f"--monitor {cfg.monitor!r} is not known", f"use one of {', '.join(MONITORS)}")
     return cfg, ckpt
 
 
@@ -327,13 +373,22 @@ def _announce(run: Run) -> None:
     )
 
 
+def _paired_note(row: dict[str, Any], margin: float) -> str:
+    p = row.get("vs_start")
+    if not p or margin <= 0 or p["clear"]:
+        return ""
+    return f" (vs the start: {p['gain']:+.4f} ± {p['se']:.4f} per image, not {margin:g} SE clear)"
+
+
 def _report_epoch(run: Run, row: dict[str, Any], epoch: int) -> None:
     rep, cfg, state = get_reporter(), run.cfg, run.state
     rep.info(
         f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
         + (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}" if row["val_loss"] is not None else "")
+        + (f" calibrated loss {row['val_loss_cal']:.4f}" if row.get("val_loss_cal") is not None else "")
         + f" | {row['seconds']:.1f}s"
         + (" (best)" if state.best_epoch == epoch else "")
+        + _paired_note(row, cfg.start_margin)
     )
     if state.stopped:
         rep.info(

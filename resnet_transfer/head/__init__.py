@@ -62,7 +62,7 @@ __all__, __getattr__, __dir__ = face(
             "feature_name",
             "select_features",
         ),
-        "temperature": ("calibration_summary", "fit_temperature"),
+        "temperature": ("calibration_summary", "fit_temperature", "nll_rows"),
         "views": ("VIEW_CROP_SCALE", "add_views", "view_features"),
         "directory": (
             "HEAD_FILE",

@@ -19,10 +19,7 @@ T_MIN, T_MAX = 0.05, 20.0
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
-    z = logits / t
-    z = z - z.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
+    return float(nll_rows(logits, y, t).mean())
 
 
 def fit_temperature(logits: Any, y: Any) -> float:
@@ -42,6 +39,16 @@ def fit_temperature(logits: Any, y: Any) -> float:
     )
     t = float(math.exp(res.x))
     return t if _nll(z, yi, t) < _nll(z, yi, 1.0) else 1.0
+
+
+def nll_rows(logits: Any, y: Any, temperature: float = 1.0) -> np.ndarray:
+    """Each row's negative log-likelihood under ``softmax(logits / temperature)`` (``y``: column indices);
+    at :func:`fit_temperature`'s ``T`` their mean is the loss the calibrated model has on those rows."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    yi = np.asarray(y, dtype=np.int64)
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -logp[np.arange(len(yi)), yi]
 
 
 def calibration_summary(logits: Any, y: Any, temperature: float) -> dict[str, Any]:

@@ -651,7 +651,8 @@ def test_start_margin_keeps_the_start_unless_an_epoch_is_clearly_better(image_fo
     rep = json.loads((tmp_path / "plain" / "report.json").read_text())
     rows = rep["history"]
     assert all(r["val_loss_cal"] <= r["val_loss"] + 1e-9 for r in rows)  # the fitted T never raises the NLL
-    assert all(set(r["vs_start"]) == {"gain", "se", "clear"} for r in rows)
+    assert all(set(r["vs_start"]) == {"gain", "se", "clear", "held_back"} for r in rows)
+    assert not any(r["vs_start"]["held_back"] for r in rows)  # margin 0: nothing better is held back
     gains = [r["vs_start"]["gain"] for r in rows]
     start_cal = rep["start_validation"]["val_loss_cal"]
     for r, g in zip(rows, gains, strict=True):
@@ -664,6 +665,10 @@ def test_start_margin_keeps_the_start_unless_an_epoch_is_clearly_better(image_fo
     assert strict_run.best_epoch == -1 and strict["kept_start"] is True
     assert strict["val_loss_cal"] == pytest.approx(start_cal)
     assert not any(r["vs_start"]["clear"] for r in strict["history"])
+    # the start stays the best, so an epoch is held back exactly when its loss is below the start's
+    assert [r["vs_start"]["held_back"] for r in strict["history"]] == [
+        r["val_loss_cal"] < start_cal for r in strict["history"]
+    ]
     with pytest.raises(UsageError, match="val_loss_cal"):
         finetune(_cfg(tmp_path / "bad", **{**kw, "monitor": "val_los"}))
 

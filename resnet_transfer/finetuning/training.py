@@ -207,8 +207,8 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     paired = vs_start(run) if epoch >= 0 else None
     if paired is not None:
         row["vs_start"] = paired
-        if better and not paired["clear"]:
-            better = False  # better than the best so far, but not clearly better than the start
+        paired["held_back"] = better and not paired["clear"]  # better than the best so far, not clearly the start
+        better = better and paired["clear"]
     if better:
         state.best, state.best_epoch, state.bad = value, epoch, 0
         run.best_state = run.model.state()  # a copy, on the CPU
@@ -375,9 +375,9 @@ def _announce(run: Run) -> None:
 
 def _paired_note(row: dict[str, Any], margin: float) -> str:
     p = row.get("vs_start")
-    if not p or margin <= 0 or p["clear"]:
+    if not p or not p.get("held_back"):
         return ""
-    return f" (vs the start: {p['gain']:+.4f} ± {p['se']:.4f} per image, not {margin:g} SE clear)"
+    return f" (held back: vs the start {p['gain']:+.4f} ± {p['se']:.4f} per image, within {margin:g} SE)"
 
 
 def _report_epoch(run: Run, row: dict[str, Any], epoch: int) -> None:

@@ -257,6 +257,36 @@ def test_checkpoint_every_changes_what_is_written_not_the_result(image_folder, t
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in every.history]
     with pytest.raises(UsageError, match="--checkpoint-every"):
         finetune(_cfg(tmp_path / "bad", checkpoint_every=-1, **kw))
+    with pytest.raises(UsageError, match="auto or a number"):
+        finetune(_cfg(tmp_path / "bad", checkpoint_every="often", **kw))
+
+
+def test_checkpoint_every_auto_skips_short_epochs_and_saves_on_interrupt(image_folder, tmp_path):
+    """The default: a run whose epochs take seconds writes its resume checkpoint after the last epoch only,
+    but an interrupt between epochs writes it first, and the resumed run equals an uninterrupted one."""
+    kw = {"data": image_folder, "model": "resnet18", "weights": "none", "image_size": SIZE, "unfreeze": "layer4",
+          "epochs": 3, "patience": 0}  # fmt: skip
+    assert FinetuneConfig(out=tmp_path).checkpoint_every == "auto"
+    seen = []
+
+    def look(epoch, row):
+        seen.append((tmp_path / "ref" / "checkpoints" / "last.pt").exists())
+
+    ref = finetune(_cfg(tmp_path / "ref", **kw), on_epoch_end=look)
+    assert seen == [False, False, True] and load_checkpoint(tmp_path / "ref")["epoch"] == 3
+
+    def stop_after_two(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RtError, match="checkpoint saved"):
+        finetune(_cfg(tmp_path / "cut", **kw), on_epoch_end=stop_after_two)
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 2
+    resumed = finetune(FinetuneConfig(out=tmp_path / "cut"), resume=tmp_path / "cut")
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in ref.history]
+    for name in ("backbone.safetensors", "head.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "cut" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_bn_mode_auto_freezes_statistics_of_pretrained_backbones_only():

@@ -128,7 +128,7 @@ def test_finetune_repeated_random_kills(tmp_path: Path) -> None:
 
     data = make_image_folder(tmp_path / "data", per_class=10, seed=7)
     args = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--unfreeze", "all"]
-    args += ["--epochs", "4", "--batch-size", "8", "--data", str(data)]
+    args += ["--epochs", "4", "--batch-size", "8", "--data", str(data), "--checkpoint-every", "1"]
     ft = [sys.executable, "-m", "resnet_transfer", "-q", "finetune"]
     t0 = time.monotonic()
     subprocess.run([*ft, *args, "--out", str(tmp_path / "ref")], check=True, env=_env(), timeout=900)

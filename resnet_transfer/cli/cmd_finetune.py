@@ -49,12 +49,12 @@ BnOpt = Annotated[
     ),
 ]
 CheckpointEveryOpt = Annotated[
-    int,
+    str,
     typer.Option(
         "--checkpoint-every",
-        help="Write the resume checkpoint (model, optimiser, RNG: ~3x the model's size) every N epochs and "
-        "after the last; an interrupted run resumes from the last one written. 0: never (a short run "
-        "that is cheaper to redo than to save).",
+        help="When to write the resume checkpoint (model, optimiser, RNG: ~3x the model's size): auto (after "
+        "an epoch once 60 s of training went unsaved, after the last, and on Ctrl-C between epochs) | N "
+        "(every N epochs and after the last) | 0 (never). An interrupted run resumes from the last one.",
     ),
 ]
 HeadDirArg = Annotated[
@@ -145,7 +145,7 @@ def finetune(
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
     bn: BnOpt = "auto",
-    checkpoint_every: CheckpointEveryOpt = 1,
+    checkpoint_every: CheckpointEveryOpt = "auto",
 ) -> None:
     """Unfreeze the top of the backbone (or all of it) and train it with the head.
 

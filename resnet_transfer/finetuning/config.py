@@ -87,7 +87,7 @@ class FinetuneConfig:
     overwrite: bool = False
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm in the stages that train (distributed.py)
     strict: bool = False  # fail on the first unreadable image (default: skip it, list it in report.json)
-    checkpoint_every: int = 1  # write the resume checkpoint every N epochs (and at the last); 0: never
+    checkpoint_every: int | str = "auto"  # the resume checkpoint: auto | every N epochs (and the last); 0: never
     bn: str = "auto"  # BatchNorm of the training stages: frozen statistics | train (batch statistics) | auto
 
     def to_json(self) -> str:

@@ -264,6 +264,7 @@ def finetune(
     t_start = time.perf_counter()
     seconds_before = sum(r.get("seconds", 0.0) for r in run.state.history)
     saved = run.state.epoch if ckpt is not None else 0  # the epochs the last checkpoint on disk holds
+    t_saved = time.perf_counter()
     for epoch in range(run.state.epoch, cfg.epochs):
         if run.state.stopped:
             break
@@ -276,16 +277,16 @@ def finetune(
         run.state.epoch = epoch + 1
         run.state.skipped.update(run.feed.skipped)
         _report_epoch(run, row, epoch)
-        if checkpoint_due(cfg, epoch, run.state.stopped):
-            if not run.best_saved and run.best_state is not None:
-                save_best(run, run.state.best_epoch, run.best_state)
-                run.best_saved = True
-            save_checkpoint(run)
-            saved = epoch + 1
+        if checkpoint_due(cfg, epoch, run.state.stopped, time.perf_counter() - t_saved):
+            _save(run)
+            saved, t_saved = epoch + 1, time.perf_counter()
         if on_epoch_end is not None:
             try:
                 on_epoch_end(epoch, row)
             except KeyboardInterrupt:
+                if cfg.checkpoint_every == "auto" and saved != epoch + 1:  # between epochs: save it now
+                    _save(run)
+                    saved = epoch + 1
                 raise _interrupted(cfg, run, epoch, saved) from None
     seconds = seconds_before + time.perf_counter() - t_start
     for part in distributed.all_gather_object(run.feed.skipped):  # torchrun: each rank read its own images
@@ -307,11 +308,26 @@ def finetune(
     return result
 
 
-def checkpoint_due(cfg: FinetuneConfig, epoch: int, stopped: bool) -> bool:
-    """Whether the resume checkpoint is written after ``epoch`` (0-based): every ``checkpoint_every``
-    epochs and after the last one (or an early stop); never with ``checkpoint_every`` 0."""
+# --checkpoint-every auto: write once this much training would otherwise be lost to an interruption
+CHECKPOINT_AUTO_S = 60.0
+
+
+def checkpoint_due(cfg: FinetuneConfig, epoch: int, stopped: bool, unsaved_s: float = 0.0) -> bool:
+    """Whether the resume checkpoint is written after ``epoch`` (0-based): after the last one (or an early
+    stop), and before that every ``checkpoint_every`` epochs, or with ``auto`` once ``unsaved_s`` seconds of
+    training since the last write reach :data:`CHECKPOINT_AUTO_S` (a checkpoint costs ~3x the model's size
+    on disk; short epochs are cheaper to redo); never with ``checkpoint_every`` 0."""
     n = cfg.checkpoint_every
-    return n > 0 and ((epoch + 1) % n == 0 or epoch + 1 >= cfg.epochs or stopped)
+    if n == "auto":
+        return unsaved_s >= CHECKPOINT_AUTO_S or epoch + 1 >= cfg.epochs or stopped
+    return int(n) > 0 and ((epoch + 1) % int(n) == 0 or epoch + 1 >= cfg.epochs or stopped)
+
+
+def _save(run: Run) -> None:
+    if not run.best_saved and run.best_state is not None:
+        save_best(run, run.state.best_epoch, run.best_state)
+        run.best_saved = True
+    save_checkpoint(run)
 
 
 def _interrupted(cfg: FinetuneConfig, run: Run, epoch: int, saved: int) -> Interrupted:
@@ -344,10 +360,17 @@ def _config(cfg: FinetuneConfig, resume: str | Path | None) -> tuple[FinetuneCon
         for key in ("head", "data", "cache", "val"):
             if getattr(cfg, key) is not None:
                 setattr(cfg, key, Path(getattr(cfg, key)).expanduser().resolve())
+    if cfg.checkpoint_every != "auto":
+        try:
+            cfg.checkpoint_every = int(cfg.checkpoint_every)
+        except ValueError:
+            raise UsageError(
+                f"--checkpoint-every {cfg.checkpoint_every!r} is not auto or a number of epochs", "e.g. auto, 1 or 0"
+            ) from None
     checks = (
         ("--epochs", cfg.epochs, 1),
         ("--batch-size", cfg.batch_size, 1),
-        ("--checkpoint-every", cfg.checkpoint_every, 0),
+        ("--checkpoint-every", 0 if cfg.checkpoint_every == "auto" else cfg.checkpoint_every, 0),
     )
     for name, v, lo in checks:
         if v < lo:

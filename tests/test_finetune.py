@@ -701,6 +701,8 @@ def test_start_margin_keeps_the_start_unless_an_epoch_is_clearly_better(image_fo
     ]
     with pytest.raises(UsageError, match="val_loss_cal"):
         finetune(_cfg(tmp_path / "bad", **{**kw, "monitor": "val_los"}))
+    with pytest.raises(UsageError, match="--start-margin -1"):
+        finetune(_cfg(tmp_path / "bad", **{**kw, "start_margin": -1.0}))
 
 
 # ------------------------------------------------------------------ one command: the probe as the start

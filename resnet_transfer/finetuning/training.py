@@ -371,6 +371,7 @@ def _config(cfg: FinetuneConfig, resume: str | Path | None) -> tuple[FinetuneCon
         ("--epochs", cfg.epochs, 1),
         ("--batch-size", cfg.batch_size, 1),
         ("--checkpoint-every", 0 if cfg.checkpoint_every == "auto" else cfg.checkpoint_every, 0),
+        ("--start-margin", cfg.start_margin, 0),
     )
     for name, v, lo in checks:
         if v < lo:

@@ -699,6 +699,19 @@ def test_start_margin_keeps_the_start_unless_an_epoch_is_clearly_better(image_fo
     assert [r["vs_start"]["held_back"] for r in strict["history"]] == [
         r["val_loss_cal"] < start_cal for r in strict["history"]
     ]
+    # early stopping counts epochs that did not improve on the best value seen, held-back epochs included
+    for patience in (1, 2):
+        patient = finetune(_cfg(tmp_path / f"p{patience}", **{**kw, "start_margin": 1e9, "patience": patience,
+                                                                 "epochs": 4}))  # fmt: skip
+        seen, bad, expect = start_cal, 0, 4
+        for i, r in enumerate(patient.history):
+            bad = 0 if r["val_loss_cal"] < seen else bad + 1
+            seen = min(seen, r["val_loss_cal"])
+            if bad >= patience and i + 1 < 4:
+                expect = i + 1
+                break
+        assert patient.epochs_run == expect and patient.stopped_early is (expect < 4)
+        assert patient.best_epoch == -1
     with pytest.raises(UsageError, match="val_loss_cal"):
         finetune(_cfg(tmp_path / "bad", **{**kw, "monitor": "val_los"}))
     with pytest.raises(UsageError, match="--start-margin -1"):

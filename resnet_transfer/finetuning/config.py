@@ -16,7 +16,8 @@ class TrainState:
     """What the loop carries from epoch to epoch (saved in every checkpoint as JSON)."""
 
     epoch: int = 0  # the next epoch to run
-    best: float | None = None  # the best monitored value so far
+    best: float | None = None  # the monitored value of the candidate kept so far
+    best_seen: float | None = None  # the best monitored value seen (held-back epochs too): early stopping
     best_epoch: int = -1  # -1: the start (validated before any step; :func:`training.validate_start`)
     bad: int = 0  # epochs without improvement since the best (or the latest unfreeze)
     stopped: bool = False

@@ -194,8 +194,9 @@ def start_kept(state: Any) -> bool:
 
 
 def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
-    """Keep the best epoch's weights in best.pt; stop early after ``patience`` epochs without improvement
-    (never before the last stage has been unfrozen)."""
+    """Keep the best epoch's weights in best.pt (an epoch held back by ``start_margin`` is not kept); stop
+    early after ``patience`` epochs in which the monitor did not improve on the best value seen, held-back
+    epochs included (never before the last stage has been unfrozen)."""
     cfg, state = run.cfg, run.state
     value = row.get(cfg.monitor)
     if value is None and cfg.monitor == "val_loss_cal":
@@ -203,18 +204,24 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
     if value is None:
         state.best_epoch = epoch  # no validation: the last epoch is the result
         return
-    better = state.best is None or (value > state.best if cfg.monitor == "val_acc" else value < state.best)
+
+    def beats(a: float, b: float | None) -> bool:
+        return b is None or (a > b if cfg.monitor == "val_acc" else a < b)
+
+    seen = state.best_seen if state.best_seen is not None else state.best
+    improved = beats(value, seen)  # progress, for early stopping
+    better = beats(value, state.best)  # better than the candidate kept so far
     paired = vs_start(run) if epoch >= 0 else None
     if paired is not None:
         row["vs_start"] = paired
         paired["held_back"] = better and not paired["clear"]  # better than the best so far, not clearly the start
         better = better and paired["clear"]
     if better:
-        state.best, state.best_epoch, state.bad = value, epoch, 0
+        state.best, state.best_epoch = value, epoch
         run.best_state = run.model.state()  # a copy, on the CPU
         run.best_saved = False
-    else:
-        state.bad += 1
+    state.best_seen = value if improved else seen
+    state.bad = 0 if improved else state.bad + 1
     if epoch < 0:
         return
     if cfg.patience and state.bad >= cfg.patience and epoch >= run.policy.last_start and epoch + 1 < cfg.epochs:

@@ -38,6 +38,15 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+# what picks the best of the start and the epochs (training.track_best, depth_search): lower is better but for val_acc
+MONITORS = ("val_loss_cal", "val_loss", "val_acc")
+
+
+def monitor_beats(monitor: str, value: float, than: float) -> bool:
+    """Whether ``value`` of ``monitor`` is better than ``than`` (higher for val_acc, lower for the losses)."""
+    return value > than if monitor == "val_acc" else value < than
+
+
 CHECKPOINT_DIR = "checkpoints"
 TRIALS_DIR = "trials"  # `--unfreeze auto`: the deeper candidate (depth_search.py)
 
@@ -75,7 +84,7 @@ class FinetuneConfig:
     crop_scale: float = 0.35  # RandomResizedCrop minimum area fraction
     hflip: bool = True  # random horizontal flips (off for digits, text: their mirror image is another thing)
     val_fraction: float = 0.2
-    monitor: str = "val_loss_cal"  # val_loss_cal | val_loss | val_acc (training.MONITORS; docs/finetune.md)
+    monitor: str = "val_loss_cal"  # val_loss_cal | val_loss | val_acc (MONITORS; docs/finetune.md)
     start_margin: float = 1.0  # an epoch replaces the start only when better by this many standard errors
     patience: int = 3  # epochs without improvement before stopping (0: never stop early)
     fresh_head: bool = False

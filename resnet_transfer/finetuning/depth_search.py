@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Interrupted, atomic_write_json, get_reporter
-from .config import CHECKPOINT_DIR, TRIALS_DIR, FinetuneConfig
+from .config import CHECKPOINT_DIR, TRIALS_DIR, FinetuneConfig, monitor_beats
 from .outputs import REPORT_JSON, FinetuneResult
 
 MIN_VAL_ROWS = 50
@@ -148,7 +148,7 @@ def _summary(report: dict[str, Any], seconds: float) -> dict[str, Any]:
 def _better(theirs: float | None, mine: float | None, monitor: str) -> bool:
     if theirs is None or mine is None:
         return False
-    return theirs > mine if monitor == "val_acc" else theirs < mine
+    return monitor_beats(monitor, theirs, mine)
 
 
 def _trial(

@@ -34,12 +34,9 @@ from .checkpoints import (
     save_best,
     save_checkpoint,
 )
-from .config import CHECKPOINT_DIR, FinetuneConfig, Run
+from .config import CHECKPOINT_DIR, MONITORS, FinetuneConfig, Run, monitor_beats
 from .outputs import FinetuneResult
 from .start import build_run
-
-# what picks the best epoch (the start included): lower is better but for val_acc
-MONITORS = ("val_loss_cal", "val_loss", "val_acc")
 
 # ------------------------------------------------------------------------------------------------- epoch
 
@@ -205,12 +202,9 @@ def track_best(run: Run, row: dict[str, Any], epoch: int) -> None:
         state.best_epoch = epoch  # no validation: the last epoch is the result
         return
 
-    def beats(a: float, b: float | None) -> bool:
-        return b is None or (a > b if cfg.monitor == "val_acc" else a < b)
-
     seen = state.best_seen if state.best_seen is not None else state.best
-    improved = beats(value, seen)  # progress, for early stopping
-    better = beats(value, state.best)  # better than the candidate kept so far
+    improved = seen is None or monitor_beats(cfg.monitor, value, seen)  # progress, for early stopping
+    better = state.best is None or monitor_beats(cfg.monitor, value, state.best)  # than the candidate kept
     paired = vs_start(run) if epoch >= 0 else None
     if paired is not None:
         row["vs_start"] = paired
